@@ -1,0 +1,1 @@
+"""alcot.analysis: reads MLflow runs into pandas, fits scaling laws, draws plots."""

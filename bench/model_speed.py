@@ -1,0 +1,151 @@
+"""Training-step speed of vanilla, fixed-depth and adaptive latent CoT at one size, side by side.
+
+Prints a table, then one JSON line (the figure of record):
+  vanilla_s, fixed_s, adaptive_s  seconds per training step (forward + backward + AdamW),
+                                  median over the timed steps, after warm-up
+  l_max, mean_depth               the adaptive model's measured mean executed latent depth
+  ratio = adaptive_s / fixed_s    what pruning buys in wall-clock
+  ideal = (1 + mean_depth) / (1 + l_max)   what it would buy if only executed passes cost time
+  gemm_flops_per_s                a dense fp32 matmul measured in the same run
+  mfu                             vanilla realised FLOPs per second / gemm_flops_per_s
+Target: ratio <= 1.10 * ideal.
+
+The untrained router would keep nearly every token (g starts near 0.9), so the adaptive model's
+router gets a spread of weights and tau = 0.6, which prunes a good share of tokens at each step,
+as a trained router does; the measured mean depth is what `ideal` uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import warnings
+
+import torch
+
+warnings.filterwarnings("ignore")
+
+
+def gemm_flops_per_s(n: int = 1024, reps: int = 20) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+def make(method: str, args, **halting):
+    from alcot.model import AlcotModel, ModelConfig
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_dict(
+        dict(
+            size="tiny",
+            method=method,
+            l_max=args.l_max,
+            num_layers=args.layers,
+            hidden_size=args.hidden,
+            num_attention_heads=args.heads,
+            vocab_size=args.vocab,
+            halting=halting,
+        )
+    )
+    model = AlcotModel(cfg)
+    if model.router is not None:
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            w = model.router.steps[0].weight
+            w.copy_(torch.randn(w.shape, generator=gen) * args.router_std)
+    return model
+
+
+def time_steps(model, x, y, warmup: int, steps: int):
+    # lr = 0: the optimizer does all its work, but the weights (and so the router's depth) stay
+    # put, so every timed step runs the same depth and mean_depth describes all of them.
+    opt = torch.optim.AdamW(model.parameters(), lr=0.0)
+    times, out = [], None
+    for i in range(warmup + steps):
+        t = time.perf_counter()
+        out = model(x, y)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    return statistics.median(times), out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=2048)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--l-max", type=int, default=3)
+    p.add_argument("--tau", type=float, default=0.6)
+    p.add_argument("--router-std", type=float, default=0.15)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds; medians of all")
+    args = p.parse_args()
+
+    from alcot.model import init_parallel
+
+    init_parallel(1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
+    y = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
+    models = {
+        "vanilla": make("vanilla", args),
+        "fixed": make("fixed", args),
+        "adaptive": make("adaptive", args, tau=args.tau, **{"lambda": 0.01}),
+    }
+    samples = {k: [] for k in models}
+    outs = {}
+    gemm = []
+    for _ in range(args.rounds):  # interleave so that machine noise hits every variant alike
+        gemm.append(gemm_flops_per_s())
+        for name, model in models.items():
+            t, outs[name] = time_steps(model, x, y, args.warmup, args.steps)
+            samples[name].append(t)
+    sec = {k: statistics.median(v) for k, v in samples.items()}
+    gemm_fps = statistics.median(gemm)
+    mean_depth = outs["adaptive"].mean_depth
+    ideal = (1 + mean_depth) / (1 + args.l_max)
+    ratio = sec["adaptive"] / sec["fixed"]
+    mfu = outs["vanilla"].flops["realised"] / sec["vanilla"] / gemm_fps
+
+    print(f"{'model':10s} {'s/step':>8s} {'depth':>6s} {'realised GFLOP':>15s} {'tok/s':>8s}")
+    for name in models:
+        o = outs[name]
+        print(
+            f"{name:10s} {sec[name]:8.3f} {o.mean_depth:6.2f} {o.flops['realised'] / 1e9:15.2f}"
+            f" {args.batch * args.seq / sec[name]:8.0f}"
+        )
+    print(f"dense fp32 GEMM: {gemm_fps / 1e9:.1f} GFLOP/s; threads={torch.get_num_threads()}")
+    print(f"ratio {ratio:.3f} vs ideal {ideal:.3f} (target ratio <= {1.1 * ideal:.3f})")
+    print(
+        json.dumps(
+            {
+                "vanilla_s": round(sec["vanilla"], 4),
+                "fixed_s": round(sec["fixed"], 4),
+                "adaptive_s": round(sec["adaptive"], 4),
+                "l_max": args.l_max,
+                "mean_depth": round(mean_depth, 4),
+                "ratio": round(ratio, 4),
+                "ideal": round(ideal, 4),
+                "gemm_flops_per_s": round(gemm_fps),
+                "mfu": round(mfu, 4),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""alcot.model: the Llama decoder with adaptive latent chain-of-thought, baselines, FLOPs and
+generation. Knows nothing of Ray or MLflow."""
+
+import warnings
+
+# Megatron-Core announces at import that optional fused kernels (TransformerEngine, apex) are
+# missing and that it falls back to plain torch; that is the expected state on CPU.
+warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
+warnings.filterwarnings("ignore", message=".*tp_group is None.*", category=DeprecationWarning)
+warnings.filterwarnings("ignore", message=".*MLP requires ffn_hidden_size.*")
+
+from .config import LADDER, ConfigError, HaltingConfig, ModelConfig, count_parameters  # noqa: E402
+from .parallel import init_parallel  # noqa: E402
+
+__all__ = [
+    "LADDER",
+    "AlcotModel",
+    "ConfigError",
+    "HaltingConfig",
+    "ModelConfig",
+    "ModelOutput",
+    "count_parameters",
+    "init_parallel",
+]
+
+
+def __getattr__(name):
+    # The network imports Megatron-Core (13-16 s); load it only when a model is actually needed,
+    # so config validation and the CLI stay fast.
+    if name in ("AlcotModel", "ModelOutput"):
+        from . import network
+
+        return getattr(network, name)
+    raise AttributeError(name)

@@ -1,0 +1,293 @@
+"""Typed, validated model configuration and the size ladder.
+
+Every choice that ``shared/METHOD.md`` marks **[open]** is a field here with the stated default, so
+a sweep can compare readings. Validation happens on construction: a bad value raises
+:class:`ConfigError` naming the dotted field, before any weights exist.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+METHODS = ("adaptive", "vanilla", "looped", "pause", "ponder", "fixed")
+ROUTERS = ("linear", "per_step", "mlp", "none")
+ADAPT_LOSSES = ("gate", "reach", "act", "pondernet")
+MIXES = ("state", "distribution")
+SPECS = ("auto", "local", "te")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid. ``field`` is the dotted path of the offending key."""
+
+    def __init__(self, field_path: str, message: str):
+        self.field = field_path
+        super().__init__(f"{field_path}: {message}")
+
+
+# The size ladder. Shapes follow the Pythia family that METHOD.md's 70M/410M/1.4B models come
+# from (Llama-style blocks: RMSNorm, SwiGLU, RoPE, untied head). Parameter counts are never typed
+# in: :func:`count_parameters` derives them from these shapes.
+LADDER: dict[str, dict[str, int]] = {
+    "tiny": dict(num_layers=4, hidden_size=128, num_attention_heads=4, vocab_size=2048),
+    "70m": dict(num_layers=6, hidden_size=512, num_attention_heads=8, vocab_size=50304),
+    "160m": dict(num_layers=12, hidden_size=768, num_attention_heads=12, vocab_size=50304),
+    "410m": dict(num_layers=24, hidden_size=1024, num_attention_heads=16, vocab_size=50304),
+    "1.4b": dict(num_layers=24, hidden_size=2048, num_attention_heads=16, vocab_size=50304),
+}
+
+
+def swiglu_ffn_size(hidden_size: int, multiple_of: int = 64) -> int:
+    """Llama's SwiGLU width: 2/3 of 4h (same parameters as a 4h GELU MLP), rounded up."""
+    return multiple_of * math.ceil(int(8 * hidden_size / 3) / multiple_of)
+
+
+@dataclass
+class HaltingConfig:
+    """Router, pruning and the adaptive loss (METHOD.md, "Router and halting" and "Losses")."""
+
+    router: str = "linear"  # linear (one d->1 layer shared by all steps) | per_step | mlp | none
+    tau: float = 0.1  # prune a token once its reach r_t(k) < tau  [open]
+    lambda_: float = 0.01  # weight of the adaptive loss (YAML key: ``lambda``)
+    beta: float = 1.0  # exponent on sg(q_t(k)[y_t]) in the correctness-aware loss
+    loss: str = "gate"  # gate (default formula) | reach | act | pondernet  [open]
+    init_continue: float = 0.9  # router bias starts at logit(init_continue)
+    prior: float = 0.5  # geometric prior's halting probability, for loss=pondernet
+
+    def validate(self, prefix: str = "model.halting") -> None:
+        if self.router not in ROUTERS:
+            raise ConfigError(f"{prefix}.router", f"must be one of {ROUTERS}, got {self.router!r}")
+        if not (0.0 < self.tau < 1.0):
+            raise ConfigError(f"{prefix}.tau", f"must be in (0, 1), got {self.tau}")
+        if self.lambda_ < 0:
+            raise ConfigError(f"{prefix}.lambda", f"must be >= 0, got {self.lambda_}")
+        if self.beta < 0:
+            raise ConfigError(f"{prefix}.beta", f"must be >= 0, got {self.beta}")
+        if self.loss not in ADAPT_LOSSES:
+            raise ConfigError(f"{prefix}.loss", f"must be one of {ADAPT_LOSSES}, got {self.loss!r}")
+        if not (0.0 < self.init_continue < 1.0):
+            raise ConfigError(
+                f"{prefix}.init_continue", f"must be in (0, 1), got {self.init_continue}"
+            )
+        if not (0.0 < self.prior < 1.0):
+            raise ConfigError(f"{prefix}.prior", f"must be in (0, 1), got {self.prior}")
+
+
+@dataclass
+class ModelConfig:
+    """The network and the method.
+
+    ``size`` picks shapes from :data:`LADDER`; any shape field given explicitly overrides the
+    ladder (tests use this for very small models). ``method`` picks the model family:
+
+    * ``adaptive``: latent steps with a learned router and pruning (the method under study)
+    * ``vanilla``: a plain Llama (``l_max`` is forced to 0)
+    * ``looped``: the whole stack applied ``1 + l_max`` times to every token
+    * ``pause``: ``l_max`` learnable pause tokens after every token, predicting from the last
+    * ``ponder``: PonderLM, ``l_max`` pondering steps feeding back the expected embedding
+    * ``fixed``: latent CoT with the router off, every token runs ``l_max`` steps
+    """
+
+    size: str = "tiny"
+    method: str = "adaptive"
+    l_max: int = 3
+    num_layers: int | None = None
+    hidden_size: int | None = None
+    num_attention_heads: int | None = None
+    num_query_groups: int | None = None  # GQA; None = one group per head
+    ffn_hidden_size: int | None = None  # None = Llama SwiGLU width from hidden_size
+    vocab_size: int | None = None
+    max_seq_len: int = 2048  # rotary table length; also the generation limit
+    rotary_base: int = 10000
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    embed_scale: float = 1.0  # s in u_t(0) = s * E[x_t]  [open]; PonderLM-2 uses sqrt(2.5 d)
+    mix: str = "state"  # state: mix hidden states | distribution: mix softmaxes  [open]
+    halting: HaltingConfig = field(default_factory=HaltingConfig)
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    spec: str = "auto"  # auto: TransformerEngine spec when CUDA + TE are present, else local
+
+    def __post_init__(self):
+        if isinstance(self.halting, dict):
+            self.halting = HaltingConfig(**_rename_in(self.halting))
+        if self.size not in LADDER:
+            raise ConfigError("model.size", f"unknown size {self.size!r}; ladder: {list(LADDER)}")
+        for key, value in LADDER[self.size].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        if self.num_query_groups is None:
+            self.num_query_groups = self.num_attention_heads
+        if self.ffn_hidden_size is None:
+            self.ffn_hidden_size = swiglu_ffn_size(self.hidden_size)
+        if self.method == "vanilla":
+            self.l_max = 0
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        p = "model"
+        if self.method not in METHODS:
+            raise ConfigError(f"{p}.method", f"must be one of {METHODS}, got {self.method!r}")
+        _int_field(self, "l_max", p, minimum=0)
+        for name in (
+            "num_layers",
+            "hidden_size",
+            "num_attention_heads",
+            "num_query_groups",
+            "ffn_hidden_size",
+            "vocab_size",
+            "max_seq_len",
+            "tensor_parallel_size",
+            "pipeline_parallel_size",
+        ):
+            _int_field(self, name, p, minimum=1)
+        if self.method in ("looped", "pause", "ponder", "fixed") and self.l_max < 1:
+            raise ConfigError(f"{p}.l_max", f"method {self.method!r} needs l_max >= 1")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"{p}.hidden_size",
+                f"{self.hidden_size} is not divisible by num_attention_heads "
+                f"{self.num_attention_heads}",
+            )
+        if (self.hidden_size // self.num_attention_heads) % 2:
+            raise ConfigError(f"{p}.hidden_size", "head dimension must be even for rotary")
+        if self.num_attention_heads % self.num_query_groups:
+            raise ConfigError(
+                f"{p}.num_query_groups",
+                f"{self.num_query_groups} does not divide num_attention_heads "
+                f"{self.num_attention_heads}",
+            )
+        tp = self.tensor_parallel_size
+        for name in ("num_attention_heads", "num_query_groups", "vocab_size", "ffn_hidden_size"):
+            if getattr(self, name) % tp:
+                raise ConfigError(
+                    f"{p}.tensor_parallel_size",
+                    f"{tp} does not divide {name} = {getattr(self, name)}",
+                )
+        if self.pipeline_parallel_size != 1:
+            raise ConfigError(
+                f"{p}.pipeline_parallel_size",
+                "pipeline parallelism is not implemented yet (see docs/architecture.md); use 1",
+            )
+        if self.mix not in MIXES:
+            raise ConfigError(f"{p}.mix", f"must be one of {MIXES}, got {self.mix!r}")
+        if self.spec not in SPECS:
+            raise ConfigError(f"{p}.spec", f"must be one of {SPECS}, got {self.spec!r}")
+        if not (self.embed_scale > 0):
+            raise ConfigError(f"{p}.embed_scale", f"must be > 0, got {self.embed_scale}")
+        if self.norm_eps <= 0 or self.init_std <= 0:
+            raise ConfigError(f"{p}.norm_eps", "norm_eps and init_std must be > 0")
+        self.halting.validate(f"{p}.halting")
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_query_groups * self.head_dim
+
+    @property
+    def latent(self) -> bool:
+        """True for the methods that run latent steps with the 2-D mask and KV reuse."""
+        return self.method in ("adaptive", "fixed")
+
+    @property
+    def uses_router(self) -> bool:
+        return self.method == "adaptive" and self.l_max > 0 and self.halting.router != "none"
+
+    @property
+    def extra_steps(self) -> int:
+        """Extra passes per token beyond the ordinary one (K, or l_max)."""
+        return self.l_max
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["halting"] = _rename_out(d["halting"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        d = dict(d)
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"model.{sorted(unknown)[0]}", "unknown key")
+        if "halting" in d:
+            h = d["halting"]
+            if not isinstance(h, dict):
+                raise ConfigError("model.halting", "must be a mapping")
+            h = _rename_in(h)
+            known = {f.name for f in dataclasses.fields(HaltingConfig)}
+            bad = set(h) - known
+            if bad:
+                name = sorted(bad)[0]
+                raise ConfigError(f"model.halting.{name}", "unknown key")
+            d["halting"] = HaltingConfig(**h)
+        return cls(**d)
+
+
+def _rename_in(h: dict) -> dict:
+    h = dict(h)
+    if "lambda" in h:
+        h["lambda_"] = h.pop("lambda")
+    return h
+
+
+def _rename_out(h: dict) -> dict:
+    h = dict(h)
+    h["lambda"] = h.pop("lambda_")
+    return h
+
+
+def _int_field(cfg, name: str, prefix: str, minimum: int) -> None:
+    value = getattr(cfg, name)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"{prefix}.{name}", f"must be an integer, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{prefix}.{name}", f"must be >= {minimum}, got {value}")
+
+
+def router_parameters(cfg: ModelConfig) -> int:
+    if not cfg.uses_router:
+        return 0
+    h = cfg.hidden_size
+    if cfg.halting.router == "linear":
+        return h + 1
+    if cfg.halting.router == "per_step":
+        return cfg.l_max * (h + 1)
+    return h * h + h + h + 1  # mlp: d -> d (SiLU) -> 1
+
+
+def count_parameters(cfg: ModelConfig) -> dict[str, int]:
+    """Parameter counts derived from the shapes (all tensor-parallel ranks together).
+
+    ``non_embedding`` is Kaplan's N: everything except the token embedding and the untied LM
+    head. It is what the nominal FLOPs figure 6 * N * D uses.
+    """
+    h, f, v = cfg.hidden_size, cfg.ffn_hidden_size, cfg.vocab_size
+    per_layer = (
+        h  # input RMSNorm
+        + h * (h + 2 * cfg.kv_dim)  # fused QKV
+        + h * h  # attention output
+        + h  # pre-MLP RMSNorm
+        + h * 2 * f  # SwiGLU gate and up
+        + f * h  # down
+    )
+    blocks = cfg.num_layers * per_layer + h  # + final norm
+    extra = router_parameters(cfg)
+    if cfg.method == "pause":
+        extra += cfg.l_max * h
+    embedding = v * h
+    head = v * h
+    non_embedding = blocks + extra
+    return {
+        "total": non_embedding + embedding + head,
+        "non_embedding": non_embedding,
+        "embedding": embedding,
+        "head": head,
+        "router": router_parameters(cfg),
+    }

@@ -1,0 +1,83 @@
+"""FLOPs accounting: the paper's nominal figure and the compute actually spent.
+
+*Nominal* (Kaplan-style, what the paper reports): ``6 * N * tokens * passes`` with N the
+non-embedding parameters and ``passes`` the executed passes per token (1 + latent depth).
+
+*Realised*: the model tallies, while it runs, the matmul FLOPs of the tokens each pass actually
+executed (QKV, attention output, SwiGLU, router, LM head, PonderLM's expected embedding) plus
+attention over the (query, key) pairs the mask actually allows. A multiply-add counts 2 FLOPs.
+Work done under autograd is counted three times (forward, grad-input, grad-weight); work done
+without grad (e.g. the stop-gradient probabilities of the adaptive loss) once. Padding rows that
+the pruned passes carry for batching are *not* counted: they are overhead, not the method's cost.
+
+No public trainer counts realised FLOPs for data-dependent depth, so this is tested against
+``torch.utils.flop_counter.FlopCounterMode`` on models where the two must agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .config import ModelConfig, count_parameters
+
+
+def layer_matmul_flops_per_token(cfg: ModelConfig) -> int:
+    """Forward matmul FLOPs of one transformer layer for one token (excluding attention)."""
+    h, f = cfg.hidden_size, cfg.ffn_hidden_size
+    return 2 * (h * (h + 2 * cfg.kv_dim) + h * h + 3 * h * f)
+
+
+@dataclass
+class FlopTally:
+    """Accumulates realised FLOPs during one forward. ``grad`` decides the backward factor."""
+
+    cfg: ModelConfig
+    grad: bool
+    matmul: float = 0.0
+    attention: float = 0.0
+    forward: float = 0.0
+    parts: dict = field(default_factory=dict)
+
+    def _add(self, name: str, fwd: float, grad: bool | None = None) -> None:
+        factor = 3 if (self.grad if grad is None else grad) else 1
+        self.forward += fwd
+        self.parts[name] = self.parts.get(name, 0.0) + fwd * factor
+        if name == "attention":
+            self.attention += fwd * factor
+        else:
+            self.matmul += fwd * factor
+
+    def block(self, tokens: int, attended_pairs: int) -> None:
+        """One pass of the whole stack over ``tokens`` queries with ``attended_pairs`` (q, k)."""
+        cfg = self.cfg
+        self._add("layers", float(cfg.num_layers * layer_matmul_flops_per_token(cfg) * tokens))
+        # QK^T and AV: 2 FLOPs per multiply-add, head_dim per head, all query heads.
+        qk_av = 2 * 2 * cfg.num_attention_heads * cfg.head_dim
+        self._add("attention", float(cfg.num_layers * qk_av * attended_pairs))
+
+    def head(self, tokens: int, grad: bool | None = None) -> None:
+        self._add("head", float(2 * self.cfg.hidden_size * self.cfg.vocab_size * tokens), grad)
+
+    def router(self, tokens: int) -> None:
+        h = self.cfg.hidden_size
+        per = 2 * (h * h + h) if self.cfg.halting.router == "mlp" else 2 * h
+        self._add("router", float(per * tokens))
+
+    def expected_embedding(self, tokens: int) -> None:
+        self._add(
+            "ponder_embedding", float(2 * self.cfg.vocab_size * self.cfg.hidden_size * tokens)
+        )
+
+    @property
+    def realised(self) -> float:
+        return self.matmul + self.attention
+
+
+def nominal_flops(cfg: ModelConfig, executed_passes: float) -> float:
+    """6 * N * (sum over tokens of executed passes)."""
+    return 6.0 * count_parameters(cfg)["non_embedding"] * float(executed_passes)
+
+
+def causal_pairs(length: int, batch: int) -> int:
+    """(query, key) pairs a causal pass over ``length`` tokens attends to."""
+    return batch * length * (length + 1) // 2

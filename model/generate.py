@@ -1,0 +1,133 @@
+"""Incremental decoding with one KV cache per latent step and per-token halting.
+
+Prefill is the training forward with pruning (:meth:`AlcotModel.latent_forward`, run with spare
+cache capacity). Decoding token t: run step 0 against the step-0 cache; then, while k < l_max,
+compute g, update the reach, stop if it falls below tau, else feed the hidden state back and run
+step k+1, appending its keys/values to the step-(k+1) cache. A halted token's cached keys stay
+visible to later tokens at every deeper step (the 2-D mask), exactly as in training, so cached
+decoding reproduces a full forward over the generated text.
+
+Latent methods (adaptive, fixed, and vanilla, which is the latent path with ``l_max = 0``) decode
+with the caches. Looped, pause and PonderLM have no per-step cache here: they re-run the full
+forward for each new token (correct, and fine for evaluation-sized generations).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .halting import halting_update
+from .network import AlcotModel, _log_weight
+
+
+@dataclass
+class Generation:
+    tokens: Tensor  # [b, prompt + new]
+    depth: Tensor  # [b, prompt + new] executed latent steps of each token
+    logits: Tensor  # [b, new, V] next-token logits (log-probs under distribution mixing)
+
+
+def _pick(logits: Tensor, temperature: float, top_k: int | None, generator) -> Tensor:
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model: AlcotModel,
+    prompt: Tensor,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Generation:
+    """Generate ``max_new_tokens`` after ``prompt`` [b, s0] (greedy when temperature is 0)."""
+    cfg = model.cfg
+    b, s0 = prompt.shape
+    total = s0 + max_new_tokens
+    if total > cfg.max_seq_len:
+        raise ValueError(f"prompt + new tokens = {total} exceeds model.max_seq_len")
+    was_training = model.training
+    model.eval()
+    try:
+        if cfg.method in ("adaptive", "fixed", "vanilla"):
+            return _generate_cached(model, prompt, max_new_tokens, temperature, top_k, generator)
+        return _generate_recompute(model, prompt, max_new_tokens, temperature, top_k, generator)
+    finally:
+        model.train(was_training)
+
+
+def _generate_recompute(model, prompt, n, temperature, top_k, generator) -> Generation:
+    tokens = prompt
+    steps = []
+    for _ in range(n):
+        out = model(tokens, return_logits=True)
+        nxt_logits = out.logits[:, -1]
+        steps.append(nxt_logits)
+        tokens = torch.cat([tokens, _pick(nxt_logits, temperature, top_k, generator)[:, None]], 1)
+    depth = torch.full(tokens.shape, model.cfg.l_max, dtype=torch.long, device=tokens.device)
+    return Generation(tokens, depth, torch.stack(steps, 1) if steps else prompt.new_zeros(0))
+
+
+def _generate_cached(model, prompt, n, temperature, top_k, generator) -> Generation:
+    b, s0 = prompt.shape
+    out, _ = model.latent_forward(prompt, return_logits=True)  # prefill; caches stay in state
+    rope = model._rope(s0 + n)
+    depths = [out.depth]
+    tokens = prompt
+    next_logits = out.logits[:, -1]
+    steps = []
+    for t in range(s0, s0 + n):
+        steps.append(next_logits)
+        tok = _pick(next_logits, temperature, top_k, generator)
+        tokens = torch.cat([tokens, tok[:, None]], dim=1)
+        # Also run the last token, so every returned depth is one that was really executed.
+        next_logits, depth = _decode_one(model, tok, t, rope)
+        depths.append(depth[:, None])
+    return Generation(tokens, torch.cat(depths, dim=1), torch.stack(steps, 1))
+
+
+def _decode_one(model: AlcotModel, tok: Tensor, t: int, rope: Tensor):
+    """Run all latent steps of the tokens ``tok`` [b] at position ``t``, appending to the caches.
+
+    Returns (next-token logits [b, V], executed latent depth [b]).
+    """
+    cfg = model.cfg
+    b = tok.shape[0]
+    dev = tok.device
+    h = model._embed(tok[:, None])[0]  # [b, h]
+    active = torch.ones(b, dtype=torch.bool, device=dev)
+    r = torch.ones(b, device=dev)
+    mixed = None
+    depth = torch.zeros(b, dtype=torch.long, device=dev)
+    for k in range(cfg.l_max + 1):
+        if not bool(active.any()):
+            break
+        depth += active.long() if k > 0 else 0
+        rows = active.nonzero()[:, 0]
+        pos = torch.full_like(rows, t)
+        out, _ = model._packed_pass(h[rows][:, None], rows, pos, active.long().tolist(), k, rope)
+        h = h.new_zeros(b, h.shape[-1]).index_put((rows,), out[:, 0])
+        last = k == cfg.l_max
+        g = None
+        if model.router is not None and not last:
+            g = r.new_zeros(b).index_put((rows,), model.router(out[:, 0], k))
+        weight, cont, r_next = halting_update(r, active, g, last, cfg.halting.tau)
+        if cfg.mix == "state":
+            contrib = weight[:, None].to(h.dtype) * h
+            mixed = contrib if mixed is None else mixed + contrib
+        else:
+            term = _log_weight(weight)[:, None] + model._vocab_log_softmax(model._logits(h))
+            mixed = term if mixed is None else torch.logaddexp(mixed, term)
+        r, active = r_next, cont
+    logits = model._logits(mixed) if cfg.mix == "state" else mixed
+    return model._gather_vocab(logits), depth

@@ -1,0 +1,386 @@
+"""The Llama decoder with token-level adaptive latent chain-of-thought, and its baselines.
+
+Layout follows Megatron: hidden states are [sequence, batch, hidden]; token ids and per-token
+quantities (reach, weights, depth) are [batch, sequence]. The parallel layers (vocab-parallel
+embedding and LM head, the transformer block's column/row-parallel linears) are Megatron-Core's,
+so the same code runs tensor parallel; everything the method adds (router, halting, mixing) is
+replicated on each tensor-parallel rank and sees identical inputs there.
+
+How a latent forward saves compute (METHOD.md, "Parallel masking"): step k is one pass of the
+shared stack over only the tokens still active, packed row after row into one [N_k, 1, h]
+sequence (no padding: every matmul costs exactly the executed tokens). The pass appends its
+keys/values to the per-row step-k caches, which hold executed tokens only, and each query
+attends to the caches of steps 0..k at positions up to its own: key (t', k') is visible to
+query (t, k) iff t' <= t, k' <= k and t' executed k'. Earlier steps are never recomputed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .compat import ensure_cpu_compat
+from .config import ModelConfig, count_parameters
+from .flops import FlopTally, causal_pairs, nominal_flops
+from .halting import Router, StepRecord, adaptive_loss, halting_update
+from .layers import AttentionState, build_block_spec, transformer_config
+
+
+@dataclass
+class ModelOutput:
+    loss: Tensor | None  # ce_loss + lambda * adapt_loss (None without labels)
+    ce_loss: Tensor | None
+    adapt_loss: Tensor | None
+    logits: Tensor | None  # [b, s, V]: logits (state mixing) or log-probs (distribution mixing)
+    depth: Tensor  # [b, s] executed latent steps K_t (0 for vanilla)
+    flops: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def mean_depth(self) -> float:
+        return float(self.depth.float().mean())
+
+
+@dataclass
+class LatentTrace:
+    """What a latent forward leaves behind: per step, which tokens ran it ([b, s] bool), and
+    (if asked for) every step's hidden states [s, b, h]. The KV caches stay in ``model.state``
+    for decoding to continue from."""
+
+    ran: list[Tensor]
+    hidden: list[Tensor] = field(default_factory=list)
+
+
+class AlcotModel(nn.Module):
+    """All methods of ``ModelConfig.method`` in one module (they share every weight name)."""
+
+    def __init__(self, cfg: ModelConfig, params_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        ensure_cpu_compat()
+        from megatron.core import parallel_state as ps
+
+        if not ps.model_parallel_is_initialized():
+            raise RuntimeError("call alcot.model.init_parallel() before building a model")
+        if ps.get_tensor_model_parallel_world_size() != cfg.tensor_parallel_size:
+            raise RuntimeError(
+                f"model.tensor_parallel_size={cfg.tensor_parallel_size} but the process group "
+                f"has {ps.get_tensor_model_parallel_world_size()} tensor-parallel ranks"
+            )
+        from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+        from megatron.core.tensor_parallel.layers import (
+            ColumnParallelLinear,
+            VocabParallelEmbedding,
+        )
+        from megatron.core.transformer.transformer_block import TransformerBlock
+
+        self.cfg = cfg
+        self.tcfg = transformer_config(cfg, params_dtype)
+        self.state = AttentionState()
+        self.embedding = VocabParallelEmbedding(
+            cfg.vocab_size, cfg.hidden_size, init_method=self.tcfg.init_method, config=self.tcfg
+        )
+        self.block = TransformerBlock(
+            self.tcfg,
+            build_block_spec(cfg, self.state),
+            post_layer_norm=True,
+            pre_process=True,
+            post_process=True,
+        )
+        self.head = ColumnParallelLinear(
+            cfg.hidden_size,
+            cfg.vocab_size,
+            config=self.tcfg,
+            init_method=self.tcfg.init_method,
+            bias=False,
+            gather_output=False,
+        )
+        self.rotary = RotaryEmbedding(
+            kv_channels=cfg.head_dim,
+            rotary_percent=1.0,
+            rotary_base=cfg.rotary_base,
+            use_cpu_initialization=True,
+        )
+        self.router = Router(cfg) if cfg.uses_router else None
+        if cfg.method == "pause":
+            self.pause = nn.Parameter(torch.randn(cfg.l_max, cfg.hidden_size) * cfg.init_std)
+        else:
+            self.pause = None
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def device(self) -> torch.device:
+        return self.embedding.weight.device
+
+    def num_parameters(self) -> dict[str, int]:
+        return count_parameters(self.cfg)
+
+    def _embed(self, ids: Tensor) -> Tensor:
+        """[b, s] ids -> [s, b, h] scaled embeddings."""
+        emb = self.embedding(ids).transpose(0, 1).contiguous()
+        return emb * self.cfg.embed_scale if self.cfg.embed_scale != 1.0 else emb
+
+    def _rope(self, length: int) -> Tensor:
+        """Rotary angles [length, head_dim]."""
+        if length > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {length} exceeds model.max_seq_len")
+        return self.rotary(length)[:, 0, 0, :].to(self.device)
+
+    def _logits(self, hidden: Tensor) -> Tensor:
+        """[..., h] -> vocab-parallel logits [..., V/tp] in fp32."""
+        out, _ = self.head(hidden)
+        return out.float()
+
+    def _ce(self, logits: Tensor, labels_sb: Tensor, keep_logits: bool = False) -> Tensor:
+        """Per-token cross entropy [s, b]. Megatron's kernel overwrites its input with
+        exp(logits - max) to save memory, so pass ``keep_logits`` when they are used again."""
+        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+        logits = logits.clone() if keep_logits else logits.contiguous()
+        return vocab_parallel_cross_entropy(logits, labels_sb.contiguous())
+
+    def _gather_vocab(self, logits: Tensor) -> Tensor:
+        from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+        if self.cfg.tensor_parallel_size == 1:
+            return logits
+        return gather_from_tensor_model_parallel_region(logits)
+
+    def _vocab_log_softmax(self, logits: Tensor) -> Tensor:
+        """log_softmax over a vocab split across tensor-parallel ranks."""
+        import torch.distributed as dist
+
+        from .parallel import all_reduce_sum, tp_group
+
+        m = logits.detach().amax(dim=-1, keepdim=True)
+        if self.cfg.tensor_parallel_size > 1:
+            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=tp_group())
+        z = all_reduce_sum((logits - m).exp().sum(dim=-1, keepdim=True))
+        return logits - m - z.log()
+
+    def _pass(self, u: Tensor, freqs: Tensor) -> Tensor:
+        """One pass of the shared stack; ``freqs`` broadcastable to [s, b, 1, head_dim]."""
+        return self.block(u, attention_mask=None, rotary_pos_emb=freqs)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: Tensor,
+        labels: Tensor | None = None,
+        loss_mask: Tensor | None = None,
+        return_logits: bool = False,
+    ) -> ModelOutput:
+        """Run the configured method. ``input_ids`` and ``labels`` are [b, s]."""
+        method = self.cfg.method
+        if method in ("adaptive", "fixed"):
+            out, _ = self.latent_forward(input_ids, labels, loss_mask, return_logits)
+            return out
+        tally = FlopTally(self.cfg, grad=torch.is_grad_enabled())
+        b, s = input_ids.shape
+        rope = self._rope(s)
+        self.state.start_causal()
+        emb = self._embed(input_ids)
+        passes = 1 + self.cfg.l_max
+        if method == "pause":
+            h = self._pause_forward(emb, rope, tally)
+        else:
+            freqs = rope[:, None, None, :]
+            h = self._pass(emb, freqs)
+            tally.block(b * s, causal_pairs(s, b))
+            for _ in range(self.cfg.l_max):  # looped / ponder (vanilla has l_max = 0)
+                u = emb + self._expected_embedding(h, tally) if method == "ponder" else h
+                h = self._pass(u, freqs)
+                tally.block(b * s, causal_pairs(s, b))
+        depth = torch.full((b, s), self.cfg.l_max, dtype=torch.long, device=input_ids.device)
+        logits = self._logits(h)
+        tally.head(b * s)
+        ce = adapt = loss = None
+        if labels is not None:
+            mask = _token_mask(labels, loss_mask)
+            ce_tok = self._ce(logits, labels.t(), keep_logits=return_logits).t()
+            ce = (ce_tok * mask).sum() / mask.sum().clamp_min(1.0)
+            adapt = torch.zeros_like(ce)
+            loss = ce
+        flops = self._flops(tally, float(b * s * passes), b * s)
+        lg = self._gather_vocab(logits).transpose(0, 1) if return_logits else None
+        return ModelOutput(loss, ce, adapt, lg, depth, flops)
+
+    def _pause_forward(self, emb: Tensor, rope: Tensor, tally: FlopTally) -> Tensor:
+        """K pause tokens after every token, same position id; predict from the last pause."""
+        s, b, h = emb.shape
+        k = self.cfg.l_max
+        pauses = self.pause.to(emb.dtype)[None, :, None, :].expand(s, k, b, h)
+        seq = torch.cat([emb[:, None], pauses], dim=1).reshape(s * (k + 1), b, h)
+        pos = torch.arange(s, device=emb.device).repeat_interleave(k + 1)
+        out = self._pass(seq, rope[pos][:, None, None, :])
+        tally.block(s * (k + 1) * b, causal_pairs(s * (k + 1), b))
+        return out.reshape(s, k + 1, b, h)[:, k]
+
+    def _expected_embedding(self, h: Tensor, tally: FlopTally) -> Tensor:
+        """PonderLM: sum_v softmax(W h)_v E_v (vocab split across tensor-parallel ranks)."""
+        from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
+
+        s, b, _ = h.shape
+        probs = self._vocab_log_softmax(self._logits(h)).exp()
+        tally.head(s * b)
+        e = probs.to(self.embedding.weight.dtype) @ self.embedding.weight
+        tally.expected_embedding(s * b)
+        if self.cfg.tensor_parallel_size > 1:
+            e = reduce_from_tensor_model_parallel_region(e)
+        return e * self.cfg.embed_scale if self.cfg.embed_scale != 1.0 else e
+
+    def _flops(self, tally: FlopTally, executed_passes: float, tokens: int) -> dict[str, float]:
+        return {
+            "nominal": nominal_flops(self.cfg, executed_passes),
+            "realised": tally.realised,
+            "realised_matmul": tally.matmul,
+            "realised_attention": tally.attention,
+            "realised_forward": tally.forward,
+            "tokens": float(tokens),
+            "executed_passes": executed_passes,
+        }
+
+    # ------------------------------------------------------------------ latent steps
+    def latent_forward(
+        self,
+        input_ids: Tensor,
+        labels: Tensor | None = None,
+        loss_mask: Tensor | None = None,
+        return_logits: bool = False,
+        keep_states: bool = False,
+    ) -> tuple[ModelOutput, LatentTrace]:
+        """Adaptive / fixed latent CoT with pruning (also vanilla when ``l_max == 0``).
+
+        ``keep_states`` returns every step's hidden states in the trace (for diagnostics).
+        """
+        cfg = self.cfg
+        b, s = input_ids.shape
+        dev = input_ids.device
+        tally = FlopTally(cfg, grad=torch.is_grad_enabled())
+        rope = self._rope(s)
+        self.state.start_packed()
+        want_q = (
+            labels is not None and self.router is not None and cfg.halting.loss in ("gate", "reach")
+        )
+        want_ce = labels is not None and cfg.mix == "distribution"
+        dist_logits = cfg.mix == "distribution" and return_logits
+
+        h_in = self._embed(input_ids)  # [s, b, h]: input of the next pass, valid where active
+        active = torch.ones(b, s, dtype=torch.bool, device=dev)
+        r = torch.ones(b, s, device=dev)
+        ran: list[Tensor] = []
+        records: list[StepRecord] = []
+        states: list[Tensor] = []
+        mixed = None
+        executed = 0
+        for k in range(cfg.l_max + 1):
+            if not bool(active.any()):
+                break
+            rows, pos = active.nonzero(as_tuple=True)  # row-major: packed row after row
+            executed += rows.numel()
+            ran.append(active)
+            u = h_in[pos, rows][:, None]  # [N, 1, h]
+            out, pairs = self._packed_pass(u, rows, pos, active.sum(1).tolist(), k, rope)
+            out = out[:, 0]  # [N, h]
+            tally.block(rows.numel(), pairs)
+            h_k = h_in.new_zeros(s, b, h_in.shape[-1]).index_put((pos, rows), out)
+            if keep_states:
+                states.append(h_k)
+            last = k == cfg.l_max
+            g = None
+            if self.router is not None and not last:
+                g = r.new_zeros(b, s).index_put((rows, pos), self.router(out, k))
+                tally.router(rows.numel())
+            weight, cont, r_next = halting_update(r, active, g, last, cfg.halting.tau)
+            q = ce_k = None
+            if want_ce or (want_q and not last) or dist_logits:
+                if cfg.mix == "distribution":
+                    lg = self._logits(out[:, None])  # [N, 1, V/tp]
+                else:  # only sg(q) is needed: no graph (detached input, no grad)
+                    with torch.no_grad():
+                        lg = self._logits(out[:, None].detach())
+                tally.head(rows.numel(), grad=None if cfg.mix == "distribution" else False)
+                if labels is not None:
+                    with torch.set_grad_enabled(torch.is_grad_enabled() and want_ce):
+                        ce_n = self._ce(lg, labels[rows, pos][:, None], keep_logits=dist_logits)
+                    ce_k = r.new_zeros(b, s).index_put((rows, pos), ce_n[:, 0])
+                    q = (-ce_k.detach()).exp()
+                if dist_logits:
+                    lp = self._vocab_log_softmax(lg[:, 0])
+                    lp = lp.new_zeros(s, b, lp.shape[-1]).index_put((pos, rows), lp)
+                    term = _log_weight(weight).t()[..., None] + lp
+                    mixed = term if mixed is None else torch.logaddexp(mixed, term)
+            records.append(StepRecord(weight, active, cont, g, r_next, q, ce_k))
+            if cfg.mix == "state":
+                contrib = weight.t()[..., None].to(h_k.dtype) * h_k
+                mixed = contrib if mixed is None else mixed + contrib
+            r = r_next
+            h_in = h_k
+            active = cont
+
+        depth = (
+            torch.stack(ran[1:], 0).sum(0)
+            if len(ran) > 1
+            else (torch.zeros(b, s, dtype=torch.long, device=dev))
+        )
+        token_mask = _token_mask(labels, loss_mask) if labels is not None else None
+        ce = adapt = loss = logits = None
+        if cfg.mix == "state":
+            lg = self._logits(mixed)
+            tally.head(b * s)
+            if labels is not None:
+                ce_tok = self._ce(lg, labels.t(), keep_logits=return_logits).t()
+            if return_logits:
+                logits = self._gather_vocab(lg).transpose(0, 1)
+        else:
+            if labels is not None:
+                # -log sum_k w(k) softmax(W h(k))[y] = -logsumexp_k(log w(k) - ce(k))
+                terms = torch.stack([_log_weight(rec.weight) - rec.ce for rec in records], 0)
+                ce_tok = -torch.logsumexp(terms, dim=0)
+            if return_logits:
+                logits = self._gather_vocab(mixed).transpose(0, 1)
+        if labels is not None:
+            ce = (ce_tok * token_mask).sum() / token_mask.sum().clamp_min(1.0)
+            if self.router is not None:
+                adapt = adaptive_loss(records, cfg, token_mask)
+            else:
+                adapt = torch.zeros_like(ce)
+            loss = ce + cfg.halting.lambda_ * adapt
+        flops = self._flops(tally, float(executed), b * s)
+        return ModelOutput(loss, ce, adapt, logits, depth, flops), LatentTrace(ran, states)
+
+    def _packed_pass(
+        self, u: Tensor, rows: Tensor, pos: Tensor, counts: list[int], step: int, rope: Tensor
+    ) -> tuple[Tensor, int]:
+        """Latent step ``step`` for the packed tokens ``u`` [N, 1, h] at (``rows``, ``pos``).
+
+        Returns the outputs [N, 1, h] and the number of (query, key) pairs attended to.
+        """
+        st = self.state
+        st.step, st.counts = step, counts
+        queries = st.add_positions(step, pos)
+        masks, pairs = [], 0
+        for r, q in enumerate(queries):
+            keys = torch.cat([st.key_pos[j][r] for j in range(step + 1)])
+            if step == 0 and len(keys) == len(q):
+                masks.append(None)  # a fresh step 0: the keys are the queries, in order: causal
+                pairs += len(q) * (len(q) + 1) // 2
+            else:
+                m = keys[None, :] <= q[:, None]
+                masks.append(m)
+                pairs += int(m.sum())
+        st.masks = masks
+        freqs = rope[pos][:, None, None, :]  # [N, 1, 1, d]
+        return self._pass(u, freqs), pairs
+
+
+def _log_weight(w: Tensor) -> Tensor:
+    """log w with -inf where w == 0, without NaN gradients."""
+    safe = torch.where(w > 0, w, torch.ones_like(w))
+    return torch.where(w > 0, safe.log(), torch.full_like(w, float("-inf")))
+
+
+def _token_mask(labels: Tensor, loss_mask: Tensor | None) -> Tensor:
+    if loss_mask is None:
+        return torch.ones(labels.shape, dtype=torch.float32, device=labels.device)
+    return loss_mask.float()

@@ -1,0 +1,1 @@
+"""alcot.orchestrator: sweep specs, trial identity, scheduling, tracking and the CLI."""

@@ -1,0 +1,91 @@
+import pytest
+import torch
+
+from alcot.model import LADDER, ConfigError, ModelConfig, count_parameters
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(hidden_size=100, num_attention_heads=3), "model.hidden_size"),
+        (
+            dict(num_attention_heads=4, num_query_groups=4, tensor_parallel_size=3),
+            "model.tensor_parallel_size",
+        ),
+        (dict(halting={"tau": 1.5}), "model.halting.tau"),
+        (dict(halting={"tau": 0.0}), "model.halting.tau"),
+        (dict(l_max=-1), "model.l_max"),
+        (dict(method="recurrent"), "model.method"),
+        (dict(size="7b"), "model.size"),
+        (dict(halting={"router": "transformer"}), "model.halting.router"),
+        (dict(halting={"lambda": -1.0}), "model.halting.lambda"),
+        (dict(mix="average"), "model.mix"),
+        (dict(num_query_groups=3), "model.num_query_groups"),
+        (dict(pipeline_parallel_size=2), "model.pipeline_parallel_size"),
+        (dict(l_max=1.5), "model.l_max"),
+        (dict(method="looped", l_max=0), "model.l_max"),
+        (dict(widht=3), "model.widht"),
+        (dict(halting={"tua": 0.1}), "model.halting.tua"),
+    ],
+)
+def test_invalid_config_names_the_field(overrides, field):
+    base = dict(size="tiny")
+    base.update(overrides)
+    with pytest.raises(ConfigError) as err:
+        ModelConfig.from_dict(base)
+    assert err.value.field == field
+    assert str(err.value).startswith(field + ":")
+
+
+def test_lambda_round_trips_under_its_yaml_name():
+    cfg = ModelConfig.from_dict({"halting": {"lambda": 0.3}})
+    assert cfg.halting.lambda_ == 0.3
+    d = cfg.to_dict()
+    assert d["halting"]["lambda"] == 0.3 and "lambda_" not in d["halting"]
+    assert ModelConfig.from_dict(d) == cfg
+
+
+def test_vanilla_has_no_latent_steps():
+    assert ModelConfig(method="vanilla", l_max=3).l_max == 0
+
+
+@pytest.mark.parametrize(
+    "size, expected", [("70m", 70e6), ("160m", 160e6), ("410m", 410e6), ("1.4b", 1.4e9)]
+)
+def test_ladder_sizes_are_what_their_names_say(size, expected):
+    total = count_parameters(ModelConfig(size=size, method="vanilla"))["total"]
+    assert abs(total - expected) / expected < 0.05, total
+
+
+def test_tiny_is_about_a_million_parameters():
+    counts = count_parameters(ModelConfig(size="tiny", method="vanilla"))
+    assert 0.5e6 < counts["total"] < 2e6
+    assert list(LADDER)[0] == "tiny"
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(method="vanilla"),
+        dict(method="adaptive"),
+        dict(method="adaptive", halting={"router": "per_step"}),
+        dict(method="adaptive", halting={"router": "mlp"}),
+        dict(method="pause", l_max=2),
+        dict(method="ponder"),
+        dict(method="looped"),
+        dict(method="fixed"),
+    ],
+)
+def test_parameter_count_matches_the_built_model(build, overrides):
+    model = build(**overrides)
+    built = sum(p.numel() for p in model.parameters())
+    assert built == count_parameters(model.cfg)["total"]
+
+
+def test_model_refuses_a_mismatched_process_group(parallel):
+    from alcot.model import AlcotModel
+
+    cfg = ModelConfig(size="tiny", num_attention_heads=4, tensor_parallel_size=2)
+    with pytest.raises(RuntimeError, match="tensor_parallel_size"):
+        AlcotModel(cfg)
+    assert torch.distributed.is_initialized()
