@@ -7,24 +7,17 @@ a sweep can compare readings. Validation happens on construction: a bad value ra
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
+
+from .typed import ConfigError, build, to_dict
 
 METHODS = ("adaptive", "vanilla", "looped", "pause", "ponder", "fixed")
 ROUTERS = ("linear", "per_step", "mlp", "none")
 ADAPT_LOSSES = ("gate", "reach", "act", "pondernet")
 MIXES = ("state", "distribution")
 SPECS = ("auto", "local", "te")
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid. ``field`` is the dotted path of the offending key."""
-
-    def __init__(self, field_path: str, message: str):
-        self.field = field_path
-        super().__init__(f"{field_path}: {message}")
 
 
 # The size ladder. Shapes follow the Pythia family that METHOD.md's 70M/410M/1.4B models come
@@ -48,6 +41,8 @@ def swiglu_ffn_size(hidden_size: int, multiple_of: int = 64) -> int:
 class HaltingConfig:
     """Router, pruning and the adaptive loss (METHOD.md, "Router and halting" and "Losses")."""
 
+    ALIASES: ClassVar[dict[str, str]] = {"lambda": "lambda_"}
+
     router: str = "linear"  # linear (one d->1 layer shared by all steps) | per_step | mlp | none
     tau: float = 0.1  # prune a token once its reach r_t(k) < tau  [open]
     lambda_: float = 0.01  # weight of the adaptive loss (YAML key: ``lambda``)
@@ -55,6 +50,10 @@ class HaltingConfig:
     loss: str = "gate"  # gate (default formula) | reach | act | pondernet  [open]
     init_continue: float = 0.9  # router bias starts at logit(init_continue)
     prior: float = 0.5  # geometric prior's halting probability, for loss=pondernet
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], prefix: str = "model.halting") -> HaltingConfig:
+        return build(cls, d, prefix)
 
     def validate(self, prefix: str = "model.halting") -> None:
         if self.router not in ROUTERS:
@@ -112,7 +111,7 @@ class ModelConfig:
 
     def __post_init__(self):
         if isinstance(self.halting, dict):
-            self.halting = HaltingConfig(**_rename_in(self.halting))
+            self.halting = HaltingConfig.from_dict(self.halting)
         if self.size not in LADDER:
             raise ConfigError("model.size", f"unknown size {self.size!r}; ladder: {list(LADDER)}")
         for key, value in LADDER[self.size].items():
@@ -206,41 +205,12 @@ class ModelConfig:
         return self.l_max
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["halting"] = _rename_out(d["halting"])
-        return d
+        return to_dict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        d = dict(d)
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ConfigError(f"model.{sorted(unknown)[0]}", "unknown key")
-        if "halting" in d:
-            h = d["halting"]
-            if not isinstance(h, dict):
-                raise ConfigError("model.halting", "must be a mapping")
-            h = _rename_in(h)
-            known = {f.name for f in dataclasses.fields(HaltingConfig)}
-            bad = set(h) - known
-            if bad:
-                name = sorted(bad)[0]
-                raise ConfigError(f"model.halting.{name}", "unknown key")
-            d["halting"] = HaltingConfig(**h)
-        return cls(**d)
-
-
-def _rename_in(h: dict) -> dict:
-    h = dict(h)
-    if "lambda" in h:
-        h["lambda_"] = h.pop("lambda")
-    return h
-
-
-def _rename_out(h: dict) -> dict:
-    h = dict(h)
-    h["lambda"] = h.pop("lambda_")
-    return h
+    def from_dict(cls, d: dict[str, Any], prefix: str = "model") -> ModelConfig:
+        """Build from a mapping, checking keys and types; errors name the dotted field."""
+        return build(cls, d, prefix)
 
 
 def _int_field(cfg, name: str, prefix: str, minimum: int) -> None:

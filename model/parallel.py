@@ -32,9 +32,14 @@ def init_parallel(tensor_parallel_size: int = 1, backend: str | None = None) -> 
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
             dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
         else:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            dist.init_process_group(backend or "gloo", rank=0, world_size=1)
+            # A private rendezvous address, not MASTER_ADDR/PORT in the environment: child
+            # processes (a launched run, a second trainer) must not inherit a bound port.
+            dist.init_process_group(
+                backend or "gloo",
+                init_method=f"tcp://127.0.0.1:{_free_port()}",
+                rank=0,
+                world_size=1,
+            )
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if ps.model_parallel_is_initialized():

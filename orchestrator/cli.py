@@ -34,6 +34,91 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from alcot.model.typed import ConfigError
+
+    from .config import load_run_config
+
+    try:
+        cfg = load_run_config(args.config, args.set or [])
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from .train import run_training
+
+    try:
+        outcome = run_training(cfg, progress=not args.no_progress)
+    except ConfigError as err:  # problems found while preparing (data path, tracking store)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    res = outcome.result
+    print(f"run folder: {outcome.out_dir}")
+    if outcome.run_id:
+        print(f"MLflow run: {outcome.run_id}")
+        print(f"see it with: {ui_hint(outcome.tracking_uri)}")
+    if res.status != "finished":
+        print(f"error: {res.message}", file=sys.stderr)
+        return 1
+    m = res.metrics
+    if "val/loss" in m:
+        print(
+            f"step {res.step}: val loss {m['val/loss']:.4f} (ppl {m['val/ppl']:.2f}), "
+            f"mean depth {m['val/mean_depth']:.2f}"
+        )
+    return 0
+
+
+def ui_hint(uri: str | None) -> str:
+    from .config import alcot_home
+    from .tracking import default_store
+
+    if uri and uri == default_store(alcot_home())[0]:
+        return "alcot ui   (then open http://127.0.0.1:5000)"
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    import os
+    import shutil
+
+    from .config import alcot_home
+    from .tracking import default_store
+
+    uri, artifacts = default_store(alcot_home())
+    uri = args.backend_store_uri or os.environ.get("MLFLOW_TRACKING_URI") or uri
+    mlflow = shutil.which("mlflow", path=os.path.dirname(sys.executable)) or "mlflow"
+    cmd = [
+        mlflow,
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--default-artifact-root",
+        artifacts,
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+        "--workers",
+        "1",
+    ]
+    print(f"MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    return os.spawnve(os.P_WAIT, cmd[0], cmd, env) if os.path.isabs(cmd[0]) else 1
+
+
+def cmd_tracking_sync(args: argparse.Namespace) -> int:
+    from alcot.model.typed import ConfigError
+
+    from .tracking import sync
+
+    try:
+        sync(args.run_dir)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="alcot",
@@ -51,6 +136,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--steps", type=int, default=60)
     p.set_defaults(func=cmd_smoke)
+
+    p = sub.add_parser("train", help="train one model from a run config (YAML)")
+    p.add_argument("config", help="run config YAML (see configs/)")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set model.halting.lambda=0.1 (repeatable)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("ui", help="start the MLflow UI on the local tracking store")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--backend-store-uri", default=None)
+    p.set_defaults(func=cmd_ui)
+
+    p = sub.add_parser("tracking", help="tracking utilities")
+    tsub = p.add_subparsers(dest="tracking_command", metavar="COMMAND")
+    q = tsub.add_parser("sync", help="send a run's locally kept metrics to its MLflow run")
+    q.add_argument("run_dir")
+    q.set_defaults(func=cmd_tracking_sync)
     return parser
 
 

@@ -57,3 +57,45 @@ def spread_router(model, std: float = 0.3, seed: int = 1) -> None:
         for p in model.router.parameters():
             if p.dim() == 2:
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+@pytest.fixture(scope="session")
+def alcot_home(tmp_path_factory):
+    """One ALCOT_HOME (tracking store, token cache) for the whole session."""
+    import os
+
+    home = tmp_path_factory.mktemp("alcot_home")
+    old = os.environ.get("ALCOT_HOME")
+    os.environ["ALCOT_HOME"] = str(home)
+    yield home
+    if old is None:
+        os.environ.pop("ALCOT_HOME", None)
+    else:
+        os.environ["ALCOT_HOME"] = old
+
+
+SMALL_RUN = [
+    "model.num_layers=2",
+    "model.hidden_size=64",
+    "model.num_attention_heads=4",
+    "model.l_max=2",
+    "data.seq_len=32",
+    "data.builtin_documents=600",
+    "data.vocab_size=512",
+    "train.batch_size=8",
+    "train.steps=20",
+    "train.lr=0.01",
+    "train.eval_every=10",
+    "train.eval_batches=2",
+    "train.checkpoint_every=5",
+    "train.threads=1",
+    "tracking.experiment=tests",
+    "tracking.flush_seconds=0.2",
+]
+
+
+def small_run(out_dir, *extra: str):
+    """A run config that trains in a couple of seconds on the built-in corpus."""
+    from alcot.orchestrator.config import load_run_config
+
+    return load_run_config(None, [*SMALL_RUN, f"out_dir={out_dir}", *extra])

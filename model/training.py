@@ -1,0 +1,391 @@
+"""The training loop: config in, metrics out.
+
+``train()`` builds the model, runs AdamW with a warm-up + cosine schedule, evaluates
+periodically, writes resumable checkpoints and reports metrics to callbacks. It knows nothing of
+MLflow or Ray: the orchestrator passes a tracking callback.
+
+Exact resume: a checkpoint holds the model, optimizer, scheduler, data position and RNG states,
+and the data order is a pure function of (seed, epoch), so a run killed at any point and resumed
+from its last checkpoint reproduces the uninterrupted run's losses step for step.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+from . import checkpointing
+from .config import ModelConfig, count_parameters
+from .typed import ConfigError, build
+
+
+@dataclass
+class TrainerConfig:
+    """The ``train:`` section. ``batch_size`` is sequences per optimizer step (all ranks)."""
+
+    steps: int = 200
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to this fraction of lr
+    warmup_frac: float = 0.02
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 50
+    eval_batches: int = 4
+    log_every: int = 1
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 3
+    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    resume: str = "auto"  # auto: continue from the newest valid checkpoint in out_dir | never
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+
+    def __post_init__(self):
+        for name in (
+            "steps",
+            "batch_size",
+            "grad_accum",
+            "eval_every",
+            "eval_batches",
+            "log_every",
+            "checkpoint_every",
+            "keep_checkpoints",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}", f"must be >= 1, got {getattr(self, name)}")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(
+                "train.grad_accum",
+                f"{self.grad_accum} does not divide batch_size {self.batch_size}",
+            )
+        if self.lr <= 0:
+            raise ConfigError("train.lr", f"must be > 0, got {self.lr}")
+        if not (0.0 <= self.min_lr_ratio <= 1.0):
+            raise ConfigError("train.min_lr_ratio", "must be in [0, 1]")
+        if not (0.0 <= self.warmup_frac < 1.0):
+            raise ConfigError("train.warmup_frac", "must be in [0, 1)")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError("train.precision", "must be auto, fp32 or bf16")
+        if self.resume not in ("auto", "never"):
+            raise ConfigError("train.resume", "must be auto or never")
+        if self.grad_clip < 0:
+            raise ConfigError("train.grad_clip", "must be >= 0 (0 disables clipping)")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], prefix: str = "train") -> TrainerConfig:
+        return build(cls, d, prefix)
+
+
+class Callback(Protocol):
+    def on_metrics(self, step: int, metrics: dict[str, float]) -> None: ...
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    status: str  # "finished" | "failed"
+    step: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    message: str = ""
+    checkpoint: Path | None = None
+    resumed_from: int | None = None
+    depth_histogram: list[float] = field(default_factory=list)
+
+
+def lr_lambda(tcfg: TrainerConfig):
+    warmup = max(1, round(tcfg.warmup_frac * tcfg.steps)) if tcfg.warmup_frac > 0 else 0
+
+    def f(step: int) -> float:  # step = optimizer steps taken so far
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, tcfg.steps - warmup))
+        return tcfg.min_lr_ratio + (1 - tcfg.min_lr_ratio) * 0.5 * (
+            1 + math.cos(math.pi * progress)
+        )
+
+    return f
+
+
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Global grad norm across tensor-parallel shards (replicated parameters counted once)."""
+    from .parallel import tp_group, tp_world_size
+
+    sharded = [
+        p.grad for p in params if p.grad is not None and getattr(p, "tensor_model_parallel", False)
+    ]
+    replicated = [
+        p.grad
+        for p in params
+        if p.grad is not None and not getattr(p, "tensor_model_parallel", False)
+    ]
+    dev = (sharded or replicated)[0].device
+    sq_sharded = sum((g.float().pow(2).sum() for g in sharded), torch.zeros((), device=dev))
+    if tp_world_size() > 1:
+        dist.all_reduce(sq_sharded, group=tp_group())
+    sq = sq_sharded + sum((g.float().pow(2).sum() for g in replicated), torch.zeros((), device=dev))
+    norm = sq.sqrt()
+    if max_norm > 0:
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for g in sharded + replicated:
+            g.mul_(coef.to(g.dtype))
+    return norm
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _autocast(tcfg: TrainerConfig, device: torch.device):
+    use_bf16 = tcfg.precision == "bf16" or (tcfg.precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+@torch.no_grad()
+def evaluate(model, data, tcfg: TrainerConfig, seq_len: int, batch: int, device) -> dict:
+    from alcot.data.loader import eval_batches
+
+    was_training = model.training
+    model.eval()
+    l_max = model.cfg.l_max
+    ce_sum, tokens = 0.0, 0
+    hist = torch.zeros(l_max + 1, dtype=torch.float64)
+    for x, y in eval_batches(data.val_path, data.dtype, seq_len, batch, tcfg.eval_batches):
+        x, y = x.to(device), y.to(device)
+        with _autocast(tcfg, device):
+            out = model(x, y)
+        n = y.numel()
+        ce_sum += out.ce_loss.item() * n
+        tokens += n
+        hist += torch.bincount(out.depth.flatten().cpu(), minlength=l_max + 1).double()
+    model.train(was_training)
+    ce = ce_sum / tokens
+    frac = (hist / hist.sum()).tolist()
+    metrics = {
+        "val/loss": ce,
+        "val/ppl": math.exp(min(ce, 50.0)),
+        "val/mean_depth": float((torch.arange(l_max + 1) * (hist / hist.sum())).sum()),
+    }
+    metrics.update({f"val/depth_frac_{k}": f for k, f in enumerate(frac)})
+    return metrics
+
+
+def train(
+    model_cfg: ModelConfig,
+    data,
+    tcfg: TrainerConfig,
+    seed: int,
+    out_dir: Path,
+    seq_len: int,
+    callbacks: list[Callback] = (),
+    run_meta: dict | None = None,
+    progress: bool = True,
+    log=print,
+) -> TrainResult:
+    """Train (or resume) one run. ``data`` is an :class:`alcot.data.PreparedData`."""
+    from megatron.core import parallel_state as ps
+
+    from alcot.data.loader import PackedLoader
+
+    from .network import AlcotModel
+    from .parallel import init_parallel
+
+    init_parallel(model_cfg.tensor_parallel_size)
+    if tcfg.threads:
+        torch.set_num_threads(tcfg.threads)
+    device = _device()
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    dp_world, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    micro = tcfg.batch_size // tcfg.grad_accum
+    if micro % dp_world:
+        raise ConfigError(
+            "train.batch_size",
+            f"micro-batch {micro} is not divisible by {dp_world} data-parallel ranks",
+        )
+    if seq_len > model_cfg.max_seq_len:
+        raise ConfigError("data.seq_len", f"{seq_len} exceeds model.max_seq_len")
+    torch.manual_seed(seed)
+    random.seed(seed)
+    model = AlcotModel(model_cfg).to(device)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embedding" not in n]
+    no_decay = [
+        p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embedding" not in n)
+    ]
+    opt = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": tcfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=tcfg.lr,
+        betas=(tcfg.beta1, tcfg.beta2),
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tcfg))
+    loader = PackedLoader(data.train_path, data.dtype, seq_len, micro, seed, dp_rank, dp_world)
+    counters = {"tokens": 0, "flops_nominal": 0.0, "flops_realised": 0.0}
+    ckpt_dir = Path(out_dir) / "checkpoints"
+    start, resumed_from, last_ckpt_path = 0, None, None
+    if tcfg.resume == "auto":
+        info = checkpointing.latest_valid(ckpt_dir)
+        if info is not None:
+            payload = checkpointing.load_payload(info, device)
+            model.load_state_dict(payload["model"])
+            opt.load_state_dict(payload["optimizer"])
+            sched.load_state_dict(payload["scheduler"])
+            loader.load_state_dict(payload["data"])
+            counters.update(payload["counters"])
+            _set_rng_state(payload["rng"])
+            start = resumed_from = info.step
+            last_ckpt_path = info.path
+            if rank == 0:
+                log(f"resumed from {info.path} (step {info.step})")
+
+    ddp_model = model
+    if dp_world > 1:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model,
+            process_group=ps.get_data_parallel_group(),
+            find_unused_parameters=model.router is not None,
+        )
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def checkpoint(step: int) -> Path:
+        payload = {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "data": loader.state_dict(),
+            "counters": dict(counters),
+            "rng": _rng_state(),
+        }
+        return checkpointing.save(ckpt_dir, step, payload, run_meta or {}, tcfg.keep_checkpoints)
+
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=tcfg.steps, initial=start, unit="step", dynamic_ncols=True)
+    metrics: dict[str, float] = {}
+    hist: list[float] = []
+    step = start
+    try:
+        for step in range(start + 1, tcfg.steps + 1):
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            sums = torch.zeros(5, dtype=torch.float64)  # loss, ce, adapt, depth*tokens, tokens
+            flops = [0.0, 0.0]
+            for i in range(tcfg.grad_accum):
+                x, y = loader.next_batch()
+                x, y = x.to(device), y.to(device)
+                sync = (
+                    ddp_model.no_sync()
+                    if (dp_world > 1 and i < tcfg.grad_accum - 1)
+                    else nullcontext()
+                )
+                with sync:
+                    with _autocast(tcfg, device):
+                        out = ddp_model(x, y)
+                    if not torch.isfinite(out.loss):
+                        raise NonFiniteLoss(f"non-finite loss ({out.loss.item()}) at step {step}")
+                    (out.loss / tcfg.grad_accum).backward()
+                n = y.numel()
+                sums += torch.tensor(
+                    [
+                        out.loss.item() * n,
+                        out.ce_loss.item() * n,
+                        out.adapt_loss.item() * n,
+                        out.depth.float().sum().item(),
+                        n,
+                    ],
+                    dtype=torch.float64,
+                )
+                flops[0] += out.flops["nominal"]
+                flops[1] += out.flops["realised"]
+            grad_norm = clip_grad_norm(params, tcfg.grad_clip)
+            if not torch.isfinite(grad_norm):
+                raise NonFiniteLoss(f"non-finite gradient norm at step {step}")
+            lr = sched.get_last_lr()[0]
+            opt.step()
+            sched.step()
+            if dp_world > 1:
+                agg = torch.tensor(list(sums) + flops, dtype=torch.float64, device=device)
+                dist.all_reduce(agg, group=ps.get_data_parallel_group())
+                agg = agg.cpu()
+                sums, flops = agg[:5], agg[5:].tolist()
+            tok = float(sums[4])
+            counters["tokens"] += int(tok)
+            counters["flops_nominal"] += flops[0]
+            counters["flops_realised"] += flops[1]
+            dt = time.perf_counter() - t0
+            metrics = {
+                "train/loss": float(sums[0] / tok),
+                "train/ce": float(sums[1] / tok),
+                "train/adapt": float(sums[2] / tok),
+                "train/mean_depth": float(sums[3] / tok),
+                "train/grad_norm": float(grad_norm),
+                "lr": lr,
+                "tokens_seen": float(counters["tokens"]),
+                "flops/nominal": counters["flops_nominal"],
+                "flops/realised": counters["flops_realised"],
+                "throughput/tokens_per_s": tok / dt,
+                "time/step_s": dt,
+            }
+            if step % tcfg.eval_every == 0 or step == tcfg.steps:
+                ev = evaluate(model, data, tcfg, seq_len, micro, device)
+                metrics.update(ev)
+                hist = [ev[f"val/depth_frac_{k}"] for k in range(model_cfg.l_max + 1)]
+            if rank == 0 and (
+                step % tcfg.log_every == 0 or step == tcfg.steps or "val/loss" in metrics
+            ):
+                for cb in callbacks:
+                    cb.on_metrics(step, metrics)
+            if bar is not None:
+                bar.set_postfix(
+                    loss=f"{metrics['train/loss']:.3f}",
+                    tok_s=f"{metrics['throughput/tokens_per_s']:.0f}",
+                    depth=f"{metrics['train/mean_depth']:.2f}",
+                )
+                bar.update(1)
+            if step % tcfg.checkpoint_every == 0 or step == tcfg.steps:
+                last_ckpt_path = checkpoint(step)
+    except NonFiniteLoss as err:
+        if bar is not None:
+            bar.close()
+        msg = f"{err}; the run is stopped. Last good checkpoint: {last_ckpt_path or 'none'}"
+        return TrainResult("failed", step, metrics, msg, last_ckpt_path, resumed_from, hist)
+    if bar is not None:
+        bar.close()
+    counts = count_parameters(model_cfg)
+    metrics = dict(metrics)
+    metrics["params/non_embedding"] = float(counts["non_embedding"])
+    return TrainResult("finished", step, metrics, "", last_ckpt_path, resumed_from, hist)
