@@ -7,6 +7,7 @@ a sweep can compare readings. Validation happens on construction: a bad value ra
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -24,7 +25,9 @@ SPECS = ("auto", "local", "te")
 # from (Llama-style blocks: RMSNorm, SwiGLU, RoPE, untied head). Parameter counts are never typed
 # in: :func:`count_parameters` derives them from these shapes.
 LADDER: dict[str, dict[str, int]] = {
+    "micro": dict(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=2048),
     "tiny": dict(num_layers=4, hidden_size=128, num_attention_heads=4, vocab_size=2048),
+    "mini": dict(num_layers=6, hidden_size=256, num_attention_heads=4, vocab_size=2048),
     "70m": dict(num_layers=6, hidden_size=512, num_attention_heads=8, vocab_size=50304),
     "160m": dict(num_layers=12, hidden_size=768, num_attention_heads=12, vocab_size=50304),
     "410m": dict(num_layers=24, hidden_size=1024, num_attention_heads=16, vocab_size=50304),
@@ -206,6 +209,21 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
+
+    def canonical(self) -> ModelConfig:
+        """The same model with every field that cannot affect it reset to its default.
+
+        Halting settings only matter to ``adaptive`` (and state/distribution mixing only to the
+        latent methods), so a sweep that crosses ``method`` with ``halting.lambda`` does not
+        produce several identical vanilla trials: their canonical configs, and so their
+        identities, are equal.
+        """
+        changes: dict[str, Any] = {}
+        if not self.uses_router:
+            changes["halting"] = HaltingConfig()
+        if not self.latent:
+            changes["mix"] = "state"
+        return dataclasses.replace(self, **changes) if changes else self
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], prefix: str = "model") -> ModelConfig:

@@ -117,6 +117,7 @@ _LOCATION_KEYS = {("out_dir",), ("tracking",), ("data", "cache_dir"), ("train", 
 
 def identity_dict(cfg: RunConfig) -> dict[str, Any]:
     d = cfg.to_dict()
+    d["model"] = cfg.model.canonical().to_dict()
     for keys in _LOCATION_KEYS:
         node = d
         for k in keys[:-1]:

@@ -22,4 +22,4 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     fi
 fi
 "${pip[@]}" -c constraints.txt -e ".[dev]"
-.venv/bin/python -c "import torch, megatron.core; print('alcot installed: torch', torch.__version__)"
+.venv/bin/python -W ignore -c "import torch, megatron.core; print('alcot installed: torch', torch.__version__)"

@@ -60,7 +60,7 @@ def test_ladder_sizes_are_what_their_names_say(size, expected):
 def test_tiny_is_about_a_million_parameters():
     counts = count_parameters(ModelConfig(size="tiny", method="vanilla"))
     assert 0.5e6 < counts["total"] < 2e6
-    assert list(LADDER)[0] == "tiny"
+    assert list(LADDER)[:3] == ["micro", "tiny", "mini"]
 
 
 @pytest.mark.parametrize(
@@ -89,3 +89,13 @@ def test_model_refuses_a_mismatched_process_group(parallel):
     with pytest.raises(RuntimeError, match="tensor_parallel_size"):
         AlcotModel(cfg)
     assert torch.distributed.is_initialized()
+
+
+def test_canonical_config_drops_what_cannot_matter():
+    a = ModelConfig.from_dict({"method": "vanilla", "halting": {"lambda": 0.5}, "l_max": 3})
+    b = ModelConfig.from_dict({"method": "vanilla", "halting": {"lambda": 0.1}})
+    assert a != b and a.canonical() == b.canonical()
+    c = ModelConfig.from_dict({"method": "adaptive", "halting": {"lambda": 0.5}})
+    assert c.canonical().halting.lambda_ == 0.5
+    d = ModelConfig.from_dict({"method": "fixed", "halting": {"tau": 0.3}, "mix": "distribution"})
+    assert d.canonical().halting.tau == 0.1 and d.canonical().mix == "distribution"
