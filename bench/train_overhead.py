@@ -56,11 +56,11 @@ def run_once(config, overrides, tracked: bool, root: Path, tag: str) -> list[flo
             out_dir,
             tag,
             artifact_root=art,
-            params=flatten(resolved.to_dict()),
             tags={"config_hash": config_hash(cfg)},
             flush_seconds=cfg.tracking.flush_seconds,
             log=lambda *a: None,
         )
+        tracker.log_params(flatten(resolved.to_dict()))
         callbacks = [tracker, timer]
     train(
         resolved.model,

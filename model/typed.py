@@ -9,6 +9,7 @@ declare ``ALIASES = {"yaml_name": "field_name"}`` for YAML keys that are not Pyt
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -19,8 +20,11 @@ class ConfigError(ValueError):
     """A configuration value is invalid. ``field`` is the dotted path of the offending key."""
 
     def __init__(self, field_path: str, message: str):
-        self.field = field_path
+        self.field, self.message = field_path, message
         super().__init__(f"{field_path}: {message}")
+
+    def __reduce__(self):  # picklable, so it crosses process boundaries (Ray workers) intact
+        return type(self), (self.field, self.message)
 
 
 def _aliases(cls) -> dict[str, str]:
@@ -47,6 +51,11 @@ def build(cls, data: Any, prefix: str):
         return cls(**kwargs)
     except TypeError as err:  # a required field is missing
         raise ConfigError(prefix or cls.__name__, str(err)) from None
+    except ConfigError as err:
+        # a section's own checks may name a field relative to the section: make it absolute
+        if prefix and not (err.field == prefix or err.field.startswith(prefix + ".")):
+            raise ConfigError(f"{prefix}.{err.field}", str(err).split(": ", 1)[-1]) from None
+        raise
 
 
 def _type_name(tp) -> str:
@@ -89,6 +98,8 @@ def coerce(tp, value: Any, path: str):
         if value not in choices:
             raise ConfigError(path, f"must be one of {list(choices)}, got {value!r}")
         return value
+    if tp in (int, float) and isinstance(value, str):
+        value = _yaml11_number(value, tp, path)
     ok = {
         bool: lambda v: isinstance(v, bool),
         int: lambda v: isinstance(v, int) and not isinstance(v, bool),
@@ -100,6 +111,21 @@ def coerce(tp, value: Any, path: str):
     if not ok(value):
         raise ConfigError(path, f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
     return float(value) if tp is float else value
+
+
+def _yaml11_number(text: str, tp, path: str):
+    """PyYAML (YAML 1.1) reads ``1e13`` or ``1.0e12`` as strings; accept them as numbers."""
+    try:
+        number = float(text)
+    except ValueError:
+        number = float("nan")
+    if not math.isfinite(number):
+        raise ConfigError(path, f"expected {tp.__name__}, got str {text!r}")
+    if tp is int:
+        if not number.is_integer():
+            raise ConfigError(path, f"expected int, got {text!r}")
+        return int(number)
+    return number
 
 
 def to_dict(obj) -> dict[str, Any]:

@@ -126,6 +126,16 @@ def identity_dict(cfg: RunConfig) -> dict[str, Any]:
     return d
 
 
+def run_dir(cfg: RunConfig, home: Path | None = None) -> Path:
+    """Where a run keeps its checkpoints and journal: ``out_dir``, or, by default,
+    ``$ALCOT_HOME/runs/<experiment>/<config hash>`` (the same config in another study is
+    trained there on its own)."""
+    if cfg.out_dir:
+        return Path(cfg.out_dir).expanduser().resolve()
+    home = home or alcot_home()
+    return home / "runs" / cfg.tracking.experiment / config_hash(cfg)[:16]
+
+
 def config_hash(cfg: RunConfig) -> str:
     """A content hash of what is trained (no paths, no tracking settings)."""
     blob = json.dumps(identity_dict(cfg), sort_keys=True, separators=(",", ":"))

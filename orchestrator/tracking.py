@@ -52,7 +52,6 @@ class Tracker:
         run_id: str | None = None,
         artifact_root: str | None = None,
         tags: dict[str, str] | None = None,
-        params: dict[str, Any] | None = None,
         flush_seconds: float = 1.0,
         log=print,
     ):
@@ -72,15 +71,17 @@ class Tracker:
                 else self.client.create_experiment(experiment, artifact_location=artifact_root)
             )
             self.last_step = -1
+            self.resumed = run_id is not None
             if run_id is not None:
                 self.client.get_run(run_id)  # raises if it does not exist
                 self.run_id = run_id
                 self.last_step = self._max_logged_step("train/loss")
                 self.client.update_run(run_id, status="RUNNING")
+                for key, value in (tags or {}).items():  # e.g. the sweep invocation resuming it
+                    self.client.set_tag(run_id, key, value)
             else:
                 run = self.client.create_run(exp_id, run_name=run_name, tags=tags or {})
                 self.run_id = run.info.run_id
-                self._log_params(params or {})
         except Exception as err:
             raise ConfigError(
                 "tracking.uri", f"cannot reach the tracking store {uri}: {err}"
@@ -103,7 +104,13 @@ class Tracker:
         hist = self.client.get_metric_history(self.run_id, key)
         return max((m.step for m in hist), default=-1)
 
-    def _log_params(self, params: dict[str, Any]) -> None:
+    def set_tag(self, key: str, value: str) -> None:
+        try:
+            self.client.set_tag(self.run_id, key, str(value)[:5000])
+        except Exception as err:
+            self.log(f"warning: could not set tag {key} ({err})")
+
+    def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
         items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]

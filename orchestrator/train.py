@@ -6,6 +6,7 @@ This is the unit a sweep schedules: config in, metrics out (and an MLflow run).
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from alcot.model import checkpointing
 from alcot.model.config import count_parameters
 from alcot.model.training import TrainResult, train
 
-from .config import RunConfig, alcot_home, config_hash, flatten
+from .config import RunConfig, alcot_home, config_hash, flatten, run_dir
 from .tracking import Tracker, resolve_uri
 
 
@@ -67,35 +68,50 @@ def depth_histogram_plot(hist: list[float], path: Path, title: str) -> Path:
     return path
 
 
-def run_training(cfg: RunConfig, progress: bool = True, log=print) -> RunOutcome:
+def previous_run_id(out_dir: Path, uri: str) -> str | None:
+    """The MLflow run an interrupted run of this folder was logging to, if any.
+
+    Taken from the newest valid checkpoint, or, when it was stopped before its first checkpoint,
+    from ``tracking.json``: training then restarts from step 0, reproduces the same values, and
+    the tracker does not log the steps the run already has.
+    """
+    info = checkpointing.latest_valid(out_dir / "checkpoints")
+    if info is not None and info.meta.get("mlflow_run_id"):
+        return info.meta["mlflow_run_id"]
+    record = out_dir / "tracking.json"
+    if record.exists():
+        try:
+            data = json.loads(record.read_text())
+        except ValueError:
+            return None
+        if data.get("uri") == uri:
+            return data.get("run_id")
+    return None
+
+
+def run_training(
+    cfg: RunConfig, progress: bool = True, log=print, extra_tags: dict[str, str] | None = None
+) -> RunOutcome:
+    """Train one run. ``extra_tags`` (e.g. a sweep's parent run) go on its MLflow run.
+
+    The MLflow run is opened first, so that a run that fails early (a missing data file) is
+    still recorded as FAILED, with the error as its ``alcot.error`` tag.
+    """
+    import torch.distributed as dist
+
     from alcot.data.prepare import prepare
 
     home = alcot_home()
-    data = prepare(cfg.data, cfg.data.cache_dir or home / "cache", log=log)
-    if data.cache_hit:
-        log(f"token cache hit: {data.root}")
     h = config_hash(cfg)
-    resolved = resolve(cfg, data.vocab_size)
-    out_dir = Path(cfg.out_dir or home / "runs" / h[:16]).expanduser().resolve()
+    out_dir = run_dir(cfg, home)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(yaml.safe_dump(resolved.to_dict(), sort_keys=False))
-
-    run_id = None
-    if cfg.train.resume == "auto":
-        info = checkpointing.latest_valid(out_dir / "checkpoints")
-        if info is not None:
-            run_id = info.meta.get("mlflow_run_id")
-
-    import torch.distributed as dist
-
     is_rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    tracker, uri = None, None
-    m = resolved.model
+    tracker, uri, run_id = None, None, None
+    m = cfg.model
     if cfg.tracking.enabled and is_rank0:
         uri, artifact_root = resolve_uri(cfg.tracking.uri, home)
-        counts = count_parameters(resolved.model)
-        params = flatten(resolved.to_dict())
-        params.update({f"params.{k}": v for k, v in counts.items()})
+        if cfg.train.resume == "auto":
+            run_id = previous_run_id(out_dir, uri)
         tracker = Tracker(
             uri,
             cfg.tracking.experiment,
@@ -109,19 +125,27 @@ def run_training(cfg: RunConfig, progress: bool = True, log=print) -> RunOutcome
                 "method": m.method,
                 "size": m.size,
                 "alcot.out_dir": str(out_dir),
+                **(extra_tags or {}),
             },
-            params=params,
             flush_seconds=cfg.tracking.flush_seconds,
             log=log,
         )
-        if run_id is None:
-            tracker.log_artifact(out_dir / "config.yaml")
-        run_id = tracker.run_id
-        log(f"MLflow run {run_id} (experiment {cfg.tracking.experiment!r}, store {uri})")
+        log(f"MLflow run {tracker.run_id} (experiment {cfg.tracking.experiment!r}, store {uri})")
 
     status = "FAILED"
     result = None
     try:
+        data = prepare(cfg.data, cfg.data.cache_dir or home / "cache", log=log)
+        if data.cache_hit:
+            log(f"token cache hit: {data.root}")
+        resolved = resolve(cfg, data.vocab_size)
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(resolved.to_dict(), sort_keys=False))
+        if tracker is not None and not tracker.resumed:  # a new run: its params and config
+            params = flatten(resolved.to_dict())
+            counts = count_parameters(resolved.model)
+            params.update({f"params.{k}": v for k, v in counts.items()})
+            tracker.log_params(params)
+            tracker.log_artifact(out_dir / "config.yaml")
         result = train(
             resolved.model,
             data,
@@ -130,11 +154,13 @@ def run_training(cfg: RunConfig, progress: bool = True, log=print) -> RunOutcome
             out_dir,
             cfg.data.seq_len,
             callbacks=[tracker] if tracker else [],
-            run_meta={"mlflow_run_id": run_id, "config_hash": h},
+            run_meta={"mlflow_run_id": tracker.run_id if tracker else run_id, "config_hash": h},
             progress=progress,
             log=log,
         )
         status = "FINISHED" if result.status == "finished" else "FAILED"
+        if tracker is not None and result.status != "finished":
+            tracker.set_tag("alcot.error", result.message)
         if result.depth_histogram and tracker:
             plot = depth_histogram_plot(
                 result.depth_histogram,
@@ -145,6 +171,11 @@ def run_training(cfg: RunConfig, progress: bool = True, log=print) -> RunOutcome
     except KeyboardInterrupt:
         status = "KILLED"
         raise
+    except Exception as err:
+        if tracker is not None:
+            tracker.set_tag("alcot.error", f"{type(err).__name__}: {err}")
+        raise
     finally:
         sent = tracker.finish(status) if tracker else True
+    run_id = tracker.run_id if tracker else run_id
     return RunOutcome(result, run_id, uri, out_dir, h, sent)

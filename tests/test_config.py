@@ -99,3 +99,10 @@ def test_canonical_config_drops_what_cannot_matter():
     assert c.canonical().halting.lambda_ == 0.5
     d = ModelConfig.from_dict({"method": "fixed", "halting": {"tau": 0.3}, "mix": "distribution"})
     assert d.canonical().halting.tau == 0.1 and d.canonical().mix == "distribution"
+
+
+def test_config_errors_survive_pickling():
+    import pickle
+
+    err = pickle.loads(pickle.dumps(ConfigError("data.path", "missing")))
+    assert err.field == "data.path" and str(err) == "data.path: missing"

@@ -1,0 +1,406 @@
+"""Run a sweep on Ray Tune: plan, skip finished trials, resume unfinished ones, track in MLflow.
+
+The driver starts an embedded local Ray (or joins ``--address``), opens a parent MLflow run for
+this invocation, and lets Tune schedule one trial per planned config with ``max_concurrent``
+at a time and ``retries`` retries. A trial is ``run_training`` on its config: it resumes from its
+own checkpoints when it has some, so a retried, resubmitted or driver-killed trial continues
+where it stopped and into the same MLflow run. Trials with a FINISHED MLflow run of the same
+identity are skipped. Trials of several workers (tensor x data parallel) run under Ray Train's
+``TorchTrainer``, which places them as a gang and sets up torch.distributed across them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from alcot.model import checkpointing
+
+from .config import alcot_home, run_dir
+from .sweep import Sweep, Trial, describe
+from .tracking import resolve_uri
+
+
+@dataclass
+class PlannedTrial:
+    trial: Trial
+    action: str  # run | resume | skip
+    run_id: str | None = None
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _experiment(client, name: str, artifact_root: str | None) -> str:
+    exp = client.get_experiment_by_name(name)
+    return (
+        exp.experiment_id
+        if exp
+        else client.create_experiment(name, artifact_location=artifact_root)
+    )
+
+
+def plan(sweep: Sweep, home: Path | None = None) -> list[PlannedTrial]:
+    """What each trial will do: skip (a FINISHED run exists), resume (checkpoints), or run."""
+    home = home or alcot_home()
+    uri, artifact_root = resolve_uri(sweep.spec.tracking_uri, home)
+    fresh_store = uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists()
+    client = None if fresh_store else _client(uri)  # a dry run must not create the store
+    exp = client.get_experiment_by_name(sweep.spec.study) if client else None
+    out = []
+    for t in sweep.trials:
+        if exp is not None:
+            done = client.search_runs(
+                [exp.experiment_id],
+                filter_string=f"tags.config_hash = '{t.hash}' and attributes.status = 'FINISHED'",
+                max_results=1,
+            )
+            if done:
+                out.append(PlannedTrial(t, "skip", done[0].info.run_id))
+                continue
+        info = checkpointing.latest_valid(run_dir(t.config, home) / "checkpoints")
+        out.append(
+            PlannedTrial(
+                t, "resume" if info else "run", info.meta.get("mlflow_run_id") if info else None
+            )
+        )
+    return out
+
+
+def _fmt_flops(x: float) -> str:
+    return f"{x:.2e}"
+
+
+def plan_table(planned: list[PlannedTrial]) -> str:
+    rows = [("trial", "size", "params", "method", "lambda", "tokens", "est FLOPs", "action")]
+    for p in planned:
+        d = describe(p.trial)
+        rows.append(
+            (
+                d["trial"],
+                d["size"],
+                f"{d['params'] / 1e6:.2f}M",
+                d["method"],
+                "-" if d["lambda"] is None else f"{d['lambda']:g}",
+                str(d["tokens"]),
+                _fmt_flops(d["est_flops"]),
+                p.action,
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
+
+
+# ------------------------------------------------------------------------------ trial code
+def _trial_body(trial_cfg: dict, home: str, extra_tags: dict, threads: int) -> dict[str, Any]:
+    """Runs inside a Ray worker: one training run, metrics back to Tune."""
+    os.environ["ALCOT_HOME"] = home
+    import torch
+
+    from .config import RunConfig
+    from .train import run_training
+
+    if threads:
+        torch.set_num_threads(threads)
+    cfg_dict = {**trial_cfg, "model": dict(trial_cfg["model"])}
+    cfg_dict["model"].pop("vocab_size", None)  # derived from the tokenizer again
+    cfg = RunConfig.from_dict(cfg_dict)
+    outcome = run_training(cfg, progress=False, log=lambda *a: None, extra_tags=extra_tags)
+    res = outcome.result
+    if res.status != "finished":
+        raise RuntimeError(res.message)
+    m = res.metrics
+    return {
+        "val_ppl": m.get("val/ppl", float("nan")),
+        "val_loss": m.get("val/loss", float("nan")),
+        "val_mean_depth": m.get("val/mean_depth", float("nan")),
+        "flops_realised": m.get("flops/realised", float("nan")),
+        "flops_nominal": m.get("flops/nominal", float("nan")),
+        "step": res.step,
+        "run_id": outcome.run_id or "",
+    }
+
+
+def tune_trainable(config: dict, home: str, parent: str, sweep_id: str, threads: int) -> None:
+    from ray import tune
+
+    p = config["p"]
+    tags = {"mlflow.parentRunId": parent, "alcot.sweep_id": sweep_id, "alcot.trial": p["hash"]}
+    tune.report(_trial_body(p["trial"], home, tags, threads))
+
+
+def train_worker_loop(config: dict) -> None:
+    """Per-worker loop of a multi-worker trial under Ray Train (torch.distributed is set up)."""
+    from ray import train
+
+    tags = {
+        "mlflow.parentRunId": config["parent"],
+        "alcot.sweep_id": config["sweep_id"],
+        "alcot.trial": config["hash"],
+    }
+    train.report(_trial_body(config["trial"], config["home"], tags, config["threads"]))
+
+
+# ------------------------------------------------------------------------------ live table
+def _live_callback(labels: dict[str, str], log):
+    from ray.tune import Callback
+
+    class LiveTable(Callback):
+        """Prints the trials' states whenever one changes."""
+
+        def __init__(self):
+            self.states: dict[str, str] = {h: "pending" for h in labels}
+
+        def _show(self):
+            line = "  ".join(f"{labels[h]}:{s}" for h, s in self.states.items())
+            log(f"[{time.strftime('%H:%M:%S')}] {line}")
+
+        def _key(self, trial):
+            return _point(trial.config)["hash"]
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.states[self._key(trial)] = "running"
+            self._show()
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.states[self._key(trial)] = "finished"
+            self._show()
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.states[self._key(trial)] = "failed"
+            self._show()
+
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            self.states[self._key(trial)] = "retrying"
+            self._show()
+
+    return LiveTable()
+
+
+@contextlib.contextmanager
+def in_home(home: Path):
+    """Run the Ray driver with ALCOT_HOME as its working directory.
+
+    Under a Ray Job the working directory is a runtime-env package that Ray may delete while the
+    driver still runs (seen with two nodes on one machine, whose runtime-env agents share a
+    temp folder), and Tune resolves paths against the working directory. ALCOT_HOME is ours;
+    everything the driver reads was loaded before, by absolute path.
+    """
+    try:
+        before = os.getcwd()
+    except FileNotFoundError:
+        before = None
+    home.mkdir(parents=True, exist_ok=True)
+    os.chdir(home)
+    try:
+        yield
+    finally:
+        if before and os.path.isdir(before):
+            os.chdir(before)
+
+
+def _point(config: dict) -> dict:
+    """The planned point inside a Tune config (function trainable or TorchTrainer)."""
+    return config["train_loop_config"] if "train_loop_config" in config else config["p"]
+
+
+def init_ray(address: str | None, home: Path, log) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"ALCOT_HOME": str(home)}
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        env["MLFLOW_TRACKING_URI"] = os.environ["MLFLOW_TRACKING_URI"]
+    kwargs: dict[str, Any] = {"log_to_driver": False}
+    # Inside a Ray Job (`alcot sweep submit`) the job's runtime env already carries the working
+    # directory and these variables to every worker; a second runtime env would replace it.
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:
+        kwargs["runtime_env"] = {"env_vars": env}
+    if address:
+        kwargs["address"] = address
+    else:
+        kwargs.update(
+            include_dashboard=False, _temp_dir=str(Path("/tmp") / f"ray-alcot-{os.getuid()}")
+        )
+    for attempt in (1, 2):  # a known Ray start-up race: one retry
+        try:
+            ray.init(**kwargs)
+            return
+        except Exception as err:  # pragma: no cover - depends on the machine
+            if attempt == 2:
+                raise
+            log(f"ray.init failed ({err}); retrying once")
+            time.sleep(2)
+
+
+def run_sweep(sweep: Sweep, address: str | None = None, dry_run: bool = False, log=print) -> int:
+    """Plan and (unless ``dry_run``) run the sweep. Returns the exit code: 0 if every trial ended
+    finished (or was already), 1 otherwise."""
+    home = alcot_home()
+    spec = sweep.spec
+    if spec.search is not None:
+        from .search import run_search
+
+        return run_search(sweep, address, dry_run, log)
+    planned = plan(sweep, home)
+    log(f"sweep {sweep.sweep_id} of study {spec.study!r}: {len(planned)} trials")
+    log(plan_table(planned))
+    if dry_run:
+        return 0
+    todo = [p for p in planned if p.action != "skip"]
+    uri, artifact_root = resolve_uri(spec.tracking_uri, home)
+    client = _client(uri)
+    exp_id = _experiment(client, spec.study, artifact_root)
+    parent = client.create_run(
+        exp_id,
+        run_name=f"sweep-{sweep.sweep_id}",
+        tags={"alcot.sweep_id": sweep.sweep_id, "alcot.kind": "sweep"},
+    )
+    parent_id = parent.info.run_id
+    sweep_copy = home / "sweeps" / parent_id / sweep.path.name
+    sweep_copy.parent.mkdir(parents=True, exist_ok=True)
+    sweep_copy.write_text(sweep.text)
+    client.log_artifact(parent_id, str(sweep_copy))
+    log(f"MLflow parent run {parent_id} (experiment {spec.study!r})")
+
+    outcomes: dict[str, dict] = {}
+    if todo:
+        outcomes = _fit(sweep, todo, home, parent_id, address, log)
+    ok = True
+    rows = []
+    for p in planned:
+        d = describe(p.trial)
+        if p.action == "skip":
+            state = "skipped (finished before)"
+            done = client.get_run(p.run_id).data.metrics
+            metrics = {
+                "run_id": p.run_id,
+                "val_ppl": done.get("val/ppl", ""),
+                "flops_realised": done.get("flops/realised", ""),
+            }
+        else:
+            metrics = outcomes.get(p.trial.hash, {})
+            state = "finished" if metrics.get("run_id") and not metrics.get("error") else "failed"
+            ok &= state == "finished"
+        rows.append(
+            {
+                "trial": d["trial"],
+                "size": d["size"],
+                "method": d["method"],
+                "lambda": "" if d["lambda"] is None else d["lambda"],
+                "action": p.action,
+                "state": state,
+                "val_ppl": metrics.get("val_ppl", ""),
+                "flops_realised": metrics.get("flops_realised", ""),
+                "run_id": metrics.get("run_id", ""),
+                "error": metrics.get("error", ""),
+            }
+        )
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    summary = sweep_copy.parent / "summary.csv"
+    summary.write_text(buf.getvalue())
+    client.log_artifact(parent_id, str(summary))
+    client.set_terminated(parent_id, status="FINISHED" if ok else "FAILED")
+    log("summary:")
+    for r in rows:
+        ppl = f"{r['val_ppl']:.2f}" if isinstance(r["val_ppl"], float) else "-"
+        extra = f"  error: {r['error'][:120]}" if r["error"] else ""
+        log(
+            f"  {r['trial']}  {r['size']:6s} {r['method']:9s} lambda={r['lambda']!s:6s} "
+            f"{r['state']:26s} val ppl {ppl}{extra}"
+        )
+    log(f"{'all trials finished' if ok else 'some trials failed'}; see them with: alcot ui")
+    return 0 if ok else 1
+
+
+def _fit(
+    sweep: Sweep, todo: list[PlannedTrial], home: Path, parent_id: str, address: str | None, log
+) -> dict[str, dict]:
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    from ray import tune
+
+    spec = sweep.spec
+    with in_home(home):
+        init_ray(address, home, log)
+    threads = max(1, int(spec.resources.cpus))
+    points = [{"trial": p.trial.config.to_dict(), "hash": p.trial.hash} for p in todo]
+    labels = {p.trial.hash: p.trial.short[:6] for p in todo}
+    run_config = tune.RunConfig(
+        name=f"sweep-{sweep.sweep_id}-{parent_id[:8]}",
+        storage_path=str(home / "ray_results"),
+        failure_config=tune.FailureConfig(max_failures=spec.retries),
+        callbacks=[_live_callback(labels, log)],
+        verbose=0,
+    )
+    tune_config = tune.TuneConfig(max_concurrent_trials=spec.max_concurrent, reuse_actors=True)
+    res = spec.resources
+    if res.workers == 1:
+        trainable = tune.with_resources(
+            tune.with_parameters(
+                tune_trainable,
+                home=str(home),
+                parent=parent_id,
+                sweep_id=sweep.sweep_id,
+                threads=threads,
+            ),
+            {"cpu": res.cpus, "gpu": res.gpus},
+        )
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"p": tune.grid_search(points)},
+            tune_config=tune_config,
+            run_config=run_config,
+        )
+    else:
+        from ray.train import ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
+
+        trainer = TorchTrainer(
+            train_worker_loop,
+            scaling_config=ScalingConfig(
+                num_workers=res.workers,
+                use_gpu=res.gpus > 0,
+                resources_per_worker={"CPU": res.cpus, **({"GPU": res.gpus} if res.gpus else {})},
+            ),
+            torch_config=TorchConfig(backend="nccl" if res.gpus > 0 else "gloo"),
+        )
+        loop = [
+            {
+                **p,
+                "home": str(home),
+                "parent": parent_id,
+                "sweep_id": sweep.sweep_id,
+                "threads": threads,
+            }
+            for p in points
+        ]
+        tuner = tune.Tuner(
+            trainer,
+            param_space={"train_loop_config": tune.grid_search(loop)},
+            tune_config=tune_config,
+            run_config=run_config,
+        )
+    with in_home(home):
+        results = tuner.fit()
+    out: dict[str, dict] = {}
+    for r in results:
+        h = _point(r.config)["hash"]
+        metrics = dict(r.metrics or {})
+        if r.error is not None:
+            metrics["error"] = str(r.error).strip().splitlines()[-1] if str(r.error) else "error"
+        out[h] = metrics
+    return out

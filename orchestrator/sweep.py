@@ -1,0 +1,429 @@
+"""Sweep specs: one YAML over any config field, expanded into trials with content identities.
+
+A sweep file::
+
+    study: quickstart                 # the MLflow experiment (one per study)
+    base: ../configs/train_adaptive.yaml   # a run config (path relative to this file) or inline
+    grid:                             # cartesian product over dotted config paths
+      model.size: [micro, tiny]
+      model.method: [adaptive, vanilla]
+      model.halting.lambda: [0.01, 0.1]
+    zip:                              # axes that move together (equal lengths), crossed with grid
+      train.lr: [3.0e-3, 2.0e-3]
+      train.batch_size: [8, 16]
+    overrides:                        # extra settings for the trials that match `when`
+      - when: {model.method: vanilla}
+        set: {train.lr: 2.0e-3}
+    budget: {tokens: 200000}          # or {flops: 1.0e13} (isoFLOP: tokens derived per size)
+    resources: {cpus: 1, gpus: 0, tensor_parallel: 1, data_parallel: 1}
+    max_concurrent: 2
+    retries: 1
+    search:                           # instead of (or on top of) the grid: an Optuna search
+      sampler: tpe
+      trials: 8
+      objectives: [{metric: val/ppl, direction: minimize}]
+      space: {model.halting.lambda: {low: 0.001, high: 1.0, log: true}}
+
+Trials whose canonical configs coincide (vanilla crossed with several halting penalties) are
+one trial: a trial's identity is the hash of its canonical resolved config, without paths or
+tracking settings. Every error names the field and its line in the file, before anything runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from alcot.model.config import LADDER, count_parameters
+from alcot.model.typed import ConfigError, build
+
+from .config import RunConfig, apply_overrides, config_hash
+from .yamlloc import load_with_lines
+
+SAMPLERS = ("tpe", "random", "nsga2", "grid")
+OBJECTIVE_METRICS = (
+    "val/loss",
+    "val/ppl",
+    "val/mean_depth",
+    "train/loss",
+    "flops/realised",
+    "flops/nominal",
+)
+
+
+class SweepError(ValueError):
+    """A malformed sweep: ``where`` is ``file:line``, ``field`` the dotted path."""
+
+    def __init__(self, where: str, field_path: str, message: str):
+        self.where, self.field, self.message = where, field_path, message
+        super().__init__(f"{where}: {field_path}: {message}")
+
+    def __reduce__(self):
+        return type(self), (self.where, self.field, self.message)
+
+
+@dataclass
+class Objective:
+    metric: str
+    direction: str = "minimize"
+
+    def __post_init__(self):
+        if self.metric not in OBJECTIVE_METRICS:
+            raise ConfigError("metric", f"must be one of {list(OBJECTIVE_METRICS)}")
+        if self.direction not in ("minimize", "maximize"):
+            raise ConfigError("direction", "must be minimize or maximize")
+
+
+@dataclass
+class SearchSpec:
+    trials: int = 8
+    sampler: str = "tpe"
+    objectives: list[Objective] = field(default_factory=lambda: [Objective("val/ppl")])
+    space: dict[str, Any] = field(default_factory=dict)
+    storage: str | None = None  # an Optuna RDB URL; default: sqlite under $ALCOT_HOME/optuna
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.trials < 1:
+            raise ConfigError("trials", f"must be >= 1, got {self.trials}")
+        if self.sampler not in SAMPLERS:
+            raise ConfigError("sampler", f"must be one of {list(SAMPLERS)}")
+        if not self.objectives:
+            raise ConfigError("objectives", "needs at least one objective")
+        if not self.space:
+            raise ConfigError("space", "is empty: name at least one field to search")
+
+
+@dataclass
+class Budget:
+    tokens: int | None = None
+    flops: float | None = None
+
+    def __post_init__(self):
+        if self.tokens is not None and self.flops is not None:
+            raise ConfigError("tokens", "give tokens or flops, not both")
+        if self.tokens is not None and self.tokens <= 0:
+            raise ConfigError("tokens", f"must be > 0, got {self.tokens}")
+        if self.flops is not None and self.flops <= 0:
+            raise ConfigError("flops", f"must be > 0, got {self.flops}")
+
+
+@dataclass
+class Resources:
+    cpus: float = 1.0
+    gpus: float = 0.0
+    tensor_parallel: int = 1
+    data_parallel: int = 1
+
+    def __post_init__(self):
+        if self.cpus <= 0 or self.gpus < 0:
+            raise ConfigError("cpus", "cpus must be > 0 and gpus >= 0")
+        if self.tensor_parallel < 1 or self.data_parallel < 1:
+            raise ConfigError("tensor_parallel", "parallel sizes must be >= 1")
+
+    @property
+    def workers(self) -> int:
+        return self.tensor_parallel * self.data_parallel
+
+
+@dataclass
+class Override:
+    when: dict[str, Any]
+    set: dict[str, Any]
+
+
+@dataclass
+class SweepSpec:
+    study: str
+    base: Any = None  # a path (relative to the sweep file) or an inline run config
+    grid: dict[str, Any] = field(default_factory=dict)
+    zip: dict[str, Any] = field(default_factory=dict)
+    overrides: list[Override] = field(default_factory=list)
+    search: SearchSpec | None = None
+    budget: Budget | None = None
+    resources: Resources = field(default_factory=Resources)
+    max_concurrent: int = 2
+    retries: int = 1
+    tracking_uri: str | None = None
+
+    def __post_init__(self):
+        if not self.study or not isinstance(self.study, str):
+            raise ConfigError("study", "needs a name")
+        if self.max_concurrent < 1:
+            raise ConfigError("max_concurrent", f"must be >= 1, got {self.max_concurrent}")
+        if self.retries < 0:
+            raise ConfigError("retries", f"must be >= 0, got {self.retries}")
+
+
+@dataclass
+class Trial:
+    config: RunConfig
+    axes: dict[str, Any]  # the values this trial takes on the swept fields
+    hash: str
+    tokens: int
+    est_flops: float  # nominal training FLOPs (an upper bound for adaptive: full depth)
+
+    @property
+    def short(self) -> str:
+        return self.hash[:10]
+
+
+@dataclass
+class Sweep:
+    spec: SweepSpec
+    path: Path
+    base: dict
+    trials: list[Trial]  # empty for a pure search (trials are drawn while it runs)
+    lines: dict[str, int]
+    text: str
+
+    @property
+    def sweep_id(self) -> str:
+        blob = json.dumps(
+            {
+                "study": self.spec.study,
+                "trials": sorted(t.hash for t in self.trials),
+                "search": dataclasses.asdict(self.spec.search) if self.spec.search else None,
+            },
+            sort_keys=True,
+            default=str,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------------------------- loading
+def _where(path: Path, lines: dict[str, int], field_path: str) -> str:
+    """``file:line`` of the best match for ``field_path`` among the recorded keys."""
+    if field_path in lines:
+        return f"{path}:{lines[field_path]}"
+    candidates = [k for k in lines if k.endswith(field_path) or field_path.startswith(k)]
+    if candidates:
+        best = max(candidates, key=len)
+        return f"{path}:{lines[best]}"
+    return str(path)
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Parse, validate and expand a sweep file. Raises :class:`SweepError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise SweepError(str(path), "<file>", "sweep file not found")
+    try:
+        raw, lines = load_with_lines(path)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise SweepError(
+            where, "<yaml>", f"not valid YAML ({getattr(err, 'problem', err)})"
+        ) from None
+    if not isinstance(raw, dict):
+        raise SweepError(str(path), "<top>", "the top level must be a mapping")
+
+    try:
+        spec = build(SweepSpec, raw, "")
+    except ConfigError as err:
+        raise SweepError(
+            _where(path, lines, err.field), err.field, str(err).split(": ", 1)[-1]
+        ) from None
+
+    base = _load_base(spec, path, lines)
+    for section in ("grid", "zip"):
+        for axis, values in getattr(spec, section).items():
+            key = f"{section}.{axis}"
+            if not isinstance(values, list):
+                raise SweepError(_where(path, lines, key), key, "must be a list of values")
+            if not values:
+                raise SweepError(_where(path, lines, key), key, "is an empty list")
+    shared = set(spec.grid) & set(spec.zip)
+    if shared:
+        axis = sorted(shared)[0]
+        raise SweepError(_where(path, lines, f"zip.{axis}"), f"zip.{axis}", "is also a grid axis")
+    lengths = {len(v) for v in spec.zip.values()}
+    if len(lengths) > 1:
+        key = f"zip.{next(iter(spec.zip))}"
+        raise SweepError(_where(path, lines, key), "zip", f"axes have different lengths {lengths}")
+    if not spec.grid and not spec.zip and spec.search is None:
+        raise SweepError(_where(path, lines, "grid"), "grid", "is empty and there is no search")
+    if spec.search is not None:
+        _check_space(spec.search, base, path, lines)
+
+    points = _grid_points(spec)
+    trials, seen = [], set()
+    for axes in points:
+        trial = make_trial(spec, base, axes, path, lines)
+        if trial.hash not in seen:  # canonical duplicates (vanilla x lambda) are one trial
+            seen.add(trial.hash)
+            trials.append(trial)
+    return Sweep(spec, path, base, trials, lines, path.read_text())
+
+
+def _load_base(spec: SweepSpec, path: Path, lines: dict[str, int]) -> dict:
+    if spec.base is None:
+        return {}
+    if isinstance(spec.base, dict):
+        return spec.base
+    if isinstance(spec.base, str):
+        base_path = (path.parent / spec.base).resolve()
+        if not base_path.is_file():
+            raise SweepError(_where(path, lines, "base"), "base", f"{base_path} not found")
+        data = yaml.safe_load(base_path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise SweepError(_where(path, lines, "base"), "base", "must hold a mapping")
+        return data
+    raise SweepError(_where(path, lines, "base"), "base", "must be a path or a mapping")
+
+
+def _grid_points(spec: SweepSpec) -> list[dict[str, Any]]:
+    grid_axes = list(spec.grid)
+    grid = [
+        dict(zip(grid_axes, combo, strict=True))
+        for combo in itertools.product(*(spec.grid[a] for a in grid_axes))
+    ] or [{}]
+    if spec.zip:
+        n = len(next(iter(spec.zip.values())))
+        zipped = [{a: spec.zip[a][i] for a in spec.zip} for i in range(n)]
+    else:
+        zipped = [{}]
+    return [{**g, **z} for g in grid for z in zipped]
+
+
+def _set_items(axes: dict[str, Any]) -> list[str]:
+    return [f"{k}={json.dumps(v)}" for k, v in axes.items()]
+
+
+def make_trial(
+    spec: SweepSpec, base: dict, axes: dict[str, Any], path: Path, lines: dict[str, int]
+) -> Trial:
+    """The trial for one point: base + axes + matching overrides + budget, validated."""
+    extra = {}
+    for ov in spec.overrides:
+        if all(axes.get(k) == v for k, v in ov.when.items()):
+            extra.update(ov.set)
+    raw = dict(base)
+    try:
+        raw = apply_overrides(raw, _set_items({**axes, **extra}))
+        cfg = RunConfig.from_dict(raw)
+    except ConfigError as err:
+        key = next(
+            (
+                f"{s}.{a}"
+                for s in ("grid", "zip")
+                for a in getattr(spec, s)
+                if a == err.field or err.field.startswith(a + ".")
+            ),
+            None,
+        )
+        if key is None:
+            key = next(
+                (
+                    f"search.space.{a}"
+                    for a in (spec.search.space if spec.search else {})
+                    if err.field.startswith(a)
+                ),
+                None,
+            )
+        if key is None:
+            key = next(
+                (
+                    f"overrides[{i}]"
+                    for i, ov in enumerate(spec.overrides)
+                    if any(err.field.startswith(k) for k in ov.set)
+                ),
+                "base",
+            )
+        value = axes.get(err.field)
+        msg = str(err).split(": ", 1)[-1]
+        if key.startswith(("grid", "zip")) and not err.field.startswith(key.split(".", 1)[1]):
+            msg = f"{err.field}: {msg}"
+        raise SweepError(
+            _where(path, lines, key),
+            key,
+            msg + (f" (value {value!r})" if value is not None else ""),
+        ) from None
+    cfg = dataclasses.replace(
+        cfg,
+        model=cfg.model.canonical(),
+        tracking=dataclasses.replace(
+            cfg.tracking, experiment=spec.study, uri=spec.tracking_uri or cfg.tracking.uri
+        ),
+    )
+    if spec.resources.tensor_parallel != cfg.model.tensor_parallel_size:
+        try:
+            cfg = dataclasses.replace(
+                cfg,
+                model=dataclasses.replace(
+                    cfg.model, tensor_parallel_size=spec.resources.tensor_parallel
+                ),
+            )
+        except ConfigError as err:
+            raise SweepError(
+                _where(path, lines, "resources.tensor_parallel"),
+                "resources.tensor_parallel",
+                str(err).split(": ", 1)[-1],
+            ) from None
+    tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+    passes = 1 + cfg.model.l_max
+    n = count_parameters(cfg.model)["non_embedding"]
+    if spec.budget is not None:
+        tokens = spec.budget.tokens
+        if tokens is None:
+            tokens = int(spec.budget.flops / (6.0 * n * passes))
+        steps = max(1, math.ceil(tokens / tokens_per_step))
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
+    tokens = cfg.train.steps * tokens_per_step
+    return Trial(cfg, axes, config_hash(cfg), tokens, 6.0 * n * tokens * passes)
+
+
+def _check_space(search: SearchSpec, base: dict, path: Path, lines: dict[str, int]) -> None:
+    for axis, dist in search.space.items():
+        key = f"search.space.{axis}"
+        where = _where(path, lines, key)
+        if not isinstance(dist, dict) or not (
+            {"choices"} <= set(dist) or {"low", "high"} <= set(dist)
+        ):
+            raise SweepError(where, key, "needs {low, high[, log]} or {choices: [...]}")
+        unknown = set(dist) - {"low", "high", "log", "choices", "int"}
+        if unknown:
+            raise SweepError(where, f"{key}.{sorted(unknown)[0]}", "unknown key")
+        if "low" in dist:
+            lo, hi = dist["low"], dist["high"]
+            if not all(isinstance(v, int | float) for v in (lo, hi)) or lo >= hi:
+                raise SweepError(where, key, f"needs numbers with low < high, got {lo}, {hi}")
+            if dist.get("log") and lo <= 0:
+                raise SweepError(where, key, "a log scale needs low > 0")
+            probe = lo
+        else:
+            if not dist["choices"]:
+                raise SweepError(where, key, "choices is empty")
+            probe = dist["choices"][0]
+        try:  # the path must exist in the config schema
+            RunConfig.from_dict(apply_overrides(base, [f"{axis}={json.dumps(probe)}"]))
+        except ConfigError as err:
+            raise SweepError(where, key, str(err)) from None
+
+
+def describe(trial: Trial) -> dict[str, Any]:
+    m = trial.config.model
+    return {
+        "trial": trial.short,
+        "size": m.size,
+        "params": count_parameters(m)["non_embedding"],
+        "method": m.method,
+        "l_max": m.l_max,
+        "lambda": m.halting.lambda_ if m.uses_router else None,
+        "tokens": trial.tokens,
+        "est_flops": trial.est_flops,
+        "axes": trial.axes,
+    }
+
+
+def ladder_names() -> list[str]:
+    return list(LADDER)

@@ -1,0 +1,299 @@
+"""Sweeps on real Ray: a driver killed mid-sweep, a real two-process cluster reached through the
+Jobs API, then (in this process, on an embedded Ray) an end-to-end sweep with a failing trial,
+resubmission, and an Optuna search. The order matters: the first two tests stop every Ray
+process on the machine when they clean up, so the embedded Ray is started only after them."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from alcot.orchestrator.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+BASE = """
+base:
+  seed: 0
+  model: {size: micro, method: adaptive, l_max: 2}
+  data: {builtin_documents: 600, vocab_size: 512, seq_len: 32}
+  train: {batch_size: 8, lr: 0.01, eval_every: 1000, eval_batches: 2, checkpoint_every: 4}
+  tracking: {flush_seconds: 0.2}
+resources: {cpus: 1}
+max_concurrent: 2
+"""
+
+
+def sweep_file(folder: Path, body: str, name: str = "sweep.yaml") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(textwrap.dedent(BASE) + textwrap.dedent(body))
+    return path
+
+
+def runs(home: Path, study: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(study)
+    if exp is None:
+        return []
+    return client.search_runs([exp.experiment_id])
+
+
+def children(home, study, status=None):
+    return [
+        r
+        for r in runs(home, study)
+        if "mlflow.parentRunId" in r.data.tags and (status is None or r.info.status == status)
+    ]
+
+
+def ray_stop():
+    subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, timeout=120)
+
+
+def alcot(*args, env=None, cwd=ROOT, timeout=600):
+    return subprocess.run(
+        [str(BIN / "alcot"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.slow
+def test_killed_driver_resubmitted_finishes_only_the_rest(tmp_path):
+    home = tmp_path / "home"
+    env = dict(os.environ, ALCOT_HOME=str(home))
+    path = sweep_file(
+        tmp_path,
+        """
+        study: killtest
+        grid:
+          model.halting.lambda: [0.01, 0.03, 0.1, 0.3]
+        budget: {tokens: 24576}
+        max_concurrent: 1
+    """,
+    )
+    driver = subprocess.Popen(
+        [str(BIN / "alcot"), "sweep", "run", str(path)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not children(home, "killtest", "FINISHED"):
+            assert driver.poll() is None, driver.stdout.read().decode()[-3000:]
+            time.sleep(1)
+        assert children(home, "killtest", "FINISHED"), "no trial finished in time"
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    finally:
+        ray_stop()  # the driver's embedded Ray dies with it
+    done_before = {r.data.tags["config_hash"] for r in children(home, "killtest", "FINISHED")}
+    assert 1 <= len(done_before) < 4
+
+    again = alcot("sweep", "run", str(path), env=env)
+    ray_stop()
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert again.stdout.count("skipped (finished before)") == len(done_before)
+    finished = children(home, "killtest", "FINISHED")
+    hashes = [r.data.tags["config_hash"] for r in finished]
+    assert len(hashes) == 4 and len(set(hashes)) == 4  # each trial once, none trained twice
+    assert len(children(home, "killtest")) == 4  # the interrupted trial continued its own run
+
+
+@pytest.mark.slow
+def test_submit_to_a_real_cluster_through_the_jobs_api(tmp_path):
+    home = tmp_path / "home"
+    work = tmp_path / "work"
+    sweep_file(
+        work,
+        """
+        study: clustertest
+        grid:
+          model.method: [adaptive, vanilla]
+        budget: {tokens: 4096}
+    """,
+    )
+    with socket.socket() as s1, socket.socket() as s2:
+        s1.bind(("127.0.0.1", 0))
+        s2.bind(("127.0.0.1", 0))
+        port, dash = s1.getsockname()[1], s2.getsockname()[1]
+    env = dict(
+        os.environ, ALCOT_HOME=str(home), PATH=f"{BIN}:{os.environ['PATH']}", RAY_AUTH_MODE="token"
+    )  # Ray 2.59+ clusters require a token by default
+    ray = str(BIN / "ray")
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # unix socket paths must stay short
+    try:
+        head = subprocess.run(
+            [
+                ray,
+                "start",
+                "--head",
+                "--node-ip-address=127.0.0.1",
+                f"--port={port}",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={dash}",
+                "--include-dashboard=true",
+                "--num-cpus=2",
+                f"--temp-dir={temp}",
+                "--disable-usage-stats",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert head.returncode == 0, head.stdout + head.stderr
+        worker = subprocess.run(
+            [ray, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1", "--disable-usage-stats"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert worker.returncode == 0, worker.stdout + worker.stderr
+        address = f"http://127.0.0.1:{dash}"
+        sub = alcot("sweep", "submit", "sweep.yaml", "--address", address, env=env, cwd=work)
+        assert sub.returncode == 0, sub.stdout + sub.stderr
+        job_id = sub.stdout.split("submitted job ")[1].split()[0]
+        deadline = time.time() + 420
+        status = ""
+        while time.time() < deadline:
+            status = alcot("sweep", "status", job_id, "--address", address, env=env).stdout.strip()
+            if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+                break
+            time.sleep(3)
+        logs = alcot("sweep", "logs", job_id, "--address", address, env=env).stdout
+        assert status == "SUCCEEDED", logs[-4000:]
+        assert "all trials finished" in logs
+    finally:
+        ray_stop()
+        shutil.rmtree(temp, ignore_errors=True)
+    finished = children(home, "clustertest", "FINISHED")
+    assert sorted(r.data.tags["method"] for r in finished) == ["adaptive", "vanilla"]
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("sweephome")
+    old = os.environ.get("ALCOT_HOME")
+    os.environ["ALCOT_HOME"] = str(home)
+    yield home
+    import ray
+
+    ray.shutdown()
+    if old is None:
+        os.environ.pop("ALCOT_HOME", None)
+    else:
+        os.environ["ALCOT_HOME"] = old
+
+
+@pytest.mark.slow
+def test_sweep_end_to_end_with_a_failing_trial(home, tmp_path, capsys):
+    path = sweep_file(
+        tmp_path,
+        """
+        study: e2e
+        grid:
+          model.method: [adaptive, vanilla]
+          model.halting.lambda: [0.01, 0.1]
+          data.source: [builtin, jsonl]
+        overrides:
+          - when: {data.source: jsonl}
+            set: {data.path: /nonexistent/corpus.jsonl, model.method: vanilla}
+        budget: {tokens: 4096}
+        retries: 0
+    """,
+    )
+    assert main(["sweep", "run", str(path)]) == 1  # one trial fails, the others finish
+    out = capsys.readouterr().out
+    assert "failed" in out and "/nonexistent/corpus.jsonl" in out
+    parents = [r for r in runs(home, "e2e") if r.data.tags.get("alcot.kind") == "sweep"]
+    assert len(parents) == 1 and parents[0].info.status == "FAILED"
+    parent = parents[0].info.run_id
+    kids = children(home, "e2e")
+    assert {r.data.tags["mlflow.parentRunId"] for r in kids} == {parent}
+    ok = [r for r in kids if r.info.status == "FINISHED"]
+    bad = [r for r in kids if r.info.status == "FAILED"]
+    assert len(ok) == 3 and len(bad) == 1
+    assert "corpus.jsonl" in bad[0].data.tags["alcot.error"]
+    for r in ok:
+        assert r.data.tags["alcot.sweep_id"] == parents[0].data.tags["alcot.sweep_id"]
+        assert "val/ppl" in r.data.metrics
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    names = {a.path for a in client.list_artifacts(parent)}
+    assert {"sweep.yaml", "summary.csv"} <= names
+
+
+@pytest.mark.slow
+def test_resubmission_is_a_no_op(home, tmp_path, capsys):
+    path = sweep_file(
+        tmp_path,
+        """
+        study: resubmit
+        grid:
+          model.halting.lambda: [0.01, 0.1]
+        budget: {tokens: 4096}
+    """,
+    )
+    assert main(["sweep", "run", str(path)]) == 0
+    first = {r.info.run_id for r in children(home, "resubmit")}
+    assert len(first) == 2
+    capsys.readouterr()
+    t = time.time()
+    assert main(["sweep", "run", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("skipped (finished before)") == 2
+    assert {r.info.run_id for r in children(home, "resubmit")} == first
+    assert time.time() - t < 30
+
+
+@pytest.mark.slow
+def test_optuna_search(home, tmp_path, capsys):
+    path = sweep_file(
+        tmp_path,
+        """
+        study: searchtest
+        search:
+          trials: 3
+          sampler: tpe
+          objectives:
+            - {metric: val/ppl, direction: minimize}
+            - {metric: flops/realised, direction: minimize}
+          space:
+            model.halting.lambda: {low: 0.001, high: 1.0, log: true}
+        budget: {tokens: 4096}
+    """,
+    )
+    assert main(["sweep", "run", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "3 trials" in out and "Pareto front" in out
+    kids = children(home, "searchtest", "FINISHED")
+    assert len(kids) == 3
+    lambdas = {float(r.data.params["model.halting.lambda"]) for r in kids}
+    assert len(lambdas) == 3 and all(0.001 <= v <= 1.0 for v in lambdas)
+    import optuna
+
+    storage = f"sqlite:///{home / 'optuna' / 'searchtest.db'}"
+    studies = optuna.get_all_study_summaries(storage)
+    assert len(studies) == 1 and studies[0].n_trials == 3
+    assert studies[0].directions == [optuna.study.StudyDirection.MINIMIZE] * 2

@@ -1,0 +1,209 @@
+"""Sweep files: expansion, identities, budgets, the dry-run plan, and malformed files."""
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from alcot.orchestrator.cli import main
+from alcot.orchestrator.sweep import SweepError, load_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+BASE = f"base: {ROOT / 'configs' / 'train_adaptive.yaml'}\n"
+
+
+def write(tmp_path: Path, body: str, name: str = "sweep.yaml", base: bool = True) -> Path:
+    path = tmp_path / name
+    path.write_text((BASE if base else "") + textwrap.dedent(body).lstrip("\n"))
+    return path
+
+
+def test_quickstart_expands_with_vanilla_deduplicated():
+    sweep = load_sweep(ROOT / "sweeps" / "quickstart.yaml")
+    combos = [
+        (t.config.model.size, t.config.model.method, t.config.model.halting.lambda_)
+        for t in sweep.trials
+    ]
+    assert len(combos) == 6  # 2 sizes x (2 adaptive + 1 vanilla), not 2 x 4
+    assert sorted(c for c in combos if c[1] == "vanilla") == [
+        ("micro", "vanilla", 0.01),
+        ("tiny", "vanilla", 0.01),
+    ]  # halting reset to defaults
+    assert len({t.hash for t in sweep.trials}) == 6
+    assert all(t.config.tracking.experiment == "quickstart" for t in sweep.trials)
+    assert all(t.tokens >= 65536 for t in sweep.trials)
+
+
+def test_dry_run_prints_the_plan_and_launches_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ALCOT_HOME", str(tmp_path / "home"))
+    assert main(["sweep", "run", str(ROOT / "sweeps" / "quickstart.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.strip()]
+    header = next(i for i, line in enumerate(lines) if line.startswith("trial"))
+    rows = lines[header + 1 : header + 7]
+    assert len(rows) == 6
+    for row in rows:
+        cells = row.split()
+        assert len(cells[0]) == 10 and cells[1] in ("micro", "tiny")
+        assert cells[2].endswith("M") and cells[3] in ("adaptive", "vanilla")
+        assert float(cells[6]) > 0 and cells[7] == "run"
+    assert not (tmp_path / "home" / "runs").exists()
+    assert not (tmp_path / "home" / "mlflow.db").exists()
+    import ray
+
+    assert not ray.is_initialized()
+
+
+def test_changing_one_axis_value_adds_only_new_trials(tmp_path):
+    a = write(
+        tmp_path,
+        """
+        study: s
+        grid: {model.halting.lambda: [0.01, 0.1], model.size: [micro]}
+        budget: {tokens: 4096}
+    """,
+        "a.yaml",
+    )
+    b = write(
+        tmp_path,
+        """
+        study: s
+        grid: {model.halting.lambda: [0.01, 0.3], model.size: [micro]}
+        budget: {tokens: 4096}
+    """,
+        "b.yaml",
+    )
+    ha = {t.hash for t in load_sweep(a).trials}
+    hb = {t.hash for t in load_sweep(b).trials}
+    assert len(ha & hb) == 1 and len(hb - ha) == 1
+
+
+def test_isoflop_budget_gives_small_models_more_tokens(tmp_path):
+    path = write(
+        tmp_path,
+        """
+        study: s
+        grid: {model.size: [micro, tiny]}
+        budget: {flops: 1.0e12}
+    """,
+    )
+    trials = {t.config.model.size: t for t in load_sweep(path).trials}
+    assert trials["micro"].tokens > 3 * trials["tiny"].tokens
+    for t in trials.values():
+        assert t.est_flops == pytest.approx(1.0e12, rel=0.05)
+
+
+def test_zip_and_overrides(tmp_path):
+    path = write(
+        tmp_path,
+        """
+        study: s
+        grid: {model.method: [adaptive, vanilla]}
+        zip: {train.lr: [0.003, 0.002], train.batch_size: [8, 16]}
+        overrides:
+          - when: {model.method: vanilla}
+            set: {train.warmup_frac: 0.1}
+    """,
+    )
+    trials = load_sweep(path).trials
+    assert len(trials) == 4
+    pairs = {(t.config.train.lr, t.config.train.batch_size) for t in trials}
+    assert pairs == {(0.003, 8), (0.002, 16)}
+    for t in trials:
+        assert t.config.train.warmup_frac == (0.1 if t.config.model.method == "vanilla" else 0.02)
+
+
+MALFORMED = {
+    "unknown_key": ("study: s\ngrid: {model.size: [micro]}\nworkers: 3\n", "workers", 3),
+    "wrong_type": (
+        "study: s\ngrid: {model.size: [micro]}\nmax_concurrent: two\n",
+        "max_concurrent",
+        3,
+    ),
+    "empty_grid": ("study: s\ngrid: {}\n", "grid", 2),
+    "axis_not_a_path": ("study: s\ngrid:\n  model.sise: [micro]\n", "grid.model.sise", 3),
+    "size_not_in_ladder": ("study: s\ngrid:\n  model.size: [micro, huge]\n", "grid.model.size", 3),
+    "tp_not_dividing_heads": (
+        "study: s\ngrid: {model.size: [micro]}\nresources:\n  tensor_parallel: 3\n",
+        "resources.tensor_parallel",
+        4,
+    ),
+    "negative_budget": (
+        "study: s\ngrid: {model.size: [micro]}\nbudget:\n  tokens: -5\n",
+        "budget.tokens",
+        4,
+    ),
+    "bad_objective": (
+        "study: s\nsearch:\n  objectives:\n    - {metric: accuracy}\n"
+        "  space: {model.halting.lambda: {low: 0.01, high: 1}}\n",
+        "search.objectives[0].metric",
+        4,
+    ),
+    "bad_direction": (
+        "study: s\nsearch:\n  objectives:\n    - {metric: val/ppl, direction: up}\n"
+        "  space: {model.halting.lambda: {low: 0.01, high: 1}}\n",
+        "search.objectives[0].direction",
+        4,
+    ),
+    "axis_not_a_list": ("study: s\ngrid:\n  model.size: micro\n", "grid.model.size", 3),
+    "empty_axis": ("study: s\ngrid:\n  model.size: []\n", "grid.model.size", 3),
+    "zip_lengths": ("study: s\nzip:\n  train.lr: [0.1, 0.2]\n  train.batch_size: [8]\n", "zip", 3),
+    "both_budgets": (
+        "study: s\ngrid: {model.size: [micro]}\nbudget:\n  tokens: 5\n  flops: 1.0e9\n",
+        "budget.tokens",
+        4,
+    ),
+    "negative_retries": ("study: s\ngrid: {model.size: [micro]}\nretries: -1\n", "retries", 3),
+    "bad_space_bounds": (
+        "study: s\nsearch:\n  space:\n    model.halting.lambda: {low: 1.0, high: 0.1}\n",
+        "search.space.model.halting.lambda",
+        4,
+    ),
+    "bad_value_on_axis": (
+        "study: s\ngrid:\n  model.halting.tau: [0.1, 1.5]\n",
+        "grid.model.halting.tau",
+        3,
+    ),
+    "missing_study": ("grid: {model.size: [micro]}\n", "<top>", None),
+    "grid_and_zip_share": (
+        "study: s\ngrid: {train.lr: [0.1]}\nzip:\n  train.lr: [0.2]\n",
+        "zip.train.lr",
+        4,
+    ),
+    "unknown_sampler": (
+        "study: s\nsearch:\n  sampler: annealing\n"
+        "  space: {model.halting.lambda: {low: 0.01, high: 1}}\n",
+        "search.sampler",
+        3,
+    ),
+    "bad_yaml": ("study: s\ngrid: {model.size: [micro\n", "<yaml>", None),
+    "base_missing": ("study: s\nbase: nowhere.yaml\ngrid: {model.size: [micro]}\n", "base", 2),
+    "space_path_unknown": (
+        "study: s\nsearch:\n  space:\n    model.lamda: {choices: [1, 2]}\n",
+        "search.space.model.lamda",
+        4,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED))
+def test_malformed_sweeps_are_rejected_with_field_and_line(name, tmp_path, capsys, monkeypatch):
+    body, field, line = MALFORMED[name]
+    with_base = "base:" not in body
+    if with_base and line:
+        line += 1
+    path = write(tmp_path, body, base=with_base)
+    monkeypatch.setenv("ALCOT_HOME", str(tmp_path / "home"))
+    assert main(["sweep", "run", str(path)]) == 2
+    err = capsys.readouterr().err
+    if field == "<top>":
+        assert "study" in err, err
+    else:
+        assert f": {field}:" in err, err
+    if line:
+        assert f"{path}:{line}:" in err, err
+    assert not (tmp_path / "home").exists()  # nothing launched, nothing written
+    with pytest.raises(SweepError):
+        load_sweep(path)
