@@ -119,20 +119,20 @@ def cmd_tracking_sync(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_sweep(path: str):
+def _load_sweep(path: str, overrides: list[str] | None = None):
     from alcot.model.typed import ConfigError
 
     from .sweep import SweepError, load_sweep
 
     try:
-        return load_sweep(path)
+        return load_sweep(path, overrides or [])
     except (SweepError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return None
 
 
 def cmd_sweep_run(args: argparse.Namespace) -> int:
-    sweep = _load_sweep(args.sweep)
+    sweep = _load_sweep(args.sweep, args.set)
     if sweep is None:
         return 2
     from .runner import run_sweep
@@ -230,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("sweep")
     q.add_argument("--dry-run", action="store_true", help="print the plan, launch nothing")
     q.add_argument("--address", default=None, help="an existing Ray cluster (e.g. auto)")
+    q.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a base config value for every trial (repeatable)",
+    )
     q.set_defaults(func=cmd_sweep_run)
     q = ssub.add_parser("submit", help="ship this folder and run the sweep on a Ray cluster")
     q.add_argument("sweep")

@@ -36,6 +36,8 @@ import hashlib
 import itertools
 import json
 import math
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -211,8 +213,31 @@ def _where(path: Path, lines: dict[str, int], field_path: str) -> str:
     return str(path)
 
 
-def load_sweep(path: str | Path) -> Sweep:
-    """Parse, validate and expand a sweep file. Raises :class:`SweepError`."""
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _expand_env(node: Any, path: Path, lines: dict[str, int], where: str = "") -> Any:
+    """Replace ``${VAR}`` in string values by the environment's value (unset: an error)."""
+    if isinstance(node, dict):
+        return {
+            k: _expand_env(v, path, lines, f"{where}.{k}" if where else str(k))
+            for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [_expand_env(v, path, lines, f"{where}[{i}]") for i, v in enumerate(node)]
+    if isinstance(node, str):
+        missing = [m for m in _ENV.findall(node) if m not in os.environ]
+        if missing:
+            raise SweepError(
+                _where(path, lines, where), where, f"environment variable {missing[0]} is not set"
+            )
+        return _ENV.sub(lambda m: os.environ[m.group(1)], node)
+    return node
+
+
+def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
+    """Parse, validate and expand a sweep file. ``overrides`` (``dotted.key=value``) apply to
+    the base config of every trial. Raises :class:`SweepError`."""
     path = Path(path)
     if not path.is_file():
         raise SweepError(str(path), "<file>", "sweep file not found")
@@ -226,6 +251,7 @@ def load_sweep(path: str | Path) -> Sweep:
         ) from None
     if not isinstance(raw, dict):
         raise SweepError(str(path), "<top>", "the top level must be a mapping")
+    raw = _expand_env(raw, path, lines)
 
     try:
         spec = build(SweepSpec, raw, "")
@@ -235,6 +261,12 @@ def load_sweep(path: str | Path) -> Sweep:
         ) from None
 
     base = _load_base(spec, path, lines)
+    if overrides:
+        try:
+            base = apply_overrides(base, list(overrides))
+            RunConfig.from_dict(base)
+        except ConfigError as err:
+            raise SweepError("--set", err.field, str(err).split(": ", 1)[-1]) from None
     for section in ("grid", "zip"):
         for axis, values in getattr(spec, section).items():
             key = f"{section}.{axis}"

@@ -207,3 +207,21 @@ def test_malformed_sweeps_are_rejected_with_field_and_line(name, tmp_path, capsy
     assert not (tmp_path / "home").exists()  # nothing launched, nothing written
     with pytest.raises(SweepError):
         load_sweep(path)
+
+
+def test_wikitext_study_takes_its_path_from_env_or_command_line(tmp_path, monkeypatch):
+    study = ROOT / "sweeps" / "wikitext2_scaling.yaml"
+    monkeypatch.delenv("ALCOT_WIKITEXT2", raising=False)
+    with pytest.raises(SweepError) as err:
+        load_sweep(study)
+    assert err.value.field == "base.data.path" and "ALCOT_WIKITEXT2" in str(err.value)
+    monkeypatch.setenv("ALCOT_WIKITEXT2", "/data/wt2")
+    sweep = load_sweep(study)
+    assert {t.config.data.path for t in sweep.trials} == {"/data/wt2/wiki.train.tokens"}
+    methods = {t.config.model.method for t in sweep.trials}
+    assert methods == {"vanilla", "looped", "pause", "ponder", "fixed", "adaptive"}
+    assert len(sweep.trials) == 3 * (5 + 3)  # sizes x (5 baselines + adaptive at 3 lambdas)
+    flops = {round(t.est_flops / 1e14, 1) for t in sweep.trials}
+    assert flops == {5.0}  # isoFLOP
+    other = load_sweep(study, ["data.path=/elsewhere/train.txt"])
+    assert {t.config.data.path for t in other.trials} == {"/elsewhere/train.txt"}
