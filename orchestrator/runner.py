@@ -130,6 +130,36 @@ def _trial_body(trial_cfg: dict, home: str, extra_tags: dict, threads: int) -> d
     }
 
 
+def _results_from_run_dir(trial_cfg: dict, home: str) -> dict[str, Any]:
+    """A finished run's final metrics, read back from its folder (journal and tracking record)."""
+    import json
+
+    from .config import RunConfig
+
+    cfg_dict = {**trial_cfg, "model": dict(trial_cfg["model"])}
+    cfg_dict["model"].pop("vocab_size", None)
+    folder = run_dir(RunConfig.from_dict(cfg_dict), Path(home))
+    last: dict[str, float] = {}
+    step = 0
+    journal = folder / "metrics.jsonl"
+    if journal.exists():
+        for line in journal.read_text().splitlines():
+            row = json.loads(line)
+            last.update(row["metrics"])
+            step = row["step"]
+    record = folder / "tracking.json"
+    run_id = json.loads(record.read_text())["run_id"] if record.exists() else ""
+    return {
+        "val_ppl": last.get("val/ppl", float("nan")),
+        "val_loss": last.get("val/loss", float("nan")),
+        "val_mean_depth": last.get("val/mean_depth", float("nan")),
+        "flops_realised": last.get("flops/realised", float("nan")),
+        "flops_nominal": last.get("flops/nominal", float("nan")),
+        "step": step,
+        "run_id": run_id,
+    }
+
+
 def tune_trainable(config: dict, home: str, parent: str, sweep_id: str, threads: int) -> None:
     from ray import tune
 
@@ -138,16 +168,55 @@ def tune_trainable(config: dict, home: str, parent: str, sweep_id: str, threads:
     tune.report(_trial_body(p["trial"], home, tags, threads))
 
 
-def train_worker_loop(config: dict) -> None:
-    """Per-worker loop of a multi-worker trial under Ray Train (torch.distributed is set up)."""
-    from ray import train
+def gang_trainable(
+    config: dict,
+    home: str,
+    parent: str,
+    sweep_id: str,
+    threads: int,
+    workers: int,
+    cpus: float,
+    gpus: float,
+) -> None:
+    """A multi-worker trial: Ray Train places ``workers`` processes as a gang and sets up
+    torch.distributed across them; each runs the same training (tensor x data parallel)."""
+    from ray import train, tune
+    from ray.train.torch import TorchConfig, TorchTrainer
 
+    point = {
+        **config["p"],
+        "home": home,
+        "parent": parent,
+        "sweep_id": sweep_id,
+        "threads": threads,
+    }
+    trainer = TorchTrainer(
+        train_worker_loop,
+        train_loop_config=point,
+        scaling_config=train.ScalingConfig(
+            num_workers=workers,
+            use_gpu=gpus > 0,
+            resources_per_worker={"CPU": cpus, **({"GPU": gpus} if gpus else {})},
+        ),
+        torch_config=TorchConfig(backend="nccl" if gpus > 0 else "gloo"),
+        run_config=train.RunConfig(
+            name=f"{sweep_id}-{point['hash'][:10]}",
+            storage_path=str(Path(home) / "ray_results"),
+        ),
+    )
+    trainer.fit()  # raises if a worker failed
+    tune.report(_results_from_run_dir(point["trial"], home))
+
+
+def train_worker_loop(config: dict) -> None:
+    """Per-worker loop of a multi-worker trial under Ray Train (torch.distributed is set up);
+    rank 0 tracks, and the driver reads the results back from the run folder."""
     tags = {
         "mlflow.parentRunId": config["parent"],
         "alcot.sweep_id": config["sweep_id"],
         "alcot.trial": config["hash"],
     }
-    train.report(_trial_body(config["trial"], config["home"], tags, config["threads"]))
+    _trial_body(config["trial"], config["home"], tags, config["threads"])
 
 
 # ------------------------------------------------------------------------------ live table
@@ -209,8 +278,8 @@ def in_home(home: Path):
 
 
 def _point(config: dict) -> dict:
-    """The planned point inside a Tune config (function trainable or TorchTrainer)."""
-    return config["train_loop_config"] if "train_loop_config" in config else config["p"]
+    """The planned point inside a Tune trial's config."""
+    return config["p"]
 
 
 def init_ray(address: str | None, home: Path, log) -> None:
@@ -366,32 +435,23 @@ def _fit(
             run_config=run_config,
         )
     else:
-        from ray.train import ScalingConfig
-        from ray.train.torch import TorchConfig, TorchTrainer
-
-        trainer = TorchTrainer(
-            train_worker_loop,
-            scaling_config=ScalingConfig(
-                num_workers=res.workers,
-                use_gpu=res.gpus > 0,
-                resources_per_worker={"CPU": res.cpus, **({"GPU": res.gpus} if res.gpus else {})},
+        trainable = tune.with_resources(
+            tune.with_parameters(
+                gang_trainable,
+                home=str(home),
+                parent=parent_id,
+                sweep_id=sweep.sweep_id,
+                threads=threads,
+                workers=res.workers,
+                cpus=res.cpus,
+                gpus=res.gpus,
             ),
-            torch_config=TorchConfig(backend="nccl" if res.gpus > 0 else "gloo"),
+            {"cpu": 0.01},  # the trial only waits; its workers hold the resources
         )
-        loop = [
-            {
-                **p,
-                "home": str(home),
-                "parent": parent_id,
-                "sweep_id": sweep.sweep_id,
-                "threads": threads,
-            }
-            for p in points
-        ]
         tuner = tune.Tuner(
-            trainer,
-            param_space={"train_loop_config": tune.grid_search(loop)},
-            tune_config=tune_config,
+            trainable,
+            param_space={"p": tune.grid_search(points)},
+            tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent),
             run_config=run_config,
         )
     with in_home(home):

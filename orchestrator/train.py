@@ -125,6 +125,7 @@ def run_training(
                 "method": m.method,
                 "size": m.size,
                 "alcot.out_dir": str(out_dir),
+                "alcot.world_size": str(dist.get_world_size() if dist.is_initialized() else 1),
                 **(extra_tags or {}),
             },
             flush_seconds=cfg.tracking.flush_seconds,

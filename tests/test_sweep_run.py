@@ -297,3 +297,22 @@ def test_optuna_search(home, tmp_path, capsys):
     studies = optuna.get_all_study_summaries(storage)
     assert len(studies) == 1 and studies[0].n_trials == 3
     assert studies[0].directions == [optuna.study.StudyDirection.MINIMIZE] * 2
+
+
+@pytest.mark.slow
+def test_multi_worker_trial_runs_as_a_gang(home, tmp_path, capsys):
+    path = sweep_file(
+        tmp_path,
+        """
+        study: gangtest
+        grid:
+          model.halting.lambda: [0.01]
+        budget: {tokens: 4096}
+        resources: {cpus: 0.5, data_parallel: 2}
+    """,
+    )
+    assert main(["sweep", "run", str(path)]) == 0
+    kids = children(home, "gangtest", "FINISHED")
+    assert len(kids) == 1
+    assert kids[0].data.tags["alcot.world_size"] == "2"
+    assert "val/ppl" in kids[0].data.metrics
