@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from alcot.model.checkpointing import file_sha256
 from alcot.model.typed import ConfigError
 
 from .config import DataConfig
@@ -46,14 +47,6 @@ class PreparedData:
     cache_hit: bool
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def cache_key(cfg: DataConfig, docs: list[str]) -> str:
     content = hashlib.sha256()
     for d in docs:
@@ -64,7 +57,7 @@ def cache_key(cfg: DataConfig, docs: list[str]) -> str:
         tok = Path(cfg.tokenizer).expanduser()
         if not tok.is_file():
             raise ConfigError("data.tokenizer", f"{tok} is not a file")
-        tokenizer = {"file": _file_sha256(tok)}
+        tokenizer = {"file": file_sha256(tok)}
     else:
         tokenizer = {"bpe": "byte-level", "vocab_size": cfg.vocab_size}
     settings = {
@@ -160,7 +153,7 @@ def _build(cfg: DataConfig, docs: list[str], out: Path) -> None:
             ids.append(eos)
         arr = np.asarray(ids, dtype=dtype)
         arr.tofile(out / f"{split}.bin")
-        counts[split] = (len(arr), len(split_docs), _file_sha256(out / f"{split}.bin"))
+        counts[split] = (len(arr), len(split_docs), file_sha256(out / f"{split}.bin"))
     manifest = {
         "format": FORMAT,
         "dtype": np.dtype(dtype).name,

@@ -31,7 +31,7 @@ class CheckpointInfo:
     meta: dict
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -77,7 +77,7 @@ def save(ckpt_dir: Path, step: int, payload: dict, meta: dict, keep: int) -> Pat
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
-        files = {p.name: _sha256(p) for p in sorted(tmp.glob("tp*.pt"))}
+        files = {p.name: file_sha256(p) for p in sorted(tmp.glob("tp*.pt"))}
         body = {"step": step, "files": files, "meta": meta}
         with open(tmp / "meta.json", "w") as f:
             json.dump(body, f, indent=1)
@@ -125,7 +125,7 @@ def verify(path: Path) -> CheckpointInfo:
         f = path / name
         if not f.is_file():
             raise ValueError(f"{path}: missing {name}")
-        if _sha256(f) != digest:
+        if file_sha256(f) != digest:
             raise ValueError(f"{path}: checksum mismatch in {name} (corrupt or truncated)")
     return CheckpointInfo(path=path, step=int(body["step"]), meta=body.get("meta", {}))
 

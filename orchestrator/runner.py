@@ -24,7 +24,7 @@ from alcot.model import checkpointing
 
 from .config import alcot_home, run_dir
 from .sweep import Sweep, Trial, describe
-from .tracking import resolve_uri
+from .tracking import ensure_experiment, resolve_uri
 
 
 @dataclass
@@ -40,13 +40,17 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def _experiment(client, name: str, artifact_root: str | None) -> str:
-    exp = client.get_experiment_by_name(name)
-    return (
-        exp.experiment_id
-        if exp
-        else client.create_experiment(name, artifact_location=artifact_root)
+def open_parent_run(sweep: Sweep, home: Path, kind: str) -> tuple[Any, str]:
+    """(MLflow client, id of a new parent run for this invocation of the sweep)."""
+    uri, artifact_root = resolve_uri(sweep.spec.tracking_uri, home)
+    client = _client(uri)
+    exp_id = ensure_experiment(client, sweep.spec.study, artifact_root)
+    parent = client.create_run(
+        exp_id,
+        run_name=f"{kind}-{sweep.sweep_id}",
+        tags={"alcot.sweep_id": sweep.sweep_id, "alcot.kind": kind},
     )
+    return client, parent.info.run_id
 
 
 def plan(sweep: Sweep, home: Path | None = None) -> list[PlannedTrial]:
@@ -233,24 +237,21 @@ def _live_callback(labels: dict[str, str], log):
             line = "  ".join(f"{labels[h]}:{s}" for h, s in self.states.items())
             log(f"[{time.strftime('%H:%M:%S')}] {line}")
 
-        def _key(self, trial):
-            return _point(trial.config)["hash"]
+        def _mark(self, trial, state: str) -> None:
+            self.states[_point(trial.config)["hash"]] = state
+            self._show()
 
         def on_trial_start(self, iteration, trials, trial, **info):
-            self.states[self._key(trial)] = "running"
-            self._show()
+            self._mark(trial, "running")
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            self.states[self._key(trial)] = "finished"
-            self._show()
+            self._mark(trial, "finished")
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            self.states[self._key(trial)] = "failed"
-            self._show()
+            self._mark(trial, "failed")
 
         def on_trial_recover(self, iteration, trials, trial, **info):
-            self.states[self._key(trial)] = "retrying"
-            self._show()
+            self._mark(trial, "retrying")
 
     return LiveTable()
 
@@ -327,15 +328,7 @@ def run_sweep(sweep: Sweep, address: str | None = None, dry_run: bool = False, l
     if dry_run:
         return 0
     todo = [p for p in planned if p.action != "skip"]
-    uri, artifact_root = resolve_uri(spec.tracking_uri, home)
-    client = _client(uri)
-    exp_id = _experiment(client, spec.study, artifact_root)
-    parent = client.create_run(
-        exp_id,
-        run_name=f"sweep-{sweep.sweep_id}",
-        tags={"alcot.sweep_id": sweep.sweep_id, "alcot.kind": "sweep"},
-    )
-    parent_id = parent.info.run_id
+    client, parent_id = open_parent_run(sweep, home, "sweep")
     sweep_copy = home / "sweeps" / parent_id / sweep.path.name
     sweep_copy.parent.mkdir(parents=True, exist_ok=True)
     sweep_copy.write_text(sweep.text)

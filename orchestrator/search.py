@@ -86,18 +86,9 @@ def run_search(sweep: Sweep, address: str | None, dry_run: bool, log) -> int:
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    from .runner import _client, _experiment, in_home, init_ray
-    from .tracking import resolve_uri
+    from .runner import in_home, init_ray, open_parent_run
 
-    uri, artifact_root = resolve_uri(spec.tracking_uri, home)
-    client = _client(uri)
-    exp_id = _experiment(client, spec.study, artifact_root)
-    parent = client.create_run(
-        exp_id,
-        run_name=f"search-{sweep.sweep_id}",
-        tags={"alcot.sweep_id": sweep.sweep_id, "alcot.kind": "search"},
-    )
-    parent_id = parent.info.run_id
+    client, parent_id = open_parent_run(sweep, home, "search")
     storage_url = search.storage
     if storage_url is None:
         (home / "optuna").mkdir(parents=True, exist_ok=True)

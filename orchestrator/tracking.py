@@ -42,6 +42,14 @@ def resolve_uri(configured: str | None, home: Path) -> tuple[str, str | None]:
     return default_store(home)
 
 
+def ensure_experiment(client, name: str, artifact_root: str | None) -> str:
+    """The id of experiment ``name``, created (with ``artifact_root``) if it does not exist."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_root)
+
+
 class Tracker:
     def __init__(
         self,
@@ -64,12 +72,7 @@ class Tracker:
         self.journal_path = self.run_dir / "metrics.jsonl"
         self.flush_seconds = flush_seconds
         try:
-            exp = self.client.get_experiment_by_name(experiment)
-            exp_id = (
-                exp.experiment_id
-                if exp is not None
-                else self.client.create_experiment(experiment, artifact_location=artifact_root)
-            )
+            exp_id = ensure_experiment(self.client, experiment, artifact_root)
             self.last_step = -1
             self.resumed = run_id is not None
             if run_id is not None:
