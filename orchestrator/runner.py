@@ -408,45 +408,19 @@ def _fit(
         callbacks=[_live_callback(labels, log)],
         verbose=0,
     )
-    tune_config = tune.TuneConfig(max_concurrent_trials=spec.max_concurrent, reuse_actors=True)
     res = spec.resources
+    common = dict(home=str(home), parent=parent_id, sweep_id=sweep.sweep_id, threads=threads)
     if res.workers == 1:
-        trainable = tune.with_resources(
-            tune.with_parameters(
-                tune_trainable,
-                home=str(home),
-                parent=parent_id,
-                sweep_id=sweep.sweep_id,
-                threads=threads,
-            ),
-            {"cpu": res.cpus, "gpu": res.gpus},
-        )
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"p": tune.grid_search(points)},
-            tune_config=tune_config,
-            run_config=run_config,
-        )
-    else:
-        trainable = tune.with_resources(
-            tune.with_parameters(
-                gang_trainable,
-                home=str(home),
-                parent=parent_id,
-                sweep_id=sweep.sweep_id,
-                threads=threads,
-                workers=res.workers,
-                cpus=res.cpus,
-                gpus=res.gpus,
-            ),
-            {"cpu": 0.01},  # the trial only waits; its workers hold the resources
-        )
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"p": tune.grid_search(points)},
-            tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent),
-            run_config=run_config,
-        )
+        fn, resources, reuse = tune_trainable, {"cpu": res.cpus, "gpu": res.gpus}, True
+    else:  # the trial only waits for its Ray Train gang, which holds the resources
+        fn, resources, reuse = gang_trainable, {"cpu": 0.01}, False
+        common.update(workers=res.workers, cpus=res.cpus, gpus=res.gpus)
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(fn, **common), resources),
+        param_space={"p": tune.grid_search(points)},
+        tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent, reuse_actors=reuse),
+        run_config=run_config,
+    )
     with in_home(home):
         results = tuner.fit()
     out: dict[str, dict] = {}
