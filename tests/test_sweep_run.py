@@ -242,6 +242,12 @@ def test_sweep_end_to_end_with_a_failing_trial(home, tmp_path, capsys):
     client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
     names = {a.path for a in client.list_artifacts(parent)}
     assert {"sweep.yaml", "summary.csv"} <= names
+    from alcot.analysis.load import load_histories, load_runs
+
+    frame = load_runs("e2e")  # the analysis side reads the same store back
+    assert len(frame) == 4 and sorted(frame["status"]) == ["FAILED"] + ["FINISHED"] * 3
+    hist = load_histories("e2e", ["train/loss"])
+    assert not hist.duplicated(["run_id", "step"]).any() and hist["run_id"].nunique() == 3
 
 
 @pytest.mark.slow
