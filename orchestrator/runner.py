@@ -105,44 +105,53 @@ def plan_table(planned: list[PlannedTrial]) -> str:
 
 
 # ------------------------------------------------------------------------------ trial code
+# What a trial reports to Tune: run metric -> result key (also the Optuna objectives' names).
+RESULT_KEYS = {
+    "val/loss": "val_loss",
+    "val/ppl": "val_ppl",
+    "val/mean_depth": "val_mean_depth",
+    "train/loss": "train_loss",
+    "flops/realised": "flops_realised",
+    "flops/nominal": "flops_nominal",
+}
+
+
+def _report(metrics: dict[str, float], step: int, run_id: str) -> dict[str, Any]:
+    out: dict[str, Any] = {v: metrics.get(k, float("nan")) for k, v in RESULT_KEYS.items()}
+    return {**out, "step": step, "run_id": run_id}
+
+
+def _trial_config(trial_cfg: dict):
+    """The RunConfig of a planned trial (its vocabulary is derived from the tokenizer again)."""
+    from .config import RunConfig
+
+    cfg_dict = {**trial_cfg, "model": dict(trial_cfg["model"])}
+    cfg_dict["model"].pop("vocab_size", None)
+    return RunConfig.from_dict(cfg_dict)
+
+
 def _trial_body(trial_cfg: dict, home: str, extra_tags: dict, threads: int) -> dict[str, Any]:
     """Runs inside a Ray worker: one training run, metrics back to Tune."""
     os.environ["ALCOT_HOME"] = home
     import torch
 
-    from .config import RunConfig
     from .train import run_training
 
     if threads:
         torch.set_num_threads(threads)
-    cfg_dict = {**trial_cfg, "model": dict(trial_cfg["model"])}
-    cfg_dict["model"].pop("vocab_size", None)  # derived from the tokenizer again
-    cfg = RunConfig.from_dict(cfg_dict)
+    cfg = _trial_config(trial_cfg)
     outcome = run_training(cfg, progress=False, log=lambda *a: None, extra_tags=extra_tags)
     res = outcome.result
     if res.status != "finished":
         raise RuntimeError(res.message)
-    m = res.metrics
-    return {
-        "val_ppl": m.get("val/ppl", float("nan")),
-        "val_loss": m.get("val/loss", float("nan")),
-        "val_mean_depth": m.get("val/mean_depth", float("nan")),
-        "flops_realised": m.get("flops/realised", float("nan")),
-        "flops_nominal": m.get("flops/nominal", float("nan")),
-        "step": res.step,
-        "run_id": outcome.run_id or "",
-    }
+    return _report(res.metrics, res.step, outcome.run_id or "")
 
 
 def _results_from_run_dir(trial_cfg: dict, home: str) -> dict[str, Any]:
     """A finished run's final metrics, read back from its folder (journal and tracking record)."""
     import json
 
-    from .config import RunConfig
-
-    cfg_dict = {**trial_cfg, "model": dict(trial_cfg["model"])}
-    cfg_dict["model"].pop("vocab_size", None)
-    folder = run_dir(RunConfig.from_dict(cfg_dict), Path(home))
+    folder = run_dir(_trial_config(trial_cfg), Path(home))
     last: dict[str, float] = {}
     step = 0
     journal = folder / "metrics.jsonl"
@@ -153,15 +162,7 @@ def _results_from_run_dir(trial_cfg: dict, home: str) -> dict[str, Any]:
             step = row["step"]
     record = folder / "tracking.json"
     run_id = json.loads(record.read_text())["run_id"] if record.exists() else ""
-    return {
-        "val_ppl": last.get("val/ppl", float("nan")),
-        "val_loss": last.get("val/loss", float("nan")),
-        "val_mean_depth": last.get("val/mean_depth", float("nan")),
-        "flops_realised": last.get("flops/realised", float("nan")),
-        "flops_nominal": last.get("flops/nominal", float("nan")),
-        "step": step,
-        "run_id": run_id,
-    }
+    return _report(last, step, run_id)
 
 
 def tune_trainable(config: dict, home: str, parent: str, sweep_id: str, threads: int) -> None:

@@ -12,16 +12,8 @@ from __future__ import annotations
 import os
 
 from .config import alcot_home
+from .runner import RESULT_KEYS
 from .sweep import Sweep, make_trial
-
-RESULT_KEYS = {
-    "val/loss": "val_loss",
-    "val/ppl": "val_ppl",
-    "val/mean_depth": "val_mean_depth",
-    "train/loss": "train_loss",
-    "flops/realised": "flops_realised",
-    "flops/nominal": "flops_nominal",
-}
 
 
 def _key(axis: str) -> str:
