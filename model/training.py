@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from . import checkpointing
 from .config import ModelConfig, count_parameters
+from .diagnostics import has_token_depth, write_token_depth
 from .typed import ConfigError, build
 
 
@@ -103,6 +104,7 @@ class TrainResult:
     checkpoint: Path | None = None
     resumed_from: int | None = None
     depth_histogram: list[float] = field(default_factory=list)
+    token_depth: Path | None = None  # CSV of (step-0 loss, executed depth) per sampled token
 
 
 def lr_lambda(tcfg: TrainerConfig):
@@ -388,4 +390,14 @@ def train(
     counts = count_parameters(model_cfg)
     metrics = dict(metrics)
     metrics["params/non_embedding"] = float(counts["non_embedding"])
-    return TrainResult("finished", step, metrics, "", last_ckpt_path, resumed_from, hist)
+    token_depth = None
+    if has_token_depth(model_cfg):  # per-token diagnostics for analysis (METHOD.md claim 4)
+        from alcot.data.loader import eval_batches
+
+        batches = eval_batches(data.val_path, data.dtype, seq_len, micro, tcfg.eval_batches)
+        token_depth = write_token_depth(
+            model, batches, out_dir / "token_depth.csv", write=rank == 0
+        )
+    return TrainResult(
+        "finished", step, metrics, "", last_ckpt_path, resumed_from, hist, token_depth
+    )

@@ -169,6 +169,8 @@ def run_training(
                 f"{m.method} {m.size}: executed depth at step {result.step}",
             )
             tracker.log_artifact(plot)
+        if result.token_depth and tracker:
+            tracker.log_artifact(result.token_depth, "diagnostics")
     except KeyboardInterrupt:
         status = "KILLED"
         raise

@@ -167,3 +167,25 @@ def test_every_method_trains(build, method):
     expected_passes = 1 + (0 if method == "vanilla" else 2)
     if method != "adaptive":
         assert out.flops["executed_passes"] == 2 * 12 * expected_passes
+
+
+def test_token_depth_diagnostic_measures_the_step0_loss(build, tmp_path):
+    """The difficulty the depth diagnostic uses is the cross-entropy of the ordinary pass: the
+    same weights run as a plain (vanilla) model give the same per-token loss."""
+    from alcot.model.diagnostics import token_depth, write_token_depth
+
+    model = build(method="adaptive")
+    spread_router(model)
+    vanilla = build(method="vanilla")
+    vanilla.load_state_dict(model.state_dict(), strict=False)
+    x, y = batch(b=2, s=16)
+    ce0, depth = token_depth(model, x, y)
+    out = vanilla(x, y, return_logits=True)
+    ce = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), y.flatten(), reduction="none")
+    torch.testing.assert_close(ce0, ce.view_as(ce0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(depth, model(x, y).depth)
+    assert depth.unique().numel() >= 2
+    path = write_token_depth(model, [(x, y), (x, y)], tmp_path / "td.csv", max_tokens=40)
+    lines = path.read_text().splitlines()
+    assert lines[0] == "step0_loss,depth" and len(lines) == 41
+    assert not list(tmp_path.glob("*.tmp"))
