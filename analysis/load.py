@@ -5,12 +5,19 @@
 * :func:`load_histories`: long-form metric histories (``run_id, key, step, value``),
   deduplicated by step: a resumed run may have logged a step twice (the later value wins).
 
-Both raise :class:`AnalysisError`, with a message that says what is missing, when an
+* :class:`Study`: both of those for the finished runs of an experiment (or one sweep), the
+  validation curves joined with training FLOPs, and the per-token depth samples that adaptive
+  runs leave as artifacts: everything the report and the notebook need, loaded once.
+
+All raise :class:`AnalysisError`, with a message that says what is missing, when an
 experiment does not exist, has no runs, or lacks a requested metric.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
+import numpy as np
 import pandas as pd
 
 
@@ -102,3 +109,109 @@ def load_histories(
     df = df.sort_values(["run_id", "key", "step", "timestamp"])
     df = df.drop_duplicates(["run_id", "key", "step"], keep="last")
     return df.drop(columns="timestamp").reset_index(drop=True)
+
+
+CURVE_KEYS = ["val/loss", "flops/realised", "flops/nominal", "tokens_seen"]
+
+
+def _curves(hist: pd.DataFrame) -> pd.DataFrame:
+    """Long histories -> one row per evaluation: run_id, step, val_loss, val_ppl, flops_realised,
+    flops_nominal, tokens (the counters logged at the same step as the evaluation)."""
+    wide = hist.pivot_table(index=["run_id", "step"], columns="key", values="value")
+    wide = wide.reset_index().rename(
+        columns={
+            "val/loss": "val_loss",
+            "flops/realised": "flops_realised",
+            "flops/nominal": "flops_nominal",
+            "tokens_seen": "tokens",
+        }
+    )
+    wide.columns.name = None
+    wide = wide.dropna(subset=["val_loss"])
+    wide["val_ppl"] = np.exp(wide["val_loss"].clip(upper=50.0))
+    return wide.sort_values(["run_id", "step"], ignore_index=True)
+
+
+@dataclass
+class Study:
+    """The finished training runs of one experiment (optionally one sweep), ready to analyse."""
+
+    experiment: str
+    sweep_id: str | None
+    uri: str
+    runs: pd.DataFrame  # finished runs, one row each (see load_runs)
+    all_runs: pd.DataFrame  # including failed and running ones
+    curves: pd.DataFrame  # one row per evaluation of a finished run (see _curves)
+    notes: list[str] = field(default_factory=list)
+    _token_depth: pd.DataFrame | None = None
+
+    @classmethod
+    def load(cls, experiment: str, sweep_id: str | None = None, uri: str | None = None) -> Study:
+        client = _client(uri)
+        uri = client.tracking_uri
+        all_runs = load_runs(experiment, sweep_id, uri)
+        runs = all_runs[all_runs["status"] == "FINISHED"].reset_index(drop=True)
+        notes = []
+        skipped = len(all_runs) - len(runs)
+        if skipped:
+            states = ", ".join(sorted(set(all_runs["status"]) - {"FINISHED"}))
+            notes.append(f"{skipped} run(s) not finished ({states}) are left out")
+        if runs.empty:
+            raise AnalysisError(f"experiment {experiment!r} has no finished training runs")
+        needed = ["final/val/loss", "final/flops/realised"]
+        missing = [k[6:] for k in needed if k not in runs or runs[k].isna().all()]
+        if missing:
+            raise AnalysisError(
+                f"the runs of experiment {experiment!r} never logged {', '.join(missing)}: "
+                "analysis needs evaluations (train.eval_every) and FLOPs counters"
+            )
+        hist = load_histories(experiment, CURVE_KEYS[:2], sweep_id, uri)
+        optional = _optional_histories(client, runs, CURVE_KEYS[2:])
+        hist = pd.concat([hist, optional], ignore_index=True)
+        hist = hist[hist["run_id"].isin(set(runs["run_id"]))]
+        curves = _curves(hist)
+        return cls(experiment, sweep_id, uri, runs, all_runs, curves, notes)
+
+    def token_depth(self) -> pd.DataFrame:
+        """Per-token samples (run_id, step0_loss, depth) from the adaptive runs' artifacts
+        ``diagnostics/token_depth.csv``; runs without the artifact are noted and skipped."""
+        if self._token_depth is not None:
+            return self._token_depth
+        import os
+        import tempfile
+
+        from mlflow.artifacts import download_artifacts
+
+        frames = []
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        with tempfile.TemporaryDirectory() as tmp:
+            for i, run_id in enumerate(self.runs.loc[self.runs["method"] == "adaptive", "run_id"]):
+                try:
+                    path = download_artifacts(
+                        run_id=run_id,
+                        artifact_path="diagnostics/token_depth.csv",
+                        dst_path=f"{tmp}/{i}",
+                        tracking_uri=self.uri,
+                    )
+                except Exception:
+                    self.notes.append(f"run {run_id[:8]} has no diagnostics/token_depth.csv")
+                    continue
+                frame = pd.read_csv(path)
+                frame.insert(0, "run_id", run_id)
+                frames.append(frame)
+        cols = ["run_id", "step0_loss", "depth"]
+        self._token_depth = (
+            pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)
+        )
+        return self._token_depth
+
+
+def _optional_histories(client, runs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    rows = []
+    for run_id in runs["run_id"]:
+        for key in keys:
+            for m in client.get_metric_history(run_id, key):
+                rows.append((run_id, key, m.step, m.timestamp, m.value))
+    df = pd.DataFrame(rows, columns=["run_id", "key", "step", "timestamp", "value"])
+    df = df.sort_values(["run_id", "key", "step", "timestamp"])
+    return df.drop_duplicates(["run_id", "key", "step"], keep="last").drop(columns="timestamp")

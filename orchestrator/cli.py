@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 
 def _version() -> str:
@@ -195,6 +196,34 @@ def cmd_sweep_logs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from alcot.analysis.load import AnalysisError, Study
+    from alcot.analysis.report import build_report, log_report
+
+    try:
+        study = Study.load(args.experiment, args.sweep, args.tracking_uri)
+        report = build_report(
+            study,
+            Path(args.out),
+            flops=args.flops,
+            points=args.points,
+            n_boot=args.bootstrap,
+            level=args.level,
+            target_ppl=args.target_ppl,
+            seed=args.seed,
+        )
+    except AnalysisError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"report: {report.markdown}")
+    print(f"        {report.html}")
+    print(f"plots:  {len(report.figures)} files (PNG and SVG) in {report.out_dir}")
+    if not args.no_log:
+        run_id = log_report(study, report)
+        print(f"logged as artifacts (analysis/) of MLflow run {run_id}; see them with: alcot ui")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="alcot",
@@ -250,6 +279,25 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--address", required=True)
     q.add_argument("--follow", action="store_true")
     q.set_defaults(func=cmd_sweep_logs)
+
+    p = sub.add_parser("analyze", help="plots, fits and a report for a study's MLflow runs")
+    p.add_argument("--experiment", required=True, help="the MLflow experiment (a sweep's study)")
+    p.add_argument("--sweep", default=None, help="only the runs of this sweep id")
+    p.add_argument("--out", required=True, help="folder for the report and plots")
+    p.add_argument("--flops", choices=["realised", "nominal"], default="realised")
+    p.add_argument(
+        "--points",
+        choices=["envelope", "final", "all"],
+        default="envelope",
+        help="which evaluations L(C) is fitted to (default: each method's envelope)",
+    )
+    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap replicates (0: none)")
+    p.add_argument("--level", type=float, default=0.9, help="confidence level of intervals")
+    p.add_argument("--target-ppl", type=float, default=None, help="target for compute ratios")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tracking-uri", default=None, help="MLflow store (default: ALCOT_HOME's)")
+    p.add_argument("--no-log", action="store_true", help="do not log the report to MLflow")
+    p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("ui", help="start the MLflow UI on the local tracking store")
     p.add_argument("--host", default="127.0.0.1")
