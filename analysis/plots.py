@@ -118,7 +118,10 @@ def pareto_figure(points: pd.DataFrame, fronts: dict[str, pd.DataFrame], flops: 
     labelled with their lambda, each method's Pareto front as a step line."""
     fig, ax = plt.subplots(figsize=(8, 4.8), layout="constrained")
     sizes = _sizes(points["size"])
-    for i, (_, p) in enumerate(points.iterrows()):
+    # adaptive runs in order of compute: alternate labels up-left / down-right, so that two
+    # runs close together get their labels on opposite sides
+    rank = points[points["method"] == "adaptive"]["flops"].rank(method="first")
+    for i, p in points.iterrows():
         ax.scatter(
             p["flops"],
             p["val_ppl"],
@@ -132,8 +135,9 @@ def pareto_figure(points: pd.DataFrame, fronts: dict[str, pd.DataFrame], flops: 
                 f"λ={p['lambda']:g}",
                 (p["flops"], p["val_ppl"]),
                 textcoords="offset points",
-                xytext=(5, 5) if i % 2 else (5, -10),  # alternate: neighbours do not collide
+                xytext=(-42, 10) if rank[i] % 2 else (8, -14),
                 fontsize=7,
+                arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "grey"},  # which point
             )
     for method, f in fronts.items():
         if len(f) > 1:
