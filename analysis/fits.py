@@ -182,17 +182,20 @@ def _fit(
     y: np.ndarray,
     groups: np.ndarray | None,
     names: list[str],
+    opts: FitOptions,
     *,
-    n_boot: int,
-    level: float,
-    seed: int,
-    delta: float,
-    n_starts: int,
-    alpha_max: float,
     min_distinct: int,
     what: str,
     min_runs: int = 2,
+    alpha_max: float = 3.0,
 ) -> Fit:
+    n_boot, level, seed, delta, n_starts = (
+        opts.n_boot,
+        opts.level,
+        opts.seed,
+        opts.delta,
+        opts.n_starts,
+    )
     y = np.asarray(y, dtype=float)
     feats = [np.asarray(f, dtype=float) for f in features]
     n = len(y)
@@ -275,67 +278,36 @@ def _fit(
     return fit
 
 
-def fit_power_law(
-    compute,
-    loss,
-    groups=None,
-    *,
-    n_boot: int = 200,
-    level: float = 0.9,
-    seed: int = 0,
-    delta: float = 1e-3,
-    n_starts: int = 8,
-    what: str = "power-law fit",
-) -> Fit:
+@dataclass(frozen=True)
+class FitOptions:
+    """How a law is fitted: bootstrap replicates and confidence level, the seed of the
+    resampling, the Huber threshold on log-residuals, and how many grid starts L-BFGS runs from."""
+
+    n_boot: int = 200
+    level: float = 0.9
+    seed: int = 0
+    delta: float = 1e-3
+    n_starts: int = 8
+
+
+def fit_power_law(compute, loss, groups=None, what: str = "power-law fit", **options) -> Fit:
     """Fit ``L(C) = E + A * C^-alpha``. ``groups`` labels each point with its run (the unit the
-    bootstrap resamples); without it every point is its own run."""
-    return _fit(
-        "power_law",
-        [compute],
-        loss,
-        groups,
-        ["compute"],
-        n_boot=n_boot,
-        level=level,
-        seed=seed,
-        delta=delta,
-        n_starts=n_starts,
-        alpha_max=3.0,
-        min_distinct=4,
-        what=what,
-    )
+    bootstrap resamples); without it every point is its own run. ``options``: see
+    :class:`FitOptions`."""
+    opts = FitOptions(**options)
+    return _fit("power_law", [compute], loss, groups, ["compute"], opts, min_distinct=4, what=what)
 
 
 def fit_chinchilla(
-    params,
-    tokens,
-    loss,
-    groups=None,
-    *,
-    n_boot: int = 200,
-    level: float = 0.9,
-    seed: int = 0,
-    delta: float = 1e-3,
-    n_starts: int = 8,
-    what: str = "Chinchilla fit",
+    params, tokens, loss, groups=None, what: str = "Chinchilla fit", **options
 ) -> Fit:
     """Fit ``L(N, D) = E + A / N^a + B / D^b`` (Hoffmann et al., approach 3). Needs at least
     three distinct model sizes and three distinct token counts: with two, ``E``, ``A`` and
     ``a`` cannot be told apart."""
+    opts = FitOptions(**options)
+    names = ["model size N", "tokens D"]
     return _fit(
-        "chinchilla",
-        [params, tokens],
-        loss,
-        groups,
-        ["model size N", "tokens D"],
-        n_boot=n_boot,
-        level=level,
-        seed=seed,
-        delta=delta,
-        n_starts=n_starts,
-        alpha_max=3.0,
-        min_distinct=3,
-        what=what,
+        "chinchilla", [params, tokens], loss, groups, names, opts, min_distinct=3, what=what
     )
 
 

@@ -65,36 +65,34 @@ def fit_study(
     reference: str = "vanilla",
 ) -> ScalingResult:
     res = ScalingResult(flops, points)
+    opts = {"n_boot": n_boot, "level": level, "seed": seed}
     pts = fit_points(study, flops, points)
-    for method, g in pts.groupby("method", sort=True):
-        res.data[method] = g
-        try:
-            res.power[method] = fit_power_law(
-                g["flops"],
-                g["val_loss"],
-                g["run_id"],
-                n_boot=n_boot,
-                level=level,
-                seed=seed,
-                what=f"L(C) for {method} ({points} points)",
-            )
-        except FitError as err:
-            res.refused[("power_law", method)] = str(err)
     every = fit_points(study, flops, "final" if points == "final" else "all")
-    for method, g in every.groupby("method", sort=True):
-        try:
-            res.chinchilla[method] = fit_chinchilla(
-                g["params"],
-                g["tokens"],
-                g["val_loss"],
-                g["run_id"],
-                n_boot=n_boot,
-                level=level,
-                seed=seed,
-                what=f"L(N, D) for {method}",
-            )
-        except FitError as err:
-            res.refused[("chinchilla", method)] = str(err)
+    res.data = dict(iter(pts.groupby("method", sort=True)))
+    laws = [
+        (
+            "power_law",
+            res.power,
+            pts,
+            lambda g, what: fit_power_law(g["flops"], g["val_loss"], g["run_id"], what, **opts),
+            "L(C) for {m} (" + points + " points)",
+        ),
+        (
+            "chinchilla",
+            res.chinchilla,
+            every,
+            lambda g, what: fit_chinchilla(
+                g["params"], g["tokens"], g["val_loss"], g["run_id"], what, **opts
+            ),
+            "L(N, D) for {m}",
+        ),
+    ]
+    for law, fits, frame, fit, name in laws:
+        for method, g in frame.groupby("method", sort=True):
+            try:
+                fits[method] = fit(g, name.format(m=method))
+            except FitError as err:
+                res.refused[(law, method)] = str(err)
     _ratios(res, pts, target_ppl, reference, level)
     return res
 

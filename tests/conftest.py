@@ -4,6 +4,7 @@ one single-rank gloo group serves every model test."""
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -59,19 +60,32 @@ def spread_router(model, std: float = 0.3, seed: int = 1) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
 
 
+@contextmanager
+def home_at(path, shutdown_ray: bool = False):
+    """ALCOT_HOME (tracking store, token cache, runs) set to ``path`` for the duration, then
+    restored; ``shutdown_ray`` stops the embedded Ray a sweep started from there."""
+    import os
+
+    old = os.environ.get("ALCOT_HOME")
+    os.environ["ALCOT_HOME"] = str(path)
+    try:
+        yield path
+    finally:
+        if shutdown_ray:
+            import ray
+
+            ray.shutdown()
+        if old is None:
+            os.environ.pop("ALCOT_HOME", None)
+        else:
+            os.environ["ALCOT_HOME"] = old
+
+
 @pytest.fixture(scope="session")
 def alcot_home(tmp_path_factory):
     """One ALCOT_HOME (tracking store, token cache) for the whole session."""
-    import os
-
-    home = tmp_path_factory.mktemp("alcot_home")
-    old = os.environ.get("ALCOT_HOME")
-    os.environ["ALCOT_HOME"] = str(home)
-    yield home
-    if old is None:
-        os.environ.pop("ALCOT_HOME", None)
-    else:
-        os.environ["ALCOT_HOME"] = old
+    with home_at(tmp_path_factory.mktemp("alcot_home")) as home:
+        yield home
 
 
 SMALL_RUN = [

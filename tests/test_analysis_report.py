@@ -6,6 +6,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import home_at
 
 from alcot.orchestrator.cli import main
 
@@ -40,20 +41,11 @@ max_concurrent: 2
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     """A 6-trial sweep (2 sizes x adaptive at 2 lambdas + vanilla), 8 evaluations each."""
-    home = tmp_path_factory.mktemp("analysishome")
-    old = os.environ.get("ALCOT_HOME")
-    os.environ["ALCOT_HOME"] = str(home)
-    path = home / "sweep.yaml"
-    path.write_text(textwrap.dedent(SWEEP))
-    assert main(["sweep", "run", str(path)]) == 0
-    yield home
-    import ray
-
-    ray.shutdown()
-    if old is None:
-        os.environ.pop("ALCOT_HOME", None)
-    else:
-        os.environ["ALCOT_HOME"] = old
+    with home_at(tmp_path_factory.mktemp("analysishome"), shutdown_ray=True) as home:
+        path = home / "sweep.yaml"
+        path.write_text(textwrap.dedent(SWEEP))
+        assert main(["sweep", "run", str(path)]) == 0
+        yield home
 
 
 def client(home):

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import home_at
 
 from alcot.orchestrator.cli import main
 
@@ -192,17 +193,8 @@ def test_submit_to_a_real_cluster_through_the_jobs_api(tmp_path):
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
-    home = tmp_path_factory.mktemp("sweephome")
-    old = os.environ.get("ALCOT_HOME")
-    os.environ["ALCOT_HOME"] = str(home)
-    yield home
-    import ray
-
-    ray.shutdown()
-    if old is None:
-        os.environ.pop("ALCOT_HOME", None)
-    else:
-        os.environ["ALCOT_HOME"] = old
+    with home_at(tmp_path_factory.mktemp("sweephome"), shutdown_ray=True) as home:
+        yield home
 
 
 @pytest.mark.slow
