@@ -88,27 +88,31 @@ def load_runs(experiment: str, sweep_id: str | None = None, uri: str | None = No
     )
 
 
+def _histories(client, run_ids, keys: list[str]) -> pd.DataFrame:
+    """Long-form histories (run_id, key, step, value) of ``keys``; a step logged twice keeps
+    its later value."""
+    rows = [
+        (run_id, key, m.step, m.timestamp, m.value)
+        for run_id in run_ids
+        for key in keys
+        for m in client.get_metric_history(run_id, key)
+    ]
+    df = pd.DataFrame(rows, columns=["run_id", "key", "step", "timestamp", "value"])
+    df = df.sort_values(["run_id", "key", "step", "timestamp"])
+    df = df.drop_duplicates(["run_id", "key", "step"], keep="last")
+    return df.drop(columns="timestamp").reset_index(drop=True)
+
+
 def load_histories(
     experiment: str, keys: list[str], sweep_id: str | None = None, uri: str | None = None
 ) -> pd.DataFrame:
     client = _client(uri)
-    frames = []
-    for r in _training_runs(client, experiment, sweep_id):
-        for key in keys:
-            hist = client.get_metric_history(r.info.run_id, key)
-            frames.append(
-                pd.DataFrame(
-                    [(r.info.run_id, key, m.step, m.timestamp, m.value) for m in hist],
-                    columns=["run_id", "key", "step", "timestamp", "value"],
-                )
-            )
-    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    missing = [k for k in keys if df.empty or not (df["key"] == k).any()]
+    ids = [r.info.run_id for r in _training_runs(client, experiment, sweep_id)]
+    df = _histories(client, ids, keys)
+    missing = [k for k in keys if not (df["key"] == k).any()]
     if missing:
         raise AnalysisError(f"no run of experiment {experiment!r} logged {', '.join(missing)}")
-    df = df.sort_values(["run_id", "key", "step", "timestamp"])
-    df = df.drop_duplicates(["run_id", "key", "step"], keep="last")
-    return df.drop(columns="timestamp").reset_index(drop=True)
+    return df
 
 
 CURVE_KEYS = ["val/loss", "flops/realised", "flops/nominal", "tokens_seen"]
@@ -165,11 +169,7 @@ class Study:
                 f"the runs of experiment {experiment!r} never logged {', '.join(missing)}: "
                 "analysis needs evaluations (train.eval_every) and FLOPs counters"
             )
-        hist = load_histories(experiment, CURVE_KEYS[:2], sweep_id, uri)
-        optional = _optional_histories(client, runs, CURVE_KEYS[2:])
-        hist = pd.concat([hist, optional], ignore_index=True)
-        hist = hist[hist["run_id"].isin(set(runs["run_id"]))]
-        curves = _curves(hist)
+        curves = _curves(_histories(client, runs["run_id"], CURVE_KEYS))
         return cls(experiment, sweep_id, uri, runs, all_runs, curves, notes)
 
     def token_depth(self) -> pd.DataFrame:
@@ -204,14 +204,3 @@ class Study:
             pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)
         )
         return self._token_depth
-
-
-def _optional_histories(client, runs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    rows = []
-    for run_id in runs["run_id"]:
-        for key in keys:
-            for m in client.get_metric_history(run_id, key):
-                rows.append((run_id, key, m.step, m.timestamp, m.value))
-    df = pd.DataFrame(rows, columns=["run_id", "key", "step", "timestamp", "value"])
-    df = df.sort_values(["run_id", "key", "step", "timestamp"])
-    return df.drop_duplicates(["run_id", "key", "step"], keep="last").drop(columns="timestamp")
