@@ -176,40 +176,34 @@ def _natural(law: str, theta: np.ndarray, ref: tuple[float, ...]) -> dict[str, f
 
 
 # ------------------------------------------------------------------ the fitting driver
-def _fit(
-    law: str,
-    features: list[np.ndarray],
-    y: np.ndarray,
-    groups: np.ndarray | None,
+@dataclass(frozen=True)
+class FitOptions:
+    """How a law is fitted: bootstrap replicates and confidence level, the seed of the
+    resampling, the Huber threshold on log-residuals, and how many grid starts L-BFGS runs from."""
+
+    n_boot: int = 200
+    level: float = 0.9
+    seed: int = 0
+    delta: float = 1e-3
+    n_starts: int = 8
+
+
+def _check(
+    feats: list[np.ndarray],
+    groups: np.ndarray,
     names: list[str],
-    opts: FitOptions,
-    *,
     min_distinct: int,
+    min_runs: int,
     what: str,
-    min_runs: int = 2,
-    alpha_max: float = 3.0,
-) -> Fit:
-    n_boot, level, seed, delta, n_starts = (
-        opts.n_boot,
-        opts.level,
-        opts.seed,
-        opts.delta,
-        opts.n_starts,
-    )
-    y = np.asarray(y, dtype=float)
-    feats = [np.asarray(f, dtype=float) for f in features]
-    n = len(y)
-    groups = np.arange(n) if groups is None else np.asarray(groups)
-    ok = np.isfinite(y) & (y > 0)
-    for f in feats:
-        ok &= np.isfinite(f) & (f > 0)
-    y, feats, groups = y[ok], [f[ok] for f in feats], groups[ok]
-    k = len(feats)
-    n_params = 1 + 2 * k
-    if len(y) < n_params + 2:
+) -> None:
+    """Raise FitError when the points cannot determine the law (used for the data and for
+    every bootstrap replicate alike)."""
+    n_params = 1 + 2 * len(feats)
+    n = len(groups)
+    if n < n_params + 2:
         raise FitError(
             f"{what}: a {n_params}-parameter fit needs at least {n_params + 2} points; "
-            f"there are {len(y)}"
+            f"there are {n}"
         )
     runs = len(np.unique(groups))
     if runs < min_runs:
@@ -224,17 +218,41 @@ def _fit(
                 f"{what}: needs at least {min_distinct} distinct values of {name}; there are "
                 f"{distinct}"
             )
+
+
+def _fit(
+    law: str,
+    features: list[np.ndarray],
+    y: np.ndarray,
+    groups: np.ndarray | None,
+    names: list[str],
+    opts: FitOptions,
+    *,
+    min_distinct: int,
+    what: str,
+    min_runs: int = 2,
+    alpha_max: float = 3.0,
+) -> Fit:
+    y = np.asarray(y, dtype=float)
+    feats = [np.asarray(f, dtype=float) for f in features]
+    groups = np.arange(len(y)) if groups is None else np.asarray(groups)
+    ok = np.isfinite(y) & (y > 0)
+    for f in feats:
+        ok &= np.isfinite(f) & (f > 0)
+    y, feats, groups = y[ok], [f[ok] for f in feats], groups[ok]
+    k = len(feats)
+    _check(feats, groups, names, min_distinct, min_runs, what)
     ref = tuple(float(np.exp(np.mean(np.log(f)))) for f in feats)
     x = np.stack([np.log(f / r) for f, r in zip(feats, ref, strict=True)], axis=1)
     logy = np.log(y)
 
-    def solve(xs, ly, extra=None, top=n_starts):
+    def solve(xs, ly, extra=None, top=opts.n_starts):
         grid = _grid(ly, k)
-        order = np.argsort(_objective_many(grid, xs, ly, delta))[:top]
+        order = np.argsort(_objective_many(grid, xs, ly, opts.delta))[:top]
         starts = grid[order]
         if extra is not None:
             starts = np.vstack([extra[None], starts])
-        return _minimise(xs, ly, delta, starts, alpha_max)
+        return _minimise(xs, ly, opts.delta, starts, alpha_max)
 
     theta, obj = solve(x, logy)
     fit = Fit(
@@ -245,49 +263,70 @@ def _fit(
         objective=obj,
         ref=ref,
         theta=theta,
-        level=level,
+        level=opts.level,
     )
-    if np.any(theta[1 + k :] >= alpha_max - 1e-6) or np.any(theta[1 + k :] <= 1e-6):
-        fit.notes.append("an exponent sits at its bound: the data barely constrain it")
+    for name, value in zip(names, theta[1 + k :], strict=True):
+        if value >= alpha_max * 0.999 or value <= 1e-3:
+            raise FitError(
+                f"{what}: the exponent of {name} ended at its bound ({value:.3g}; allowed 0 to "
+                f"{alpha_max:g}): these points do not determine the law"
+            )
     uniq = np.unique(groups)
-    if n_boot > 0 and len(uniq) < 3:
+    if opts.n_boot > 0 and len(uniq) < 3:
         fit.notes.append(f"no interval: the bootstrap resamples runs and there are {len(uniq)}")
-    elif n_boot > 0:
-        rng = np.random.default_rng(seed)
-        members = {g: np.flatnonzero(groups == g) for g in uniq}
-        failed = 0
-        for _ in range(n_boot):
-            pick = rng.choice(uniq, size=len(uniq), replace=True)
-            idx = np.concatenate([members[g] for g in pick])
-            try:
-                th, _ = solve(x[idx], logy[idx], extra=theta, top=2)
-            except FitError:
-                failed += 1
-                continue
-            rep = _natural(law, th, ref)
-            rep["_theta"] = th
-            fit.replicates.append(rep)
-        if failed:
-            fit.notes.append(f"{failed} of {n_boot} bootstrap replicates did not fit")
-        if len(fit.replicates) >= 10:
-            q = [(1 - level) / 2, (1 + level) / 2]
-            for name in fit.params:
-                vals = np.array([r[name] for r in fit.replicates])
-                lo, hi = np.quantile(vals, q)
-                fit.interval[name] = (float(lo), float(hi))
+    elif opts.n_boot > 0:
+        _bootstrap(
+            fit,
+            law,
+            x,
+            logy,
+            groups,
+            uniq,
+            solve,
+            opts,
+            ref,
+            lambda idx: _check(
+                [f[idx] for f in feats], groups[idx], names, min_distinct, min_runs, what
+            ),
+        )
     return fit
 
 
-@dataclass(frozen=True)
-class FitOptions:
-    """How a law is fitted: bootstrap replicates and confidence level, the seed of the
-    resampling, the Huber threshold on log-residuals, and how many grid starts L-BFGS runs from."""
-
-    n_boot: int = 200
-    level: float = 0.9
-    seed: int = 0
-    delta: float = 1e-3
-    n_starts: int = 8
+def _bootstrap(fit, law, x, logy, groups, uniq, solve, opts, ref, check) -> None:
+    """Refit on ``opts.n_boot`` resamples of the runs. A resample the law cannot be fitted to
+    (too few distinct sizes, say) is skipped; when more than half are, there is no interval:
+    the runs are too few for the bootstrap to say anything."""
+    rng = np.random.default_rng(opts.seed)
+    members = {g: np.flatnonzero(groups == g) for g in uniq}
+    skipped = 0
+    for _ in range(opts.n_boot):
+        pick = rng.choice(uniq, size=len(uniq), replace=True)
+        idx = np.concatenate([members[g] for g in pick])
+        try:
+            check(idx)
+            th, _ = solve(x[idx], logy[idx], extra=fit.theta, top=2)
+        except FitError:
+            skipped += 1
+            continue
+        rep = _natural(law, th, ref)
+        rep["_theta"] = th
+        fit.replicates.append(rep)
+    if skipped * 2 > opts.n_boot:
+        fit.notes.append(
+            f"no interval: {skipped} of {opts.n_boot} resamples of the {len(uniq)} runs could "
+            "not be fitted (too few runs)"
+        )
+        fit.replicates.clear()
+        return
+    if len(fit.replicates) < 10:
+        fit.notes.append(f"no interval from {len(fit.replicates)} bootstrap replicates (< 10)")
+        return
+    if skipped:
+        fit.notes.append(f"{skipped} of {opts.n_boot} bootstrap resamples could not be fitted")
+    q = [(1 - opts.level) / 2, (1 + opts.level) / 2]
+    for name in fit.params:
+        lo, hi = np.quantile([r[name] for r in fit.replicates], q)
+        fit.interval[name] = (float(lo), float(hi))
 
 
 def fit_power_law(compute, loss, groups=None, what: str = "power-law fit", **options) -> Fit:

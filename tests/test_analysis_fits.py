@@ -100,6 +100,9 @@ def test_fits_refuse_what_the_data_cannot_support():
     d = list(np.geomspace(1e7, 1e9, 5)) * 2
     with pytest.raises(FitError, match="3 distinct values of model size N; there are 2"):
         fit_chinchilla(n, d, np.linspace(3, 2, 10), n_boot=0)
+    c, loss, g = power_law_runs(seed=7)
+    with pytest.raises(FitError, match="exponent of compute ended at its bound"):
+        fit_power_law(c, 4.0 + 0.1 * np.log10(c), g, n_boot=0)  # loss grows with compute
     c, loss, g = power_law_runs(seed=6, runs=2, per_run=4)
     fit = fit_power_law(c, loss, g, n_boot=20)
     assert not fit.interval and "no interval" in fit.notes[0]
