@@ -225,3 +225,12 @@ def test_wikitext_study_takes_its_path_from_env_or_command_line(tmp_path, monkey
     assert flops == {5.0}  # isoFLOP
     other = load_sweep(study, ["data.path=/elsewhere/train.txt"])
     assert {t.config.data.path for t in other.trials} == {"/elsewhere/train.txt"}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_sweep_is_valid(path, monkeypatch):
+    monkeypatch.setenv("ALCOT_WIKITEXT2", "/data/wikitext-2")  # referenced, not read, here
+    sweep = load_sweep(path)
+    assert sweep.trials and len({t.hash for t in sweep.trials}) == len(sweep.trials)
+    # every trial evaluates more than once, so analysis has curves to compare at matched compute
+    assert all(t.config.train.steps >= 2 * t.config.train.eval_every for t in sweep.trials)
