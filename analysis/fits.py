@@ -134,7 +134,10 @@ class Fit:
     replicates: list[dict[str, float]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
-    def predict(self, *features) -> np.ndarray:
+    def predict(self, *features, theta: np.ndarray | None = None) -> np.ndarray:
+        """The law at ``features`` (one array per feature), with the fitted parameters or with
+        ``theta`` (a bootstrap replicate's ``_theta``)."""
+        theta = self.theta if theta is None else theta
         x = np.stack(
             [
                 np.log(np.asarray(f, dtype=float) / r)
@@ -143,7 +146,7 @@ class Fit:
             axis=1,
         )
         k = x.shape[1]
-        e, a, alpha = self.theta[0], self.theta[1 : 1 + k], self.theta[1 + k :]
+        e, a, alpha = theta[0], theta[1 : 1 + k], theta[1 + k :]
         return np.exp(e) + (np.exp(a - x * alpha)).sum(axis=1)
 
     def compute_for(self, target_loss: float) -> float:

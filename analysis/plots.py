@@ -171,7 +171,7 @@ def fits_figure(data: dict[str, pd.DataFrame], fits: dict[str, Fit], flops: str,
             label=f"{method}: {p['E']:.2f} + {p['A']:.3g}·C^-{p['alpha']:.3f}",
         )
         if f.replicates:
-            preds = np.array([_predict_theta(f, r["_theta"], c) for r in f.replicates])
+            preds = np.array([f.predict(c, theta=r["_theta"]) for r in f.replicates])
             lo, hi = np.quantile(preds, [(1 - level) / 2, (1 + level) / 2], axis=0)
             ax.fill_between(c, lo, hi, color=colour(method), alpha=0.15, lw=0)
     ax.set_xscale("log")
@@ -183,11 +183,6 @@ def fits_figure(data: dict[str, pd.DataFrame], fits: dict[str, Fit], flops: str,
     if ax.get_legend_handles_labels()[0]:
         _legend_outside(ax)
     return fig
-
-
-def _predict_theta(fit: Fit, theta: np.ndarray, c: np.ndarray) -> np.ndarray:
-    x = np.log(c / fit.ref[0])
-    return np.exp(theta[0]) + np.exp(theta[1] - theta[2] * x)
 
 
 def depth_hist_figure(fractions: pd.DataFrame):

@@ -21,7 +21,6 @@ import pandas as pd
 from . import curves as cv
 from . import depth as dp
 from . import plots
-from .fits import FitError
 from .load import AnalysisError, Study
 from .scaling import ScalingResult, fit_study, params_table, ratio_table
 
@@ -333,25 +332,20 @@ def log_report(study: Study, report: Report, artifact_path: str = "analysis") ->
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=study.uri)
-    run_id = None
-    try:
-        run_id = parent_run(study, client)
-    except Exception:  # a store without the tags: fall back to a run of its own
-        run_id = None
-    if run_id is None:
+    run_id = parent_run(study, client)
+    own_run = run_id is None
+    if own_run:
         exp = client.get_experiment_by_name(study.experiment)
-        run = client.create_run(
+        run_id = client.create_run(
             exp.experiment_id,
             run_name=f"analysis-{time.strftime('%Y%m%d-%H%M%S')}",
             tags={"alcot.kind": "analysis"},
-        )
-        run_id = run.info.run_id
-        client.log_artifacts(run_id, str(report.out_dir), artifact_path)
+        ).info.run_id
+    client.log_artifacts(run_id, str(report.out_dir), artifact_path)
+    if own_run:
         client.set_terminated(run_id)
-    else:
-        client.log_artifacts(run_id, str(report.out_dir), artifact_path)
     report.logged_to = run_id
     return run_id
 
 
-__all__ = ["Report", "build_report", "log_report", "FitError"]
+__all__ = ["Report", "build_report", "log_report"]
