@@ -27,6 +27,8 @@ from .config import ModelConfig, count_parameters
 from .diagnostics import has_token_depth, write_token_depth
 from .typed import ConfigError, build
 
+FIND = object()  # train(resume_from=FIND): look for the newest valid checkpoint
+
 
 @dataclass
 class TrainerConfig:
@@ -214,8 +216,13 @@ def train(
     run_meta: dict | None = None,
     progress: bool = True,
     log=print,
+    resume_from: checkpointing.CheckpointInfo | None | object = FIND,
 ) -> TrainResult:
-    """Train (or resume) one run. ``data`` is an :class:`alcot.data.PreparedData`."""
+    """Train (or resume) one run. ``data`` is an :class:`alcot.data.PreparedData`.
+
+    With ``train.resume: auto`` the run continues from ``resume_from``, by default the newest
+    valid checkpoint in ``out_dir`` (a caller that already looked passes what it found, or
+    None, so that checkpoints are not read and checksummed twice)."""
     from megatron.core import parallel_state as ps
 
     from alcot.data.loader import PackedLoader
@@ -258,7 +265,7 @@ def train(
     ckpt_dir = Path(out_dir) / "checkpoints"
     start, resumed_from, last_ckpt_path = 0, None, None
     if tcfg.resume == "auto":
-        info = checkpointing.latest_valid(ckpt_dir)
+        info = checkpointing.latest_valid(ckpt_dir) if resume_from is FIND else resume_from
         if info is not None:
             payload = checkpointing.load_payload(info, device)
             model.load_state_dict(payload["model"])

@@ -68,14 +68,15 @@ def depth_histogram_plot(hist: list[float], path: Path, title: str) -> Path:
     return path
 
 
-def previous_run_id(out_dir: Path, uri: str) -> str | None:
+def previous_run_id(
+    out_dir: Path, uri: str, info: checkpointing.CheckpointInfo | None
+) -> str | None:
     """The MLflow run an interrupted run of this folder was logging to, if any.
 
-    Taken from the newest valid checkpoint, or, when it was stopped before its first checkpoint,
-    from ``tracking.json``: training then restarts from step 0, reproduces the same values, and
-    the tracker does not log the steps the run already has.
+    Taken from the newest valid checkpoint (``info``), or, when it was stopped before its first
+    checkpoint, from ``tracking.json``: training then restarts from step 0, reproduces the same
+    values, and the tracker does not log the steps the run already has.
     """
-    info = checkpointing.latest_valid(out_dir / "checkpoints")
     if info is not None and info.meta.get("mlflow_run_id"):
         return info.meta["mlflow_run_id"]
     record = out_dir / "tracking.json"
@@ -108,10 +109,13 @@ def run_training(
     is_rank0 = not dist.is_initialized() or dist.get_rank() == 0
     tracker, uri, run_id = None, None, None
     m = cfg.model
+    resume_from = (
+        checkpointing.latest_valid(out_dir / "checkpoints") if cfg.train.resume == "auto" else None
+    )
     if cfg.tracking.enabled and is_rank0:
         uri, artifact_root = resolve_uri(cfg.tracking.uri, home)
         if cfg.train.resume == "auto":
-            run_id = previous_run_id(out_dir, uri)
+            run_id = previous_run_id(out_dir, uri, resume_from)
         tracker = Tracker(
             uri,
             cfg.tracking.experiment,
@@ -158,6 +162,7 @@ def run_training(
             run_meta={"mlflow_run_id": tracker.run_id if tracker else run_id, "config_hash": h},
             progress=progress,
             log=log,
+            resume_from=resume_from,
         )
         status = "FINISHED" if result.status == "finished" else "FAILED"
         if tracker is not None and result.status != "finished":
