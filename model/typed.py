@@ -54,7 +54,7 @@ def build(cls, data: Any, prefix: str):
     except ConfigError as err:
         # a section's own checks may name a field relative to the section: make it absolute
         if prefix and not (err.field == prefix or err.field.startswith(prefix + ".")):
-            raise ConfigError(f"{prefix}.{err.field}", str(err).split(": ", 1)[-1]) from None
+            raise ConfigError(f"{prefix}.{err.field}", err.message) from None
         raise
 
 

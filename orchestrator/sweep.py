@@ -256,9 +256,7 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
     try:
         spec = build(SweepSpec, raw, "")
     except ConfigError as err:
-        raise SweepError(
-            _where(path, lines, err.field), err.field, str(err).split(": ", 1)[-1]
-        ) from None
+        raise SweepError(_where(path, lines, err.field), err.field, err.message) from None
 
     base = _load_base(spec, path, lines)
     if overrides:
@@ -266,7 +264,7 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
             base = apply_overrides(base, list(overrides))
             RunConfig.from_dict(base)
         except ConfigError as err:
-            raise SweepError("--set", err.field, str(err).split(": ", 1)[-1]) from None
+            raise SweepError("--set", err.field, err.message) from None
     for section in ("grid", "zip"):
         for axis, values in getattr(spec, section).items():
             key = f"{section}.{axis}"
@@ -372,7 +370,7 @@ def make_trial(
                 "base",
             )
         value = axes.get(err.field)
-        msg = str(err).split(": ", 1)[-1]
+        msg = err.message
         if key.startswith(("grid", "zip")) and not err.field.startswith(key.split(".", 1)[1]):
             msg = f"{err.field}: {msg}"
         raise SweepError(
@@ -399,7 +397,7 @@ def make_trial(
             raise SweepError(
                 _where(path, lines, "resources.tensor_parallel"),
                 "resources.tensor_parallel",
-                str(err).split(": ", 1)[-1],
+                err.message,
             ) from None
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     passes = 1 + cfg.model.l_max
