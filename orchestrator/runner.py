@@ -16,7 +16,7 @@ import csv
 import io
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ class PlannedTrial:
     trial: Trial
     action: str  # run | resume | skip
     run_id: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)  # a skipped trial's final metrics
 
 
 def _client(uri: str):
@@ -69,7 +70,7 @@ def plan(sweep: Sweep, home: Path | None = None) -> list[PlannedTrial]:
                 max_results=1,
             )
             if done:
-                out.append(PlannedTrial(t, "skip", done[0].info.run_id))
+                out.append(PlannedTrial(t, "skip", done[0].info.run_id, done[0].data.metrics))
                 continue
         info = checkpointing.latest_valid(run_dir(t.config, home) / "checkpoints")
         out.append(
@@ -345,11 +346,10 @@ def run_sweep(sweep: Sweep, address: str | None = None, dry_run: bool = False, l
         d = describe(p.trial)
         if p.action == "skip":
             state = "skipped (finished before)"
-            done = client.get_run(p.run_id).data.metrics
             metrics = {
                 "run_id": p.run_id,
-                "val_ppl": done.get("val/ppl", ""),
-                "flops_realised": done.get("flops/realised", ""),
+                "val_ppl": p.metrics.get("val/ppl", ""),
+                "flops_realised": p.metrics.get("flops/realised", ""),
             }
         else:
             metrics = outcomes.get(p.trial.hash, {})
