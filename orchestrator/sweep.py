@@ -44,7 +44,7 @@ from typing import Any
 
 import yaml
 
-from alcot.model.config import LADDER, count_parameters
+from alcot.model.config import count_parameters
 from alcot.model.typed import ConfigError, build
 
 from .config import RunConfig, apply_overrides, config_hash
@@ -453,7 +453,3 @@ def describe(trial: Trial) -> dict[str, Any]:
         "est_flops": trial.est_flops,
         "axes": trial.axes,
     }
-
-
-def ladder_names() -> list[str]:
-    return list(LADDER)

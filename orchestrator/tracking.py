@@ -89,7 +89,6 @@ class Tracker:
             raise ConfigError(
                 "tracking.uri", f"cannot reach the tracking store {uri}: {err}"
             ) from err
-        self.experiment_id = exp_id
         (self.run_dir / "tracking.json").write_text(
             json.dumps({"uri": uri, "run_id": self.run_id, "experiment": experiment}, indent=1)
         )
@@ -160,10 +159,6 @@ class Tracker:
         while not self._stop.wait(self.flush_seconds * (1 + min(self._failures, 10))):
             while self._queue and self._send():
                 pass
-
-    @property
-    def pending(self) -> int:
-        return len(self._queue)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> bool:
         try:
