@@ -24,7 +24,7 @@ from alcot.model import checkpointing
 
 from .config import alcot_home, run_dir
 from .sweep import Sweep, Trial, describe
-from .tracking import ensure_experiment, resolve_uri
+from .tracking import ensure_experiment, read_journal, read_record, resolve_uri
 
 
 @dataclass
@@ -150,20 +150,14 @@ def _trial_body(trial_cfg: dict, home: str, extra_tags: dict, threads: int) -> d
 
 def _results_from_run_dir(trial_cfg: dict, home: str) -> dict[str, Any]:
     """A finished run's final metrics, read back from its folder (journal and tracking record)."""
-    import json
-
     folder = run_dir(_trial_config(trial_cfg), Path(home))
     last: dict[str, float] = {}
     step = 0
-    journal = folder / "metrics.jsonl"
-    if journal.exists():
-        for line in journal.read_text().splitlines():
-            row = json.loads(line)
-            last.update(row["metrics"])
-            step = row["step"]
-    record = folder / "tracking.json"
-    run_id = json.loads(record.read_text())["run_id"] if record.exists() else ""
-    return _report(last, step, run_id)
+    for row in read_journal(folder):
+        last.update(row["metrics"])
+        step = row["step"]
+    record = read_record(folder)
+    return _report(last, step, record["run_id"] if record else "")
 
 
 def tune_trainable(config: dict, home: str, parent: str, sweep_id: str, threads: int) -> None:

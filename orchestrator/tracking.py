@@ -203,24 +203,32 @@ class Tracker:
         return status_sent
 
 
+def read_record(run_dir: Path) -> dict | None:
+    """The folder's ``tracking.json`` (store uri, run id, experiment), or None without one."""
+    path = Path(run_dir) / "tracking.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def read_journal(run_dir: Path) -> list[dict]:
+    """The folder's ``metrics.jsonl`` rows (``{"step": ..., "metrics": {...}}``), in order."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def sync(run_dir: Path, log=print) -> int:
     """Send whatever the journal has that the MLflow run lacks; returns the values sent."""
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
     run_dir = Path(run_dir)
-    info_path = run_dir / "tracking.json"
-    if not info_path.exists():
+    info = read_record(run_dir)
+    if info is None:
         raise ConfigError(str(run_dir), "no tracking.json here: not a tracked run folder")
-    info = json.loads(info_path.read_text())
     client = MlflowClient(tracking_uri=info["uri"])
     run_id = info["run_id"]
-    rows = []
-    journal = run_dir / "metrics.jsonl"
-    if journal.exists():
-        for line in journal.read_text().splitlines():
-            if line.strip():
-                rows.append(json.loads(line))
+    rows = read_journal(run_dir)
     have: dict[str, set[int]] = {}
     todo = []
     for row in rows:

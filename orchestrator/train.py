@@ -6,7 +6,6 @@ This is the unit a sweep schedules: config in, metrics out (and an MLflow run).
 from __future__ import annotations
 
 import dataclasses
-import json
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from alcot.model.config import count_parameters
 from alcot.model.training import TrainResult, train
 
 from .config import RunConfig, alcot_home, config_hash, flatten, run_dir
-from .tracking import Tracker, resolve_uri
+from .tracking import Tracker, read_record, resolve_uri
 
 
 @dataclass
@@ -79,14 +78,12 @@ def previous_run_id(
     """
     if info is not None and info.meta.get("mlflow_run_id"):
         return info.meta["mlflow_run_id"]
-    record = out_dir / "tracking.json"
-    if record.exists():
-        try:
-            data = json.loads(record.read_text())
-        except ValueError:
-            return None
-        if data.get("uri") == uri:
-            return data.get("run_id")
+    try:
+        data = read_record(out_dir)
+    except ValueError:  # a torn record: start a new run
+        return None
+    if data and data.get("uri") == uri:
+        return data.get("run_id")
     return None
 
 
