@@ -383,6 +383,26 @@ def run_sweep(sweep: Sweep, address: str | None = None, dry_run: bool = False, l
     return 0 if ok else 1
 
 
+def tune_run_config(kind: str, sweep: Sweep, parent_id: str, home: Path, callbacks=()):
+    """The Ray Tune run settings a sweep (``kind`` sweep) or a search shares: results under
+    ``$ALCOT_HOME/ray_results``, the sweep's retry budget, no Tune console tables."""
+    from ray import tune
+
+    return tune.RunConfig(
+        name=f"{kind}-{sweep.sweep_id}-{parent_id[:8]}",
+        storage_path=str(home / "ray_results"),
+        failure_config=tune.FailureConfig(max_failures=sweep.spec.retries),
+        callbacks=list(callbacks),
+        verbose=0,
+    )
+
+
+def error_line(err: BaseException) -> str:
+    """The last line of a trial's error (Ray wraps the trial's traceback around it)."""
+    text = str(err).strip()
+    return text.splitlines()[-1] if text else "error"
+
+
 def _fit(
     sweep: Sweep, todo: list[PlannedTrial], home: Path, parent_id: str, address: str | None, log
 ) -> dict[str, dict]:
@@ -396,13 +416,7 @@ def _fit(
     threads = max(1, int(spec.resources.cpus))
     points = [{"trial": p.trial.config.to_dict(), "hash": p.trial.hash} for p in todo]
     labels = {p.trial.hash: p.trial.short[:6] for p in todo}
-    run_config = tune.RunConfig(
-        name=f"sweep-{sweep.sweep_id}-{parent_id[:8]}",
-        storage_path=str(home / "ray_results"),
-        failure_config=tune.FailureConfig(max_failures=spec.retries),
-        callbacks=[_live_callback(labels, log)],
-        verbose=0,
-    )
+    run_config = tune_run_config("sweep", sweep, parent_id, home, [_live_callback(labels, log)])
     res = spec.resources
     common = dict(home=str(home), parent=parent_id, sweep_id=sweep.sweep_id, threads=threads)
     if res.workers == 1:
@@ -423,6 +437,6 @@ def _fit(
         h = _point(r.config)["hash"]
         metrics = dict(r.metrics or {})
         if r.error is not None:
-            metrics["error"] = str(r.error).strip().splitlines()[-1] if str(r.error) else "error"
+            metrics["error"] = error_line(r.error)
         out[h] = metrics
     return out

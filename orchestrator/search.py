@@ -17,7 +17,13 @@ from .sweep import Sweep, make_trial
 
 
 def _key(axis: str) -> str:
+    """A dotted config path as a Tune parameter name (Tune reads dots as nesting)."""
     return axis.replace(".", "__")
+
+
+def _axes(config: dict) -> dict:
+    """Tune parameters back to dotted config paths (the inverse of :func:`_key`)."""
+    return {k.replace("__", "."): v for k, v in config.items()}
 
 
 def tune_space(space: dict) -> dict:
@@ -41,8 +47,7 @@ def search_trainable(config: dict, sweep: Sweep, home: str, parent: str, threads
 
     from .runner import _trial_body
 
-    axes = {k.replace("__", "."): v for k, v in config.items()}
-    trial = make_trial(sweep.spec, sweep.base, axes, sweep.path, sweep.lines)
+    trial = make_trial(sweep.spec, sweep.base, _axes(config), sweep.path, sweep.lines)
     tags = {
         "mlflow.parentRunId": parent,
         "alcot.sweep_id": sweep.sweep_id,
@@ -78,7 +83,7 @@ def run_search(sweep: Sweep, address: str | None, dry_run: bool, log) -> int:
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    from .runner import in_home, init_ray, open_parent_run
+    from .runner import error_line, in_home, init_ray, open_parent_run, tune_run_config
 
     client, parent_id = open_parent_run(sweep, home, "search")
     storage_url = search.storage
@@ -115,22 +120,17 @@ def run_search(sweep: Sweep, address: str | None, dry_run: bool, log) -> int:
             num_samples=search.trials,
             reuse_actors=True,
         ),
-        run_config=tune.RunConfig(
-            name=f"search-{sweep.sweep_id}-{parent_id[:8]}",
-            storage_path=str(home / "ray_results"),
-            failure_config=tune.FailureConfig(max_failures=spec.retries),
-            verbose=0,
-        ),
+        run_config=tune_run_config("search", sweep, parent_id, home),
     )
     with in_home(home):
         results = tuner.fit()
     ok = True
     log("trials:")
     for r in results:
-        cfg = {k.replace("__", "."): v for k, v in r.config.items()}
+        cfg = _axes(r.config)
         if r.error is not None:
             ok = False
-            log(f"  {cfg}  failed: {str(r.error).strip().splitlines()[-1]}")
+            log(f"  {cfg}  failed: {error_line(r.error)}")
         else:
             shown = ", ".join(f"{m}={r.metrics.get(m, float('nan')):.4g}" for m in metrics)
             log(f"  {cfg}  {shown}")
