@@ -195,13 +195,13 @@ def evaluate(model, data, tcfg: TrainerConfig, seq_len: int, batch: int, device)
         hist += torch.bincount(out.depth.flatten().cpu(), minlength=l_max + 1).double()
     model.train(was_training)
     ce = ce_sum / tokens
-    frac = (hist / hist.sum()).tolist()
+    frac = hist / hist.sum()
     metrics = {
         "val/loss": ce,
         "val/ppl": math.exp(min(ce, 50.0)),
-        "val/mean_depth": float((torch.arange(l_max + 1) * (hist / hist.sum())).sum()),
+        "val/mean_depth": float((torch.arange(l_max + 1) * frac).sum()),
     }
-    metrics.update({f"val/depth_frac_{k}": f for k, f in enumerate(frac)})
+    metrics.update({f"val/depth_frac_{k}": f for k, f in enumerate(frac.tolist())})
     return metrics
 
 
@@ -247,10 +247,9 @@ def train(
     torch.manual_seed(seed)
     random.seed(seed)
     model = AlcotModel(model_cfg).to(device)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embedding" not in n]
-    no_decay = [
-        p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embedding" not in n)
-    ]
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():  # matrices decay; norms, biases, embeddings do not
+        (decay if p.dim() >= 2 and "embedding" not in n else no_decay).append(p)
     opt = torch.optim.AdamW(
         [
             {"params": decay, "weight_decay": tcfg.weight_decay},

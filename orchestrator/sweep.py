@@ -242,7 +242,7 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
     if not path.is_file():
         raise SweepError(str(path), "<file>", "sweep file not found")
     try:
-        raw, lines = load_with_lines(path)
+        raw, lines, text = load_with_lines(path)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -292,7 +292,7 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
         if trial.hash not in seen:  # canonical duplicates (vanilla x lambda) are one trial
             seen.add(trial.hash)
             trials.append(trial)
-    return Sweep(spec, path, base, trials, lines, path.read_text())
+    return Sweep(spec, path, base, trials, lines, text)
 
 
 def _load_base(spec: SweepSpec, path: Path, lines: dict[str, int]) -> dict:

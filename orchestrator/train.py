@@ -141,9 +141,10 @@ def run_training(
         if data.cache_hit:
             log(f"token cache hit: {data.root}")
         resolved = resolve(cfg, data.vocab_size)
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(resolved.to_dict(), sort_keys=False))
+        settings = resolved.to_dict()
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
         if tracker is not None and not tracker.resumed:  # a new run: its params and config
-            params = flatten(resolved.to_dict())
+            params = flatten(settings)
             counts = count_parameters(resolved.model)
             params.update({f"params.{k}": v for k, v in counts.items()})
             tracker.log_params(params)

@@ -22,12 +22,13 @@ def _walk(node, path: str, lines: dict[str, int]) -> None:
             _walk(item, sub, lines)
 
 
-def load_with_lines(path: Path) -> tuple[Any, dict[str, int]]:
-    """(data, {dotted path: line}) for a YAML file. Raises ``yaml.YAMLError`` on bad YAML."""
+def load_with_lines(path: Path) -> tuple[Any, dict[str, int], str]:
+    """(data, {dotted path: line}, the file's text) for a YAML file. Raises ``yaml.YAMLError``
+    on bad YAML."""
     text = Path(path).read_text()
     data = yaml.safe_load(text)
     lines: dict[str, int] = {}
     node = yaml.compose(text, Loader=yaml.SafeLoader)
     if node is not None:
         _walk(node, "", lines)
-    return data, lines
+    return data, lines, text
