@@ -69,12 +69,17 @@ def fit_study(
     pts = fit_points(study, flops, points)
     every = fit_points(study, flops, "final" if points == "final" else "all")
     res.data = dict(iter(pts.groupby("method", sort=True)))
+    # the bootstrap's unit is a run, named by its config hash rather than its random MLflow id,
+    # so the same sweep run twice (or in two stores) gives the same intervals
+    trial = study.runs.set_index("run_id")["trial"]
     laws = [
         (
             "power_law",
             res.power,
             pts,
-            lambda g, what: fit_power_law(g["flops"], g["val_loss"], g["run_id"], what, **opts),
+            lambda g, what: fit_power_law(
+                g["flops"], g["val_loss"], g["run_id"].map(trial), what, **opts
+            ),
             "L(C) for {m} (" + points + " points)",
         ),
         (
@@ -82,7 +87,7 @@ def fit_study(
             res.chinchilla,
             every,
             lambda g, what: fit_chinchilla(
-                g["params"], g["tokens"], g["val_loss"], g["run_id"], what, **opts
+                g["params"], g["tokens"], g["val_loss"], g["run_id"].map(trial), what, **opts
             ),
             "L(N, D) for {m}",
         ),

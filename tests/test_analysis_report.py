@@ -1,6 +1,7 @@
 """`alcot analyze` on the MLflow store of a real (tiny) sweep, the notebook run headless, and
 clear errors (exit code 2) for studies that cannot be analysed."""
 
+import dataclasses
 import os
 import textwrap
 from pathlib import Path
@@ -117,6 +118,19 @@ def test_report_numbers_agree_with_the_runs(study):
     for method in ("adaptive", "vanilla"):  # fitted, or refused with the reason
         assert method in res.power or " needs " in res.refused[("power_law", method)]
     assert "adaptive" in res.power
+    # intervals do not depend on the runs' random MLflow ids: the same sweep in another store
+    # (here: the same runs under other ids) gives the same numbers
+    other = {r: f"{i:032x}"[::-1] for i, r in enumerate(s.runs["run_id"])}
+    renamed = dataclasses.replace(
+        s,
+        runs=s.runs.assign(run_id=s.runs["run_id"].map(other)),
+        curves=s.curves.assign(run_id=s.curves["run_id"].map(other)),
+    )
+    a, b = (fit_study(x, points="all", n_boot=30) for x in (s, renamed))
+    assert (
+        a.power["adaptive"].interval
+        and a.power["adaptive"].interval == b.power["adaptive"].interval
+    )
     td = s.token_depth()
     assert set(td["run_id"]) == set(pts.loc[pts["method"] == "adaptive", "run_id"])
     assert (td.groupby("run_id").size() == 2 * 8 * 32).all()  # eval_batches x batch x seq
