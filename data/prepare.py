@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from alcot.model.checkpointing import file_sha256
+from alcot.model.checkpoints import file_sha256
 from alcot.model.typed import ConfigError
 
 from .config import DataConfig

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
-from . import checkpointing
+from . import checkpoints
 from .config import ModelConfig, count_parameters
 from .diagnostics import has_token_depth, write_token_depth
 from .typed import ConfigError, build
@@ -216,7 +216,7 @@ def train(
     run_meta: dict | None = None,
     progress: bool = True,
     log=print,
-    resume_from: checkpointing.CheckpointInfo | None | object = FIND,
+    resume_from: checkpoints.CheckpointInfo | None | object = FIND,
 ) -> TrainResult:
     """Train (or resume) one run. ``data`` is an :class:`alcot.data.PreparedData`.
 
@@ -264,9 +264,9 @@ def train(
     ckpt_dir = Path(out_dir) / "checkpoints"
     start, resumed_from, last_ckpt_path = 0, None, None
     if tcfg.resume == "auto":
-        info = checkpointing.latest_valid(ckpt_dir) if resume_from is FIND else resume_from
+        info = checkpoints.latest_valid(ckpt_dir) if resume_from is FIND else resume_from
         if info is not None:
-            payload = checkpointing.load_payload(info, device)
+            payload = checkpoints.load_payload(info, device)
             model.load_state_dict(payload["model"])
             opt.load_state_dict(payload["optimizer"])
             sched.load_state_dict(payload["scheduler"])
@@ -296,7 +296,7 @@ def train(
             "counters": dict(counters),
             "rng": _rng_state(),
         }
-        return checkpointing.save(ckpt_dir, step, payload, run_meta or {}, tcfg.keep_checkpoints)
+        return checkpoints.save(ckpt_dir, step, payload, run_meta or {}, tcfg.keep_checkpoints)
 
     bar = None
     if progress and rank == 0:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from alcot.model import checkpointing
+from alcot.model import checkpoints
 
 from .config import alcot_home, run_dir
 from .sweep import Sweep, Trial, describe
@@ -72,7 +72,7 @@ def plan(sweep: Sweep, home: Path | None = None) -> list[PlannedTrial]:
             if done:
                 out.append(PlannedTrial(t, "skip", done[0].info.run_id, done[0].data.metrics))
                 continue
-        info = checkpointing.latest_valid(run_dir(t.config, home) / "checkpoints")
+        info = checkpoints.latest_valid(run_dir(t.config, home) / "checkpoints")
         out.append(
             PlannedTrial(
                 t, "resume" if info else "run", info.meta.get("mlflow_run_id") if info else None

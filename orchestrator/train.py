@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from alcot.model import checkpointing
+from alcot.model import checkpoints
 from alcot.model.config import count_parameters
 from alcot.model.training import TrainResult, train
 
@@ -68,7 +68,7 @@ def depth_histogram_plot(hist: list[float], path: Path, title: str) -> Path:
 
 
 def previous_run_id(
-    out_dir: Path, uri: str, info: checkpointing.CheckpointInfo | None
+    out_dir: Path, uri: str, info: checkpoints.CheckpointInfo | None
 ) -> str | None:
     """The MLflow run an interrupted run of this folder was logging to, if any.
 
@@ -107,7 +107,7 @@ def run_training(
     tracker, uri, run_id = None, None, None
     m = cfg.model
     resume_from = (
-        checkpointing.latest_valid(out_dir / "checkpoints") if cfg.train.resume == "auto" else None
+        checkpoints.latest_valid(out_dir / "checkpoints") if cfg.train.resume == "auto" else None
     )
     if cfg.tracking.enabled and is_rank0:
         uri, artifact_root = resolve_uri(cfg.tracking.uri, home)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import SMALL_RUN, small_run
 
-from alcot.model import checkpointing
+from alcot.model import checkpoints
 from alcot.orchestrator.cli import main
 from alcot.orchestrator.train import run_training
 
@@ -104,7 +104,7 @@ def test_exact_resume_after_sigkill(alcot_home, tmp_path):
     deadline = time.time() + 240
     while time.time() < deadline:  # wait for a checkpoint and some steps past it
         steps_done = len(journal(killed)) if (killed / "metrics.jsonl").exists() else 0
-        if checkpointing.latest_valid(killed / "checkpoints") is not None and steps_done >= 15:
+        if checkpoints.latest_valid(killed / "checkpoints") is not None and steps_done >= 15:
             break
         assert proc.poll() is None, proc.stdout.read().decode()
         time.sleep(0.02)
@@ -171,7 +171,7 @@ def test_non_finite_loss_stops_the_run(alcot_home, tmp_path, monkeypatch):
     res = out.result
     assert res.status == "failed" and res.step == 8
     assert "non-finite loss" in res.message and "step_00000005" in res.message
-    info = checkpointing.latest_valid(run_dir / "checkpoints")
+    info = checkpoints.latest_valid(run_dir / "checkpoints")
     assert info is not None and info.step == 5  # the last good checkpoint, intact
     assert mlflow_client().get_run(out.run_id).info.status == "FAILED"
 
@@ -271,7 +271,7 @@ def _short_finish(finish):
 def test_checkpoints_load_with_weights_only(alcot_home, tmp_path):
     run_dir = tmp_path / "run"
     run_training(small_run(run_dir, "train.steps=5"), progress=False, log=lambda *a: None)
-    info = checkpointing.latest_valid(run_dir / "checkpoints")
+    info = checkpoints.latest_valid(run_dir / "checkpoints")
     payload = torch.load(info.path / "tp0.pt", weights_only=True)
     assert {"model", "optimizer", "scheduler", "data", "counters", "rng"} <= set(payload)
     assert info.meta["mlflow_run_id"]
