@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,7 @@ class DataConfig:
     split_seed: int = 0
     seq_len: int = 128
     cache_dir: str | None = None  # default: $ALCOT_HOME/cache
+    encoding: str = "utf-8"  # of text and jsonl files; undecodable bytes are an error
 
     def __post_init__(self):
         if self.source not in SOURCES:
@@ -46,6 +48,10 @@ class DataConfig:
             raise ConfigError("data.seq_len", f"must be >= 2, got {self.seq_len}")
         if self.vocab_size < 260:
             raise ConfigError("data.vocab_size", "must be >= 260 (256 bytes + specials)")
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError:
+            raise ConfigError("data.encoding", f"unknown encoding {self.encoding!r}") from None
         if self.builtin_documents < 10:
             raise ConfigError("data.builtin_documents", "must be >= 10")
 

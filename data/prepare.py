@@ -98,7 +98,7 @@ def prepare(cfg: DataConfig, cache_root: str | Path, log=print) -> PreparedData:
     """Return the cached token files for ``cfg``, building them on first use."""
     docs = list(iter_documents(cfg))
     if len(docs) < 2:
-        raise ConfigError("data.path", f"needs at least 2 documents, found {len(docs)}")
+        raise ConfigError("data.path", _too_few_documents(cfg, len(docs)))
     key = cache_key(cfg, docs)
     root = Path(cache_root).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -126,6 +126,37 @@ def prepare(cfg: DataConfig, cache_root: str | Path, log=print) -> PreparedData:
         raise RuntimeError(f"token cache entry {entry} is unreadable right after building it")
     built.cache_hit = False
     return built
+
+
+def _source_name(cfg: DataConfig) -> str:
+    return "the built-in corpus" if cfg.source == "builtin" else str(cfg.path)
+
+
+def _too_few_documents(cfg: DataConfig, n: int) -> str:
+    msg = (
+        f"{_source_name(cfg)} gives {n} document{'s' * (n != 1)}; training needs at least 2 "
+        "(one is held out for validation)"
+    )
+    if cfg.source == "text" and not cfg.split_paragraphs:
+        msg += (
+            ". A text file is one document unless data.split_paragraphs: true splits it at "
+            "blank lines"
+        )
+    return msg
+
+
+def check_enough(cfg: DataConfig, data: PreparedData) -> None:
+    """Both splits hold at least one sequence of ``seq_len + 1`` tokens (what training and
+    evaluation read), or a ConfigError that names the input (not a cache file) and what to
+    change. The trainer checks this before any MLflow run exists."""
+    need = cfg.seq_len + 1
+    if data.n_train < need or data.n_val < need:
+        raise ConfigError(
+            "data.path",
+            f"{_source_name(cfg)} gives {data.n_train} training and {data.n_val} validation "
+            f"tokens; each needs at least data.seq_len + 1 = {need}: use more text, a smaller "
+            "data.seq_len, or a larger data.val_fraction",
+        )
 
 
 def _build(cfg: DataConfig, docs: list[str], out: Path) -> None:

@@ -15,6 +15,25 @@ from .corpus import builtin_documents
 _BLANK_LINE = re.compile(r"\n[ \t]*\n")
 
 
+def read_text(path: Path, encoding: str) -> str:
+    """A text file's contents; a binary file or bytes that ``encoding`` cannot decode are a
+    ConfigError naming the file (never silently replaced characters)."""
+    data = path.read_bytes()
+    if b"\x00" in data[: 1 << 20]:
+        raise ConfigError(
+            "data.path", f"{path} looks binary (it has NUL bytes), not text: point at a text file"
+        )
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ConfigError(
+            "data.path",
+            f"{path} is not valid {encoding} (byte {err.start}, line {line}): convert it, or set "
+            "data.encoding to its encoding (e.g. latin-1)",
+        ) from None
+
+
 def iter_documents(cfg: DataConfig) -> Iterator[str]:
     """Yield the source's documents (non-empty strings) in a fixed order."""
     if cfg.source == "builtin":
@@ -28,7 +47,7 @@ def iter_documents(cfg: DataConfig) -> Iterator[str]:
         if not files:
             raise ConfigError("data.path", f"no .txt files under {path}")
         for f in files:
-            text = f.read_text(encoding="utf-8", errors="replace")
+            text = read_text(f, cfg.encoding)
             if cfg.split_paragraphs:  # blocks separated by blank (or whitespace-only) lines
                 yield from (p.strip() for p in _BLANK_LINE.split(text) if p.strip())
             elif text.strip():
@@ -36,21 +55,20 @@ def iter_documents(cfg: DataConfig) -> Iterator[str]:
     elif cfg.source == "jsonl":
         files = sorted(path.rglob("*.jsonl")) if path.is_dir() else [path]
         for f in files:
-            with open(f, encoding="utf-8") as fh:
-                for lineno, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise ConfigError("data.path", f"{f}:{lineno}: not JSON ({err})") from None
-                    if cfg.text_field not in record:
-                        raise ConfigError(
-                            "data.text_field", f"{f}:{lineno} has no field {cfg.text_field!r}"
-                        )
-                    text = record[cfg.text_field]
-                    if isinstance(text, str) and text.strip():
-                        yield text
+            for lineno, line in enumerate(read_text(f, cfg.encoding).splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ConfigError("data.path", f"{f}:{lineno}: not JSON ({err})") from None
+                if not isinstance(record, dict) or cfg.text_field not in record:
+                    raise ConfigError(
+                        "data.text_field", f"{f}:{lineno} has no field {cfg.text_field!r}"
+                    )
+                text = record[cfg.text_field]
+                if isinstance(text, str) and text.strip():
+                    yield text
     else:
         yield from _hf_documents(cfg, path)
 

@@ -9,6 +9,7 @@ declare ``ALIASES = {"yaml_name": "field_name"}`` for YAML keys that are not Pyt
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -31,15 +32,21 @@ def _aliases(cls) -> dict[str, str]:
     return dict(getattr(cls, "ALIASES", {}))
 
 
+@functools.cache
+def _schema(cls) -> tuple[frozenset[str], dict[str, Any], dict[str, str]]:
+    """(init field names, resolved annotations, YAML aliases) of a config dataclass. Resolving
+    annotations costs about a millisecond per class; a sweep builds thousands of configs."""
+    names = frozenset(f.name for f in dataclasses.fields(cls) if f.init)
+    return names, typing.get_type_hints(cls), _aliases(cls)
+
+
 def build(cls, data: Any, prefix: str):
     """``cls(**data)`` with every key and value checked against the dataclass's annotations."""
     if isinstance(data, cls):
         return data
     if not isinstance(data, Mapping):
         raise ConfigError(prefix, f"must be a mapping, got {type(data).__name__}")
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    hints = typing.get_type_hints(cls)
-    aliases = _aliases(cls)
+    names, hints, aliases = _schema(cls)
     kwargs = {}
     for key, value in data.items():
         name = aliases.get(key, key)

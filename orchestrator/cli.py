@@ -113,11 +113,11 @@ def cmd_tracking_sync(args: argparse.Namespace) -> int:
     from .tracking import sync
 
     try:
-        sync(args.run_dir)
+        owed = sync(args.run_dir)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 0
+    return 0 if owed == 0 else 1
 
 
 def _load_sweep(path: str, overrides: list[str] | None = None):
@@ -136,9 +136,17 @@ def cmd_sweep_run(args: argparse.Namespace) -> int:
     sweep = _load_sweep(args.sweep, args.set)
     if sweep is None:
         return 2
-    from .runner import run_sweep
+    from alcot.model.typed import ConfigError
 
-    return run_sweep(sweep, address=args.address, dry_run=args.dry_run)
+    if sweep.spec.search is not None:
+        from .search import run_search as run
+    else:
+        from .runner import run_sweep as run
+    try:
+        return run(sweep, address=args.address, dry_run=args.dry_run, log=print)
+    except ConfigError as err:  # e.g. a tracking store that cannot be reached
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 def _jobs_client(address: str):

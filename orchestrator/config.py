@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,33 @@ def alcot_home() -> Path:
     return Path(os.environ.get("ALCOT_HOME", Path.cwd() / ".alcot")).expanduser().resolve()
 
 
+_NAME_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=@ -]*")
+
+
+def check_study_name(name: str, field_path: str) -> str:
+    """A study (MLflow experiment) name is also a folder under ``$ALCOT_HOME/runs``: it must stay
+    there. Parts separated by ``/`` (nested folders) each start with a letter, digit or ``_``
+    and hold no path tricks (``..``, ``.``, empty parts, absolute paths, backslashes)."""
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(field_path, "needs a name")
+    parts = name.split("/")
+    bad = next((p for p in parts if not _NAME_PART.fullmatch(p) or p.endswith(".")), None)
+    if bad is not None or len(name) > 200:
+        raise ConfigError(
+            field_path,
+            f"{name!r} cannot name a study: its run folders live under $ALCOT_HOME/runs/<name>, "
+            "so each '/'-separated part must start with a letter, digit or '_', use only "
+            "letters, digits and _.+=@- or spaces, and not end with '.' (no '..', '.', empty "
+            "parts or absolute paths)",
+        )
+    return name
+
+
+def study_slug(name: str) -> str:
+    """The study name as one file name (for files beside others, like Optuna's storage)."""
+    return name.replace("/", "__")
+
+
 @dataclass
 class TrackingConfig:
     """Where runs are recorded. ``uri`` > ``$MLFLOW_TRACKING_URI`` > the embedded default, a
@@ -38,6 +66,9 @@ class TrackingConfig:
     experiment: str = "alcot"
     run_name: str | None = None
     flush_seconds: float = 1.0  # metrics are sent in batches from a background thread
+
+    def __post_init__(self):
+        check_study_name(self.experiment, "tracking.experiment")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], prefix: str = "tracking") -> TrackingConfig:
@@ -80,9 +111,15 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """``raw`` with ``dotted.key=value`` strings applied (values parsed as YAML); a copy."""
+    return set_values(raw, [parse_override(item) for item in overrides])
+
+
+def set_values(raw: dict, items) -> dict:
+    """``raw`` with each ``(keys, value)`` of ``items`` set (``keys`` a dotted path split into
+    its parts, sections created as needed); a deep copy, ``raw`` is left alone."""
     raw = json.loads(json.dumps(raw))  # deep copy of plain data
-    for item in overrides:
-        keys, value = parse_override(item)
+    for keys, value in items:
         node = raw
         for depth, k in enumerate(keys[:-1]):
             nxt = node.get(k)
@@ -115,14 +152,20 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
 _LOCATION_KEYS = {("out_dir",), ("tracking",), ("data", "cache_dir"), ("train", "threads")}
 
 
+# Fields added after runs were recorded, at the value that reproduces the older behaviour: left
+# out of the identity at that value, so existing trials keep their hashes (and are not re-run).
+_LATER_FIELDS = {("data", "encoding"): "utf-8"}
+
+
 def identity_dict(cfg: RunConfig) -> dict[str, Any]:
     d = cfg.to_dict()
     d["model"] = cfg.model.canonical().to_dict()
-    for keys in _LOCATION_KEYS:
+    for keys in _LOCATION_KEYS | set(_LATER_FIELDS):
         node = d
         for k in keys[:-1]:
             node = node[k]
-        node.pop(keys[-1], None)
+        if keys in _LOCATION_KEYS or node.get(keys[-1]) == _LATER_FIELDS[keys]:
+            node.pop(keys[-1], None)
     return d
 
 
@@ -133,7 +176,11 @@ def run_dir(cfg: RunConfig, home: Path | None = None) -> Path:
     if cfg.out_dir:
         return Path(cfg.out_dir).expanduser().resolve()
     home = home or alcot_home()
-    return home / "runs" / cfg.tracking.experiment / config_hash(cfg)[:16]
+    runs = home / "runs"
+    folder = runs / cfg.tracking.experiment / config_hash(cfg)[:16]
+    if not folder.resolve().is_relative_to(runs.resolve()):  # check_study_name makes this hold
+        raise ConfigError("tracking.experiment", f"{folder} is outside {runs}")
+    return folder
 
 
 def config_hash(cfg: RunConfig) -> str:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import os
 
-from .config import alcot_home
-from .runner import RESULT_KEYS
+from .config import alcot_home, study_slug
+from .parents import open_parent
+from .raytune import in_home, init_ray, live_table, tune_run_config
 from .sweep import Sweep, make_trial
+from .trial import RESULT_KEYS, error_line, trial_body
 
 
 def _key(axis: str) -> str:
@@ -45,15 +47,13 @@ def tune_space(space: dict) -> dict:
 def search_trainable(config: dict, sweep: Sweep, home: str, parent: str, threads: int) -> None:
     from ray import tune
 
-    from .runner import _trial_body
-
     trial = make_trial(sweep.spec, sweep.base, _axes(config), sweep.path, sweep.lines)
     tags = {
         "mlflow.parentRunId": parent,
         "alcot.sweep_id": sweep.sweep_id,
         "alcot.trial": trial.hash,
     }
-    result = _trial_body(trial.config.to_dict(), home, tags, threads)
+    result = trial_body(trial.config.to_dict(), home, tags, threads)
     tune.report({**result, "trial_hash": trial.hash})
 
 
@@ -83,13 +83,12 @@ def run_search(sweep: Sweep, address: str | None, dry_run: bool, log) -> int:
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    from .runner import error_line, in_home, init_ray, open_parent_run, tune_run_config
-
-    client, parent_id = open_parent_run(sweep, home, "search")
+    parent = open_parent(sweep, home, "search", log)
+    parent_id = parent.run_id
     storage_url = search.storage
     if storage_url is None:
         (home / "optuna").mkdir(parents=True, exist_ok=True)
-        storage_url = f"sqlite:///{home / 'optuna' / (spec.study + '.db')}"
+        storage_url = f"sqlite:///{home / 'optuna' / (study_slug(spec.study) + '.db')}"
     metrics = [RESULT_KEYS[o.metric] for o in search.objectives]
     modes = ["min" if o.direction == "minimize" else "max" for o in search.objectives]
     algo = OptunaSearch(
@@ -120,10 +119,30 @@ def run_search(sweep: Sweep, address: str | None, dry_run: bool, log) -> int:
             num_samples=search.trials,
             reuse_actors=True,
         ),
-        run_config=tune_run_config("search", sweep, parent_id, home),
+        run_config=tune_run_config(
+            "search", sweep, parent_id, home, [live_table(lambda c: _label(c), log)]
+        ),
     )
-    with in_home(home):
-        results = tuner.fit()
+    ok = False
+    try:
+        with in_home(home):
+            results = tuner.fit()
+        ok = _report_search(results, metrics, storage_url, spec, sweep, log)
+    finally:
+        parent.close("FINISHED" if ok else "FAILED", log)
+    return 0 if ok else 1
+
+
+def _label(config: dict) -> str:
+    return ",".join(
+        f"{k.rsplit('__', 1)[-1]}={v:.3g}" if isinstance(v, float) else f"{v}"
+        for k, v in config.items()
+    )
+
+
+def _report_search(results, metrics, storage_url, spec, sweep, log) -> bool:
+    import optuna
+
     ok = True
     log("trials:")
     for r in results:
@@ -140,5 +159,4 @@ def run_search(sweep: Sweep, address: str | None, dry_run: bool, log) -> int:
         f"Optuna study {study.study_name} in {storage_url}: {len(study.trials)} trials, "
         f"{len(best)} on the {'Pareto front' if len(metrics) > 1 else 'best'}"
     )
-    client.set_terminated(parent_id, status="FINISHED" if ok else "FAILED")
-    return 0 if ok else 1
+    return ok

@@ -32,6 +32,7 @@ tracking settings. Every error names the field and its line in the file, before 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -47,7 +48,7 @@ import yaml
 from alcot.model.config import count_parameters
 from alcot.model.typed import ConfigError, build
 
-from .config import RunConfig, apply_overrides, config_hash
+from .config import RunConfig, apply_overrides, check_study_name, config_hash, set_values
 from .yamlloc import load_with_lines
 
 SAMPLERS = ("tpe", "random", "nsga2", "grid")
@@ -155,10 +156,12 @@ class SweepSpec:
     max_concurrent: int = 2
     retries: int = 1
     tracking_uri: str | None = None
+    max_trials: int = 10_000  # a guard against a grid that explodes (10^6 trials by a typo)
 
     def __post_init__(self):
-        if not self.study or not isinstance(self.study, str):
-            raise ConfigError("study", "needs a name")
+        check_study_name(self.study, "study")
+        if self.max_trials < 1:
+            raise ConfigError("max_trials", f"must be >= 1, got {self.max_trials}")
         if self.max_concurrent < 1:
             raise ConfigError("max_concurrent", f"must be >= 1, got {self.max_concurrent}")
         if self.retries < 0:
@@ -251,7 +254,12 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
         ) from None
     if not isinstance(raw, dict):
         raise SweepError(str(path), "<top>", "the top level must be a mapping")
-    raw = _expand_env(raw, path, lines)
+    base_node = raw.get("base")
+    raw = _expand_env({k: v for k, v in raw.items() if k != "base"}, path, lines)
+    if isinstance(base_node, str):  # a path may name a variable; an inline base waits for --set
+        base_node = _expand_env(base_node, path, lines, "base")
+    if base_node is not None:
+        raw["base"] = base_node
 
     try:
         spec = build(SweepSpec, raw, "")
@@ -259,9 +267,15 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
         raise SweepError(_where(path, lines, err.field), err.field, err.message) from None
 
     base = _load_base(spec, path, lines)
+    if overrides:  # before variables are expanded: --set data.path=... replaces ${VAR}
+        items = [o[len("base.") :] if o.startswith("base.") else o for o in overrides]
+        try:
+            base = apply_overrides(base, items)
+        except ConfigError as err:
+            raise SweepError("--set", err.field, err.message) from None
+    base = _expand_env(base, path, lines, "base")
     if overrides:
         try:
-            base = apply_overrides(base, list(overrides))
             RunConfig.from_dict(base)
         except ConfigError as err:
             raise SweepError("--set", err.field, err.message) from None
@@ -282,6 +296,15 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
         raise SweepError(_where(path, lines, key), "zip", f"axes have different lengths {lengths}")
     if not spec.grid and not spec.zip and spec.search is None:
         raise SweepError(_where(path, lines, "grid"), "grid", "is empty and there is no search")
+    count = math.prod(len(v) for v in spec.grid.values()) * (lengths.pop() if lengths else 1)
+    if count > spec.max_trials:
+        raise SweepError(
+            _where(path, lines, "grid"),
+            "grid",
+            f"expands to {count:,} trials, more than max_trials ({spec.max_trials:,}); "
+            "shrink the grid, or set `max_trials:` in the sweep file if you mean it",
+        )
+    _check_when(spec, path, lines)
     if spec.search is not None:
         _check_space(spec.search, base, path, lines)
 
@@ -311,6 +334,59 @@ def _load_base(spec: SweepSpec, path: Path, lines: dict[str, int]) -> dict:
     raise SweepError(_where(path, lines, "base"), "base", "must be a path or a mapping")
 
 
+_MISSING = object()
+
+
+def _lookup(tree: dict, dotted: str) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+@functools.cache
+def _defaults() -> dict:
+    """The default run config as a tree (read only)."""
+    return RunConfig().to_dict()
+
+
+def _check_when(spec: SweepSpec, path: Path, lines: dict[str, int]) -> None:
+    """Every ``overrides[].when`` key names a swept axis or a config field: a typo would make
+    the override match nothing, silently."""
+    axes = set(spec.grid) | set(spec.zip) | set(spec.search.space if spec.search else ())
+    defaults = _defaults()
+    for i, ov in enumerate(spec.overrides):
+        for key in ov.when:
+            if key in axes or isinstance(_lookup(defaults, key), dict):
+                if key not in axes:
+                    raise SweepError(
+                        _where(path, lines, f"overrides[{i}].when.{key}"),
+                        f"overrides[{i}].when.{key}",
+                        "is a section, not a field",
+                    )
+                continue
+            if _lookup(defaults, key) is _MISSING:
+                raise SweepError(
+                    _where(path, lines, f"overrides[{i}].when"),
+                    f"overrides[{i}].when.{key}",
+                    "is not a config field (nor a swept axis): the override would match nothing",
+                )
+
+
+def _matches(when: dict[str, Any], raw: dict, defaults: dict) -> bool:
+    """Whether a trial (its raw config: base + axes) takes every value of ``when``; a field
+    the config does not set has its default."""
+    for key, want in when.items():
+        value = _lookup(raw, key)
+        if value is _MISSING:
+            value = _lookup(defaults, key)
+        if value != want:
+            return False
+    return True
+
+
 def _grid_points(spec: SweepSpec) -> list[dict[str, Any]]:
     grid_axes = list(spec.grid)
     grid = [
@@ -325,21 +401,23 @@ def _grid_points(spec: SweepSpec) -> list[dict[str, Any]]:
     return [{**g, **z} for g in grid for z in zipped]
 
 
-def _set_items(axes: dict[str, Any]) -> list[str]:
-    return [f"{k}={json.dumps(v)}" for k, v in axes.items()]
+def _set_items(axes: dict[str, Any]) -> list[tuple[list[str], Any]]:
+    return [(k.split("."), v) for k, v in axes.items()]
 
 
 def make_trial(
     spec: SweepSpec, base: dict, axes: dict[str, Any], path: Path, lines: dict[str, int]
 ) -> Trial:
     """The trial for one point: base + axes + matching overrides + budget, validated."""
-    extra = {}
-    for ov in spec.overrides:
-        if all(axes.get(k) == v for k, v in ov.when.items()):
-            extra.update(ov.set)
-    raw = dict(base)
     try:
-        raw = apply_overrides(raw, _set_items({**axes, **extra}))
+        raw = set_values(base, _set_items(axes))
+        extra: dict[str, Any] = {}
+        defaults = _defaults() if spec.overrides else {}
+        for ov in spec.overrides:
+            if _matches(ov.when, raw, defaults):
+                extra.update(ov.set)
+        if extra:
+            raw = set_values(raw, _set_items(extra))
         cfg = RunConfig.from_dict(raw)
     except ConfigError as err:
         key = next(

@@ -1,23 +1,34 @@
-"""MLflow tracking for one training run, robust to a slow or absent tracking server.
+"""MLflow tracking for one run folder: the folder's journal is the record, MLflow a delivery.
 
-Every metric is first appended to a local journal (``<run dir>/metrics.jsonl``) and queued; a
-background thread sends the queue to MLflow with ``log_batch`` every ``flush_seconds``, so the
-training loop never waits on the store. If the store is unreachable, the thread keeps the
-metrics and retries; at the end anything still unsent is reported with the command that imports
-it later (``alcot tracking sync RUN_DIR``), which replays the journal and skips what MLflow
-already has. Nothing is dropped silently.
+Notation: a run folder holds ``metrics.jsonl`` (the journal: one ``{"step", "metrics"}`` row per
+logged step, appended before anything is sent), ``artifacts.json`` (every artifact the run
+logged), ``params.json``, ``tracking.json`` (the experiment, run name, tags, and the MLflow run of
+each store the folder was tracked in) and, once training ended, ``run_status.json``.
 
-A resumed run continues the same MLflow run (its id is kept in the checkpoints), and steps that
-were logged before the interruption are not logged again.
+Why: a tracking store is a server that goes away, restarts, or is replaced (laptop sqlite ->
+team server). Training never waits on it and never fails for it: metrics go to the journal and
+an in-memory list, and a background thread delivers whatever the MLflow run lacks, point by
+point ((key, step) pairs the run already has are never sent again), with exponential backoff
+while the store is unreachable. The run is created in the store when the store first answers
+(a run that starts during an outage trains all the same), and when a folder meets a store that
+does not know its run (another store, a deleted run), a new run is created and the journal,
+params and artifacts are imported into it.
+
+A run is marked FINISHED (or FAILED) in MLflow only once every journalled metric, tag, param and
+artifact is there. What could not be delivered before ``finish`` gave up stays in the folder and
+is delivered by :func:`deliver` (``alcot tracking sync RUN_DIR``, or a resubmitted sweep, which
+does it for every such trial before training anything).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import threading
 import time
-from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,226 +38,527 @@ from alcot.model.typed import ConfigError
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
+MAX_BACKOFF = 30.0  # seconds between delivery attempts at most, while the store is away
 
+
+# ------------------------------------------------------------------------------ stores
 def default_store(home: Path) -> tuple[str, str]:
     """(tracking URI, artifact root) of the embedded store under ``home``: absolute paths."""
     home.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{home / 'mlflow.db'}", (home / "mlartifacts").as_uri()
 
 
+def _sqlite_path(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
+
+
 def resolve_uri(configured: str | None, home: Path) -> tuple[str, str | None]:
-    """Config field > $MLFLOW_TRACKING_URI > the embedded sqlite store."""
+    """(tracking URI, artifact root for new experiments): config field >
+    ``$MLFLOW_TRACKING_URI`` > the embedded sqlite store.
+
+    Artifacts of a sqlite store go beside its database (``mlartifacts/`` in the same folder),
+    those of another database store under ``$ALCOT_HOME/mlartifacts``; a tracking server
+    (http[s]) decides for itself. Without this, MLflow puts them in ``./mlruns`` of whatever
+    directory the process runs in.
+    """
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
+    if not uri:
+        return default_store(home)
+    if uri.startswith(("http://", "https://", "databricks")):
         return uri, None
-    return default_store(home)
+    db = _sqlite_path(uri)
+    if db is not None:
+        return uri, (db.parent / "mlartifacts").as_uri()
+    return uri, (home / "mlartifacts").as_uri()
+
+
+def open_client(uri: str):
+    """An ``MlflowClient`` for ``uri`` whose store is ready. A sqlite store is created (its
+    schema migrated) under a file lock beside it, so that two processes starting on a fresh
+    store do not run the migrations at once. A URI MLflow cannot use is a ConfigError."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        client = MlflowClient(tracking_uri=uri)
+    except Exception as err:
+        raise ConfigError("tracking.uri", f"cannot use the tracking store {uri}: {err}") from err
+    db = _sqlite_path(uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with open(db.parent / f".{db.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                client.search_experiments(max_results=1)
+            except Exception as err:
+                raise ConfigError("tracking.uri", f"cannot open {uri}: {err}") from err
+    return client
 
 
 def ensure_experiment(client, name: str, artifact_root: str | None) -> str:
-    """The id of experiment ``name``, created (with ``artifact_root``) if it does not exist."""
+    """The id of experiment ``name``, created (with ``artifact_root``) if it does not exist;
+    two processes creating it at once both get the one that exists."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_root)
+    try:
+        return client.create_experiment(name, artifact_location=artifact_root)
+    except Exception:
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def retrying(fn, what: str, log=print, timeout: float = 60.0):
+    """``fn()``, retried with backoff for up to ``timeout`` seconds; None (and a warning) if
+    the store never answered. For the sweep driver's own bookkeeping calls."""
+    deadline = time.time() + timeout
+    delay = 0.5
+    while True:
+        try:
+            return fn()
+        except Exception as err:
+            if time.time() + delay > deadline:
+                log(f"warning: could not {what} ({type(err).__name__}: {str(err)[:200]})")
+                return None
+            time.sleep(delay)
+            delay = min(MAX_BACKOFF, delay * 2)
+
+
+def _not_found(err: Exception) -> bool:
+    code = getattr(err, "error_code", "")
+    return "RESOURCE_DOES_NOT_EXIST" in str(code) or "not found" in str(err).lower()
+
+
+# ------------------------------------------------------------------------------ run folder
+def read_record(run_dir: Path) -> dict | None:
+    """The folder's ``tracking.json``, or None without one. ``stores`` maps each tracking URI
+    the folder was tracked in to its run there; ``uri``/``run_id`` are the latest."""
+    path = Path(run_dir) / "tracking.json"
+    if not path.exists():
+        return None
+    try:
+        rec = json.loads(path.read_text())
+    except ValueError:
+        return None
+    stores = rec.setdefault("stores", {})
+    if rec.get("uri") and rec.get("run_id"):
+        stores.setdefault(rec["uri"], rec["run_id"])
+    return rec
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def read_journal(run_dir: Path) -> list[dict]:
+    """The folder's ``metrics.jsonl`` rows (``{"step": ..., "metrics": {...}}``), in order. A
+    line torn by a kill mid-write is skipped."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and "step" in row and "metrics" in row:
+            rows.append(row)
+    return rows
+
+
+def last_metrics(run_dir: Path) -> tuple[dict[str, float], int]:
+    """(the latest value of every journalled metric, the last step)."""
+    last: dict[str, float] = {}
+    step = 0
+    for row in read_journal(run_dir):
+        last.update(row["metrics"])
+        step = max(step, row["step"])
+    return last, step
+
+
+def read_status(run_dir: Path) -> str | None:
+    """The training's final status (FINISHED / FAILED / KILLED) kept in the folder, if it ended."""
+    try:
+        return json.loads((Path(run_dir) / "run_status.json").read_text())["status"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+@dataclass
+class Delivery:
+    """What a run folder still owes its MLflow run."""
+
+    metrics: int = 0  # metric values not yet in MLflow
+    artifacts: list[str] = field(default_factory=list)
+    status: str | None = None  # a final status not yet set
+    run_id: str | None = None
+
+    @property
+    def complete(self) -> bool:
+        return not (self.metrics or self.artifacts or self.status)
+
+    def describe(self) -> str:
+        parts = []
+        if self.metrics:
+            parts.append(f"{self.metrics} metric values")
+        if self.artifacts:
+            parts.append(f"{len(self.artifacts)} artifacts")
+        if self.status:
+            parts.append(f"status {self.status}")
+        return ", ".join(parts) or "nothing"
 
 
 class Tracker:
+    """Tracks one run folder in one store (see the module docstring)."""
+
     def __init__(
         self,
         uri: str,
         experiment: str,
         run_dir: Path,
         run_name: str,
-        run_id: str | None = None,
+        run_id: str | None = None,  # unused: the folder's tracking.json knows its runs
         artifact_root: str | None = None,
         tags: dict[str, str] | None = None,
         flush_seconds: float = 1.0,
         log=print,
+        params: dict[str, Any] | None = None,
+        retag: bool = True,
     ):
-        from mlflow.tracking import MlflowClient
-
+        """``tags`` go on a new run; on the folder's existing run too when ``retag`` (a sweep
+        resuming the run takes it over), not when only delivering (the run stays where it is)."""
         self.uri, self.log = uri, log
-        self.client = MlflowClient(tracking_uri=uri)
+        self.experiment, self.run_name = experiment, run_name
+        self.artifact_root = artifact_root
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.journal_path = self.run_dir / "metrics.jsonl"
         self.flush_seconds = flush_seconds
-        try:
-            exp_id = ensure_experiment(self.client, experiment, artifact_root)
-            self.last_step = -1
-            self.resumed = run_id is not None
-            if run_id is not None:
-                self.client.get_run(run_id)  # raises if it does not exist
-                self.run_id = run_id
-                self.last_step = self._max_logged_step("train/loss")
-                self.client.update_run(run_id, status="RUNNING")
-                for key, value in (tags or {}).items():  # e.g. the sweep invocation resuming it
-                    self.client.set_tag(run_id, key, value)
-            else:
-                run = self.client.create_run(exp_id, run_name=run_name, tags=tags or {})
-                self.run_id = run.info.run_id
-        except Exception as err:
-            raise ConfigError(
-                "tracking.uri", f"cannot reach the tracking store {uri}: {err}"
-            ) from err
-        (self.run_dir / "tracking.json").write_text(
-            json.dumps({"uri": uri, "run_id": self.run_id, "experiment": experiment}, indent=1)
-        )
-        self._queue: deque = deque()
+        self.client = open_client(uri)
+        record = read_record(self.run_dir) or {}
+        self._stores: dict[str, str] = dict(record.get("stores", {}))
+        self._base_tags = {**record.get("tags", {}), **(tags or {})}
+        self._new_tags = dict(tags or {}) if retag else {}
+        self.run_id: str | None = None
+        self.resumed = False
         self._lock = threading.Lock()
-        self._stop = threading.Event()
+        self._rows: list[dict] = read_journal(self.run_dir)
+        self._cursor = 0  # rows before it were checked against MLflow (sent or present)
+        self._have: dict[str, set[int]] = {}
+        params_file = self.run_dir / "params.json"
+        if params is None and params_file.exists():
+            params = json.loads(params_file.read_text())
+        self._params: dict[str, str] = {k: str(v)[:6000] for k, v in (params or {}).items()}
+        if params:
+            _write_json(params_file, params)
+        self._params_sent = False
+        self._tags: dict[str, str] = {}  # set while running, sent with the next delivery
+        self._artifacts: list[dict] = self._read_artifacts()
+        self._uploaded: set[int] = set()
         self._failures = 0
         self._warned = False
-        self._journal = open(self.journal_path, "a", buffering=1)  # noqa: SIM115 (closed in finish)
+        self._write_record()
+        self._stop = threading.Event()
+        self._journal = self._open_journal()
+        try:
+            self._connect()
+        except _Unreachable as err:
+            self._warn(err.cause)
         self._thread = threading.Thread(target=self._loop, name="alcot-mlflow", daemon=True)
         self._thread.start()
 
-    # ------------------------------------------------------------------ logging
-    def _max_logged_step(self, key: str) -> int:
-        hist = self.client.get_metric_history(self.run_id, key)
-        return max((m.step for m in hist), default=-1)
+    # ------------------------------------------------------------------ folder state
+    def _open_journal(self):
+        if self.journal_path.exists() and self.journal_path.stat().st_size:
+            with open(self.journal_path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                torn = f.read(1) != b"\n"
+            if torn:  # a kill mid-line: end it, so the next row starts on its own line
+                with open(self.journal_path, "a") as f:
+                    f.write("\n")
+        return open(self.journal_path, "a", buffering=1)  # noqa: SIM115 (closed in finish)
 
-    def set_tag(self, key: str, value: str) -> None:
+    def _read_artifacts(self) -> list[dict]:
+        path = self.run_dir / "artifacts.json"
         try:
-            self.client.set_tag(self.run_id, key, str(value)[:5000])
-        except Exception as err:
-            self.log(f"warning: could not set tag {key} ({err})")
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return []
 
-    def log_params(self, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
+    def _write_record(self) -> None:
+        _write_json(
+            self.run_dir / "tracking.json",
+            {
+                "uri": self.uri,
+                "run_id": self.run_id,
+                "experiment": self.experiment,
+                "run_name": self.run_name,
+                "tags": self._base_tags,
+                "stores": self._stores,
+            },
+        )
 
-        items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i : i + 100])
-
-    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        """Called by the training loop: cheap (a journal line and a queue append)."""
-        from mlflow.entities import Metric
-
-        self._journal.write(json.dumps({"step": step, "metrics": metrics}) + "\n")
-        if step <= self.last_step:
-            return  # already in MLflow from before the interruption
-        ts = int(time.time() * 1000)
-        batch = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
-        with self._lock:
-            self._queue.extend(batch)
-
-    def _send(self, max_items: int = 1000) -> bool:
-        with self._lock:
-            batch = [self._queue.popleft() for _ in range(min(max_items, len(self._queue)))]
-        if not batch:
-            return True
+    # ------------------------------------------------------------------ delivery
+    def _connect(self) -> None:
+        """Find (or create) this folder's run in the store; raises _Unreachable."""
+        if self.run_id is not None:
+            return
         try:
-            self.client.log_batch(self.run_id, metrics=batch)
-        except Exception as err:
-            with self._lock:
-                self._queue.extendleft(reversed(batch))
-            self._failures += 1
-            if not self._warned:
-                self._warned = True
+            known = self._stores.get(self.uri)
+            run = None
+            if known:
+                try:
+                    run = self.client.get_run(known)
+                except Exception as err:
+                    if not _not_found(err):
+                        raise
+                    self.log(
+                        f"{self.run_dir}: run {known} is not in {self.uri}; creating a new run "
+                        "and importing the folder's metrics, params and artifacts into it"
+                    )
+            elif self._stores:
+                other, rid = next(iter(self._stores.items()))
                 self.log(
-                    f"warning: tracking store unreachable ({type(err).__name__}); training goes "
-                    f"on, metrics are kept in {self.journal_path} and retried"
+                    f"{self.run_dir} was tracked in {other} (run {rid}); creating its run in "
+                    f"{self.uri} and importing the folder's metrics, params and artifacts"
                 )
+            if run is None:
+                exp_id = ensure_experiment(self.client, self.experiment, self.artifact_root)
+                run = self.client.create_run(exp_id, run_name=self.run_name, tags=self._base_tags)
+            else:
+                self.resumed = True
+                self.client.update_run(run.info.run_id, status="RUNNING")
+                for key, value in self._new_tags.items():
+                    self.client.set_tag(run.info.run_id, key, value)
+            rid = run.info.run_id
+            self._params_sent = bool(run.data.params) if self.resumed else False
+            with self._lock:
+                keys = {k for row in self._rows for k in row["metrics"]}
+            have = {}
+            if self.resumed:
+                for key in keys:
+                    have[key] = {m.step for m in self.client.get_metric_history(rid, key)}
+                present = self._artifact_paths(rid)
+                self._uploaded = {
+                    i for i, a in enumerate(self._artifacts) if self._dest(a) in present
+                }
+        except ConfigError:
+            raise
+        except Exception as err:
+            raise _Unreachable(err) from err
+        with self._lock:
+            self._have, self._cursor = have, 0
+            self.run_id = rid
+        self._stores[self.uri] = rid
+        self._write_record()
+
+    def _artifact_paths(self, run_id: str) -> set[str]:
+        out: set[str] = set()
+        folders = {os.path.dirname(self._dest(a)) for a in self._artifacts}
+        for folder in folders:
+            for info in self.client.list_artifacts(run_id, folder or None):
+                out.add(info.path)
+        return out
+
+    @staticmethod
+    def _dest(item: dict) -> str:
+        name = Path(item["path"]).name
+        return f"{item['artifact_path']}/{name}" if item.get("artifact_path") else name
+
+    def _deliver_once(self) -> bool:
+        """One pass: connect, then send what MLflow lacks. True when nothing is left."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        try:
+            self._connect()
+            rid = self.run_id
+            if self._params and not self._params_sent:
+                items = [Param(k, v) for k, v in sorted(self._params.items())]
+                for i in range(0, len(items), 100):
+                    self.client.log_batch(rid, params=items[i : i + 100])
+                self._params_sent = True
+            with self._lock:
+                tags = dict(self._tags)
+            if tags:
+                self.client.log_batch(rid, tags=[RunTag(k, v) for k, v in tags.items()])
+                with self._lock:
+                    for k, v in tags.items():
+                        if self._tags.get(k) == v:
+                            del self._tags[k]
+            while True:  # the journal rows past the cursor, a few at a time
+                with self._lock:
+                    first = self._cursor
+                    rows = self._rows[first : first + 30]  # about 750 values (MLflow takes 1000)
+                if not rows:
+                    break
+                todo: dict[tuple[str, int], Metric] = {}  # a resumed step journalled twice: once
+                for row in rows:
+                    ts = int(row.get("time", time.time()) * 1000)
+                    for key, value in row["metrics"].items():
+                        if row["step"] not in self._have.get(key, ()):
+                            todo[key, row["step"]] = Metric(key, float(value), ts, row["step"])
+                if todo:
+                    self.client.log_batch(rid, metrics=list(todo.values()))
+                with self._lock:
+                    for key, step in todo:
+                        self._have.setdefault(key, set()).add(step)
+                    self._cursor = first + len(rows)
+            for i, item in enumerate(list(self._artifacts)):
+                if i not in self._uploaded:
+                    path = Path(item["path"])
+                    if not path.is_absolute():
+                        path = self.run_dir / path
+                    if path.exists():
+                        self.client.log_artifact(rid, str(path), item.get("artifact_path"))
+                    else:
+                        self.log(f"warning: artifact {path} is gone; not uploaded")
+                    self._uploaded.add(i)
+        except ConfigError:
+            raise
+        except Exception as err:
+            cause = err.cause if isinstance(err, _Unreachable) else err
+            self._warn(cause)
             return False
-        if self._warned and self._failures:
-            self.log("tracking store reachable again; sending the kept metrics")
+        if self._warned:
+            self.log("tracking store reachable again; the kept metrics and artifacts are sent")
             self._warned = False
         self._failures = 0
         return True
 
+    def _warn(self, err: BaseException) -> None:
+        self._failures += 1
+        if not self._warned:
+            self._warned = True
+            self.log(
+                f"warning: tracking store {self.uri} unreachable ({type(err).__name__}: "
+                f"{str(err)[:160]}); training goes on, everything is kept in {self.run_dir} "
+                "and delivered when the store is back"
+            )
+
+    def _backoff(self) -> float:
+        return min(MAX_BACKOFF, self.flush_seconds * 2 ** min(self._failures, 8))
+
     def _loop(self) -> None:
-        while not self._stop.wait(self.flush_seconds * (1 + min(self._failures, 10))):
-            while self._queue and self._send():
-                pass
+        while not self._stop.wait(self._backoff() if self._failures else self.flush_seconds):
+            self._deliver_once()
 
-    def log_artifact(self, path: Path, artifact_path: str | None = None) -> bool:
-        try:
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
-            return True
-        except Exception as err:
-            self._remember_artifact(path, artifact_path, err)
-            return False
+    def pending(self) -> Delivery:
+        with self._lock:
+            n = 0
+            for row in self._rows[self._cursor :]:
+                for key in row["metrics"]:
+                    if row["step"] not in self._have.get(key, ()):
+                        n += 1
+        arts = [self._dest(a) for i, a in enumerate(self._artifacts) if i not in self._uploaded]
+        return Delivery(metrics=n, artifacts=arts, run_id=self.run_id)
 
-    def _remember_artifact(self, path: Path, artifact_path: str | None, err: Exception) -> None:
-        pending = self.run_dir / "pending_artifacts.json"
-        items = json.loads(pending.read_text()) if pending.exists() else []
-        items.append({"path": str(path), "artifact_path": artifact_path})
-        pending.write_text(json.dumps(items, indent=1))
-        self.log(f"warning: could not upload {path} ({err}); kept for `alcot tracking sync`")
+    # ------------------------------------------------------------------ logging API
+    def set_tag(self, key: str, value: str) -> None:
+        with self._lock:
+            self._tags[key] = str(value)[:5000]
 
-    def finish(self, status: str, timeout: float = 30.0) -> bool:
-        """Flush (retrying up to ``timeout`` seconds), set the run status. True if all sent."""
+    def log_params(self, params: dict[str, Any]) -> None:
+        self._params.update({k: str(v)[:6000] for k, v in params.items()})
+        _write_json(self.run_dir / "params.json", self._params)
+        self._params_sent = False
+
+    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        """Called by the training loop: cheap (a journal line and a list append)."""
+        row = {"step": step, "metrics": metrics, "time": time.time()}
+        self._journal.write(json.dumps(row) + "\n")
+        with self._lock:
+            self._rows.append(row)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """Record ``path`` as an artifact of the run; it is uploaded with the next delivery."""
+        path = Path(path)
+        stored = path.relative_to(self.run_dir) if path.is_relative_to(self.run_dir) else path
+        item = {"path": str(stored), "artifact_path": artifact_path}
+        if item not in self._artifacts:
+            self._artifacts.append(item)
+            _write_json(self.run_dir / "artifacts.json", self._artifacts)
+
+    def finish(self, status: str | None, timeout: float = 30.0) -> bool:
+        """Keep ``status`` in the folder, deliver everything (retrying with backoff for up to
+        ``timeout`` seconds), then set the status in MLflow. True if the run is complete there.
+        ``status`` None: deliver only (the training has not ended)."""
         self._stop.set()
         self._thread.join()
+        with contextlib.suppress(ValueError):
+            self._journal.close()
+        if status is not None:
+            _write_json(self.run_dir / "run_status.json", {"status": status})
         deadline = time.time() + timeout
-        while self._queue and time.time() < deadline:
-            if not self._send():
-                time.sleep(min(2.0, max(0.0, deadline - time.time())))
-        self._journal.close()
-        (self.run_dir / "run_status.json").write_text(json.dumps({"status": status}))
-        status_sent = True
-        try:
-            self.client.set_terminated(self.run_id, status=status)
-        except Exception as err:
-            status_sent = False
-            self.log(f"warning: could not set the run status {status} ({err})")
-        if self._queue:
+        while not self._deliver_once() and time.time() < deadline:
+            time.sleep(min(self._backoff(), max(0.0, deadline - time.time())))
+        owed = self.pending()
+        if owed.complete and status is not None:
+            try:
+                self.client.set_terminated(self.run_id, status=status)
+            except Exception as err:
+                owed.status = status
+                self.log(f"warning: could not set the run status {status} ({err})")
+        elif status is not None:
+            owed.status = status
+        self.owed = owed
+        if not owed.complete:
             self.log(
-                f"warning: {len(self._queue)} metric values could not be sent to {self.uri}; "
-                f"they are in {self.journal_path}. Import them later with: "
+                f"warning: not yet in {self.uri}: {owed.describe()}; they are kept in "
+                f"{self.run_dir}. A resubmitted sweep delivers them, or: "
                 f"alcot tracking sync {self.run_dir}"
             )
-            return False
-        if not status_sent:
-            self.log(f"the status is kept in the run folder: alcot tracking sync {self.run_dir}")
-        return status_sent
+        return owed.complete
 
 
-def read_record(run_dir: Path) -> dict | None:
-    """The folder's ``tracking.json`` (store uri, run id, experiment), or None without one."""
-    path = Path(run_dir) / "tracking.json"
-    return json.loads(path.read_text()) if path.exists() else None
+class _Unreachable(Exception):
+    def __init__(self, cause: BaseException):
+        super().__init__(str(cause))
+        self.cause = cause
 
 
-def read_journal(run_dir: Path) -> list[dict]:
-    """The folder's ``metrics.jsonl`` rows (``{"step": ..., "metrics": {...}}``), in order."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def deliver(
+    run_dir: Path,
+    uri: str | None = None,
+    tags: dict[str, str] | None = None,
+    log=print,
+    timeout: float = 30.0,
+) -> Delivery:
+    """Bring a run folder's MLflow run up to date: in its own store, or in ``uri`` (a store
+    that does not know the folder gets a new run with everything imported). The run gets the
+    folder's final status once everything is there."""
+    from .config import alcot_home
+
+    run_dir = Path(run_dir)
+    record = read_record(run_dir)
+    if record is None:
+        raise ConfigError(str(run_dir), "no tracking.json here: not a tracked run folder")
+    uri = uri or record["uri"]
+    _, artifact_root = resolve_uri(uri, alcot_home())
+    tracker = Tracker(
+        uri,
+        record["experiment"],
+        run_dir,
+        record.get("run_name") or run_dir.name,
+        artifact_root=artifact_root,
+        tags=tags,
+        log=log,
+        retag=False,
+    )
+    before = tracker.pending()
+    tracker.finish(read_status(run_dir), timeout=timeout)
+    sent = before.metrics - tracker.owed.metrics
+    log(f"sent {sent} metric values to run {tracker.run_id}")
+    return tracker.owed
 
 
 def sync(run_dir: Path, log=print) -> int:
-    """Send whatever the journal has that the MLflow run lacks; returns the values sent."""
-    from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
-
-    run_dir = Path(run_dir)
-    info = read_record(run_dir)
-    if info is None:
-        raise ConfigError(str(run_dir), "no tracking.json here: not a tracked run folder")
-    client = MlflowClient(tracking_uri=info["uri"])
-    run_id = info["run_id"]
-    rows = read_journal(run_dir)
-    have: dict[str, set[int]] = {}
-    todo = []
-    for row in rows:
-        for key, value in row["metrics"].items():
-            if key not in have:
-                have[key] = {m.step for m in client.get_metric_history(run_id, key)}
-            if row["step"] not in have[key]:
-                have[key].add(row["step"])
-                todo.append(Metric(key, float(value), int(time.time() * 1000), row["step"]))
-    for i in range(0, len(todo), 1000):
-        client.log_batch(run_id, metrics=todo[i : i + 1000])
-    pending = run_dir / "pending_artifacts.json"
-    if pending.exists():
-        for item in json.loads(pending.read_text()):
-            client.log_artifact(run_id, item["path"], item["artifact_path"])
-        pending.unlink()
-    status_file = run_dir / "run_status.json"
-    if status_file.exists():
-        client.set_terminated(run_id, status=json.loads(status_file.read_text())["status"])
-    log(f"sent {len(todo)} metric values to run {run_id}")
-    return len(todo)
+    """``alcot tracking sync``: deliver what the folder's run lacks; returns values still owed
+    (0 when the run is complete in its store)."""
+    owed = deliver(run_dir, log=log)
+    return 0 if owed.complete else owed.metrics + len(owed.artifacts) + 1

@@ -6,8 +6,9 @@ This is the unit a sweep schedules: config in, metrics out (and an MLflow run).
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -17,7 +18,8 @@ from alcot.model.config import count_parameters
 from alcot.model.training import TrainResult, train
 
 from .config import RunConfig, alcot_home, config_hash, flatten, run_dir
-from .tracking import Tracker, read_record, resolve_uri
+from .lease import Lease
+from .tracking import Delivery, Tracker, deliver, last_metrics, read_status, resolve_uri
 
 
 @dataclass
@@ -27,7 +29,8 @@ class RunOutcome:
     tracking_uri: str | None
     out_dir: Path
     config_hash: str
-    all_metrics_sent: bool = True
+    all_metrics_sent: bool = True  # everything journalled is in MLflow, status included
+    owed: Delivery = field(default_factory=Delivery)  # what is not (yet)
 
 
 def git_commit() -> str:
@@ -67,58 +70,71 @@ def depth_histogram_plot(hist: list[float], path: Path, title: str) -> Path:
     return path
 
 
-def previous_run_id(
-    out_dir: Path, uri: str, info: checkpoints.CheckpointInfo | None
-) -> str | None:
-    """The MLflow run an interrupted run of this folder was logging to, if any.
-
-    Taken from the newest valid checkpoint (``info``), or, when it was stopped before its first
-    checkpoint, from ``tracking.json``: training then restarts from step 0, reproduces the same
-    values, and the tracker does not log the steps the run already has.
-    """
-    if info is not None and info.meta.get("mlflow_run_id"):
-        return info.meta["mlflow_run_id"]
-    try:
-        data = read_record(out_dir)
-    except ValueError:  # a torn record: start a new run
-        return None
-    if data and data.get("uri") == uri:
-        return data.get("run_id")
-    return None
-
-
 def run_training(
-    cfg: RunConfig, progress: bool = True, log=print, extra_tags: dict[str, str] | None = None
+    cfg: RunConfig,
+    progress: bool = True,
+    log=print,
+    extra_tags: dict[str, str] | None = None,
+    lease: bool = True,
 ) -> RunOutcome:
     """Train one run. ``extra_tags`` (e.g. a sweep's parent run) go on its MLflow run.
 
-    The MLflow run is opened first, so that a run that fails early (a missing data file) is
-    still recorded as FAILED, with the error as its ``alcot.error`` tag.
+    Order matters for the records: the data is read and validated first, so that bad input is a
+    ConfigError before any MLflow run exists; then the run folder is claimed (``lease``: one
+    live process per folder; a second one waits, then finds the work done or continues it);
+    then the MLflow run is found or created, and only failures from here on leave a FAILED run.
+    Gang trials pass ``lease=False``: their driver-side process holds the lease for all ranks.
     """
     import torch.distributed as dist
 
-    from alcot.data.prepare import prepare
+    from alcot.data.prepare import check_enough, prepare
 
     home = alcot_home()
     h = config_hash(cfg)
     out_dir = run_dir(cfg, home)
-    out_dir.mkdir(parents=True, exist_ok=True)
     is_rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    tracker, uri, run_id = None, None, None
+    data = prepare(cfg.data, cfg.data.cache_dir or home / "cache", log=log)
+    check_enough(cfg.data, data)
+    if data.cache_hit:
+        log(f"token cache hit: {data.root}")
+    resolved = resolve(cfg, data.vocab_size)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    claim = Lease(out_dir, label=f"training {h[:10]}") if lease and is_rank0 else None
+    if claim is not None:
+        claim.acquire(log=log)
+    try:
+        return _train_claimed(cfg, resolved, data, h, out_dir, is_rank0, progress, log, extra_tags)
+    finally:
+        if claim is not None:
+            claim.release()
+
+
+def _train_claimed(cfg, resolved, data, h, out_dir, is_rank0, progress, log, extra_tags):
+    import torch.distributed as dist
+
+    home = alcot_home()
     m = cfg.model
+    tracker, uri = None, None
     resume_from = (
         checkpoints.latest_valid(out_dir / "checkpoints") if cfg.train.resume == "auto" else None
     )
+    if (
+        resume_from is not None
+        and resume_from.step >= cfg.train.steps
+        and read_status(out_dir) == "FINISHED"
+    ):
+        return _finished_before(cfg, out_dir, h, resume_from, log, extra_tags, is_rank0)
+    settings = resolved.to_dict()
     if cfg.tracking.enabled and is_rank0:
         uri, artifact_root = resolve_uri(cfg.tracking.uri, home)
-        if cfg.train.resume == "auto":
-            run_id = previous_run_id(out_dir, uri, resume_from)
+        params = flatten(settings)
+        counts = count_parameters(resolved.model)
+        params.update({f"params.{k}": v for k, v in counts.items()})
         tracker = Tracker(
             uri,
             cfg.tracking.experiment,
             out_dir,
             run_name=cfg.tracking.run_name or f"{m.method}-{m.size}-{h[:8]}",
-            run_id=run_id,
             artifact_root=artifact_root,
             tags={
                 "config_hash": h,
@@ -131,23 +147,16 @@ def run_training(
             },
             flush_seconds=cfg.tracking.flush_seconds,
             log=log,
+            params=params,
         )
-        log(f"MLflow run {tracker.run_id} (experiment {cfg.tracking.experiment!r}, store {uri})")
+        where = f"run {tracker.run_id}" if tracker.run_id else "a run (created when it answers)"
+        log(f"MLflow {where} (experiment {cfg.tracking.experiment!r}, store {uri})")
 
     status = "FAILED"
     result = None
     try:
-        data = prepare(cfg.data, cfg.data.cache_dir or home / "cache", log=log)
-        if data.cache_hit:
-            log(f"token cache hit: {data.root}")
-        resolved = resolve(cfg, data.vocab_size)
-        settings = resolved.to_dict()
         (out_dir / "config.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
-        if tracker is not None and not tracker.resumed:  # a new run: its params and config
-            params = flatten(settings)
-            counts = count_parameters(resolved.model)
-            params.update({f"params.{k}": v for k, v in counts.items()})
-            tracker.log_params(params)
+        if tracker is not None:
             tracker.log_artifact(out_dir / "config.yaml")
         result = train(
             resolved.model,
@@ -157,7 +166,7 @@ def run_training(
             out_dir,
             cfg.data.seq_len,
             callbacks=[tracker] if tracker else [],
-            run_meta={"mlflow_run_id": tracker.run_id if tracker else run_id, "config_hash": h},
+            run_meta={"config_hash": h},
             progress=progress,
             log=log,
             resume_from=resume_from,
@@ -182,6 +191,24 @@ def run_training(
             tracker.set_tag("alcot.error", f"{type(err).__name__}: {err}")
         raise
     finally:
-        sent = tracker.finish(status) if tracker else True
-    run_id = tracker.run_id if tracker else run_id
-    return RunOutcome(result, run_id, uri, out_dir, h, sent)
+        if tracker is not None:
+            tracker.finish(status)
+        elif is_rank0:
+            (out_dir / "run_status.json").write_text(json.dumps({"status": status}))
+    owed = tracker.owed if tracker else Delivery()
+    run_id = tracker.run_id if tracker else None
+    return RunOutcome(result, run_id, uri, out_dir, h, owed.complete, owed)
+
+
+def _finished_before(cfg, out_dir, h, info, log, extra_tags, is_rank0) -> RunOutcome:
+    """The folder holds a finished training (another invocation ran it while this one waited,
+    or a sweep was resubmitted): deliver what its MLflow run lacks, train nothing."""
+    log(f"{out_dir}: already trained to step {info.step}; not training again")
+    metrics, step = last_metrics(out_dir)
+    result = TrainResult("finished", step, metrics, checkpoint=info.path)
+    owed, uri, run_id = Delivery(), None, None
+    if cfg.tracking.enabled and is_rank0:
+        uri, _ = resolve_uri(cfg.tracking.uri, alcot_home())
+        owed = deliver(out_dir, uri, tags=extra_tags, log=log)
+        run_id = owed.run_id
+    return RunOutcome(result, run_id, uri, out_dir, h, owed.complete, owed)

@@ -274,4 +274,4 @@ def test_checkpoints_load_with_weights_only(alcot_home, tmp_path):
     info = checkpoints.latest_valid(run_dir / "checkpoints")
     payload = torch.load(info.path / "tp0.pt", weights_only=True)
     assert {"model", "optimizer", "scheduler", "data", "counters", "rng"} <= set(payload)
-    assert info.meta["mlflow_run_id"]
+    assert info.meta["config_hash"]
