@@ -32,6 +32,13 @@ class Parent:
             log,
         )
 
+    def set_tag(self, key: str, value: str, log=print) -> None:
+        retrying(
+            lambda: self.client.set_tag(self.run_id, key, value[:5000]),
+            f"tag the sweep's parent run with {key}",
+            log,
+        )
+
     def close(self, status: str, log=print) -> None:
         done = retrying(
             lambda: self.client.set_terminated(self.run_id, status=status) or True,
@@ -60,7 +67,12 @@ def mark_stale_parents(client, exp_id: str, home: Path, log=print) -> list[str]:
         holder = read_holder(home / "sweeps" / run.info.run_id)
         if holder is not None and holder.alive(Lease(home).ttl):
             continue
-        client.set_tag(run.info.run_id, "alcot.note", "its driver was stopped before the end")
+        client.set_tag(
+            run.info.run_id,
+            "alcot.note",
+            "left RUNNING by an earlier invocation (its driver was stopped, or the store was "
+            "unreachable when it ended); see the trials' own runs",
+        )
         client.set_terminated(run.info.run_id, status="KILLED")
         stale.append(run.info.run_id)
         log(

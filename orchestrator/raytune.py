@@ -38,7 +38,7 @@ def init_ray(address: str | None, home: Path, log) -> None:
     if ray.is_initialized():
         return
     env = {"ALCOT_HOME": str(home)}
-    for var in ("MLFLOW_TRACKING_URI", "ALCOT_LEASE_TTL"):
+    for var in ("MLFLOW_TRACKING_URI", "ALCOT_LEASE_TTL", "ALCOT_TRACKING_PATIENCE"):
         if os.environ.get(var):
             env[var] = os.environ[var]
     kwargs: dict[str, Any] = {"log_to_driver": False}

@@ -249,9 +249,12 @@ def run_sweep(sweep: Sweep, address: str | None = None, dry_run: bool = False, l
             outcomes.update(_fit(sweep, todo, home, parent.run_id, address, log))
         rows, ok = _summary_rows(planned, outcomes)
         _write_summary(rows, parent, log)
+        errors = [f"{r['trial']}: {r['error']}" for r in rows if r["error"]]
+        if errors:  # failed trials may have no run of their own (bad data): say it here
+            parent.set_tag("alcot.errors", "\n".join(errors), log)
     finally:
         parent.close("FINISHED" if ok else "FAILED", log)
-    log(f"{'all trials finished' if ok else 'some trials failed'}; see them with: alcot ui")
+    log(f"{'all trials finished' if ok else 'some trials did not finish'}; see them with: alcot ui")
     return 0 if ok else 1
 
 
@@ -269,11 +272,11 @@ def _summary_rows(planned: list[PlannedTrial], outcomes: dict[str, dict]):
             }
         else:
             metrics = outcomes.get(p.trial.hash, {})
-            finished = bool(metrics.get("run_id")) and not metrics.get("error")
-            if not finished and metrics.get("owed") and not metrics.get("error"):
-                finished = True  # trained; only the store is behind (said in `tracking`)
-            state = "finished" if finished else "failed"
-            ok &= finished
+            reached = metrics.get("run_id") or metrics.get("owed")
+            trained = not metrics.get("error") and bool(reached)
+            complete = trained and not metrics.get("owed")
+            state = "finished" if complete else ("trained, MLflow behind" if trained else "failed")
+            ok &= complete
         rows.append(
             {
                 "trial": d["trial"],

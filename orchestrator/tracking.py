@@ -41,6 +41,12 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 MAX_BACKOFF = 30.0  # seconds between delivery attempts at most, while the store is away
 
 
+def patience() -> float:
+    """Seconds a run's end (or the sweep driver) keeps retrying an unreachable store before it
+    leaves the rest to a later delivery (``ALCOT_TRACKING_PATIENCE``, default 30)."""
+    return float(os.environ.get("ALCOT_TRACKING_PATIENCE", "30"))
+
+
 # ------------------------------------------------------------------------------ stores
 def default_store(home: Path) -> tuple[str, str]:
     """(tracking URI, artifact root) of the embedded store under ``home``: absolute paths."""
@@ -78,19 +84,22 @@ def open_client(uri: str):
     store do not run the migrations at once. A URI MLflow cannot use is a ConfigError."""
     from mlflow.tracking import MlflowClient
 
-    try:
-        client = MlflowClient(tracking_uri=uri)
-    except Exception as err:
-        raise ConfigError("tracking.uri", f"cannot use the tracking store {uri}: {err}") from err
     db = _sqlite_path(uri)
+    lock = contextlib.nullcontext()
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
-        with open(db.parent / f".{db.name}.lock", "w") as lock:
+        lock = open(db.parent / f".{db.name}.lock", "w")  # noqa: SIM115 (closed below)
+    with lock:
+        if db is not None:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
+        try:
+            client = MlflowClient(tracking_uri=uri)
+            if db is not None:  # the first use creates (migrates) the database
                 client.search_experiments(max_results=1)
-            except Exception as err:
-                raise ConfigError("tracking.uri", f"cannot open {uri}: {err}") from err
+        except Exception as err:
+            raise ConfigError(
+                "tracking.uri", f"cannot use the tracking store {uri}: {err}"
+            ) from err
     return client
 
 
@@ -109,10 +118,10 @@ def ensure_experiment(client, name: str, artifact_root: str | None) -> str:
         return exp.experiment_id
 
 
-def retrying(fn, what: str, log=print, timeout: float = 60.0):
-    """``fn()``, retried with backoff for up to ``timeout`` seconds; None (and a warning) if
-    the store never answered. For the sweep driver's own bookkeeping calls."""
-    deadline = time.time() + timeout
+def retrying(fn, what: str, log=print, timeout: float | None = None):
+    """``fn()``, retried with backoff for up to ``timeout`` seconds (default: patience()); None
+    (and a warning) if the store never answered. For the sweep driver's own bookkeeping."""
+    deadline = time.time() + (patience() if timeout is None else timeout)
     delay = 0.5
     while True:
         try:
@@ -484,7 +493,7 @@ class Tracker:
             self._artifacts.append(item)
             _write_json(self.run_dir / "artifacts.json", self._artifacts)
 
-    def finish(self, status: str | None, timeout: float = 30.0) -> bool:
+    def finish(self, status: str | None, timeout: float | None = None) -> bool:
         """Keep ``status`` in the folder, deliver everything (retrying with backoff for up to
         ``timeout`` seconds), then set the status in MLflow. True if the run is complete there.
         ``status`` None: deliver only (the training has not ended)."""
@@ -494,7 +503,7 @@ class Tracker:
             self._journal.close()
         if status is not None:
             _write_json(self.run_dir / "run_status.json", {"status": status})
-        deadline = time.time() + timeout
+        deadline = time.time() + (patience() if timeout is None else timeout)
         while not self._deliver_once() and time.time() < deadline:
             time.sleep(min(self._backoff(), max(0.0, deadline - time.time())))
         owed = self.pending()
@@ -527,7 +536,7 @@ def deliver(
     uri: str | None = None,
     tags: dict[str, str] | None = None,
     log=print,
-    timeout: float = 30.0,
+    timeout: float | None = None,
 ) -> Delivery:
     """Bring a run folder's MLflow run up to date: in its own store, or in ``uri`` (a store
     that does not know the folder gets a new run with everything imported). The run gets the

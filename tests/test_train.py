@@ -19,9 +19,10 @@ BIN = Path(sys.executable).parent
 
 
 def journal(run_dir: Path) -> dict[int, dict]:
+    from alcot.orchestrator.tracking import read_journal
+
     rows = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
+    for row in read_journal(run_dir):  # a line torn by a SIGKILL is skipped
         rows.setdefault(row["step"], {}).update(row["metrics"])
     return rows
 
@@ -81,7 +82,7 @@ def test_exact_resume_after_sigkill(alcot_home, tmp_path):
     sets = [a for s in SMALL_RUN for a in ("--set", s)]
     steps = ["--set", "train.steps=60", "--set", "train.checkpoint_every=10"]
 
-    def launch(run_dir):
+    def launch(run_dir, *extra):
         return subprocess.Popen(
             [
                 str(BIN / "alcot"),
@@ -91,6 +92,7 @@ def test_exact_resume_after_sigkill(alcot_home, tmp_path):
                 *steps,
                 "--set",
                 f"out_dir={run_dir}",
+                *extra,
                 "--no-progress",
             ],
             cwd=Path(__file__).resolve().parents[1],
@@ -100,7 +102,8 @@ def test_exact_resume_after_sigkill(alcot_home, tmp_path):
         )
 
     killed = tmp_path / "killed"
-    proc = launch(killed)
+    # metrics are sent only at the end: at the kill, every journalled step is still unsent
+    proc = launch(killed, "--set", "tracking.flush_seconds=3600")
     deadline = time.time() + 240
     while time.time() < deadline:  # wait for a checkpoint and some steps past it
         steps_done = len(journal(killed)) if (killed / "metrics.jsonl").exists() else 0
@@ -112,6 +115,8 @@ def test_exact_resume_after_sigkill(alcot_home, tmp_path):
     proc.wait()
     kill_step = max(journal(killed))
     assert kill_step < 60, "the run finished before it could be killed"
+    run_id = json.loads((killed / "tracking.json").read_text())["run_id"]
+    assert mlflow_client().get_metric_history(run_id, "train/loss") == []  # all still owed
 
     resumed = launch(killed)
     log = resumed.communicate(timeout=300)[0].decode()
@@ -128,10 +133,17 @@ def test_exact_resume_after_sigkill(alcot_home, tmp_path):
     for step in range(1, 61):
         assert abs(a[step]["train/loss"] - b[step]["train/loss"]) <= 1e-6, step
 
-    # the resumed run continued the same MLflow run and logged no step twice
+    # the resumed run continued the same MLflow run, delivered the steps journalled before the
+    # kill (including the ones past the checkpoint) and logged no step twice
     info = json.loads((killed / "tracking.json").read_text())
-    hist = mlflow_client().get_metric_history(info["run_id"], "train/loss")
-    assert sorted(m.step for m in hist) == list(range(1, 61))
+    assert info["run_id"] == run_id
+    client = mlflow_client()
+    for key in ("train/loss", "lr", "flops/realised"):
+        hist = client.get_metric_history(run_id, key)
+        assert sorted(m.step for m in hist) == list(range(1, 61)), key
+    val = client.get_metric_history(run_id, "val/loss")
+    assert sorted(m.step for m in val) == list(range(10, 61, 10))
+    assert client.get_run(run_id).info.status == "FINISHED"
 
 
 def test_corrupt_latest_checkpoint_falls_back(alcot_home, tmp_path):
