@@ -169,16 +169,16 @@ def identity_dict(cfg: RunConfig) -> dict[str, Any]:
     return d
 
 
-def run_dir(cfg: RunConfig, home: Path | None = None) -> Path:
+def run_dir(cfg: RunConfig, home: Path | None = None, h: str | None = None) -> Path:
     """Where a run keeps its checkpoints and journal: ``out_dir``, or, by default,
     ``$ALCOT_HOME/runs/<experiment>/<config hash>`` (the same config in another study is
-    trained there on its own)."""
+    trained there on its own). ``h``: the config hash, when the caller has it."""
     if cfg.out_dir:
         return Path(cfg.out_dir).expanduser().resolve()
-    home = home or alcot_home()
-    runs = home / "runs"
-    folder = runs / cfg.tracking.experiment / config_hash(cfg)[:16]
-    if not folder.resolve().is_relative_to(runs.resolve()):  # check_study_name makes this hold
+    runs = (home or alcot_home()) / "runs"
+    folder = runs / cfg.tracking.experiment / (h or config_hash(cfg))[:16]
+    # check_study_name makes this hold; a lexical check, no file system access
+    if not os.path.normpath(folder).startswith(os.path.normpath(runs) + os.sep):
         raise ConfigError("tracking.experiment", f"{folder} is outside {runs}")
     return folder
 

@@ -87,7 +87,7 @@ def plan(sweep: Sweep, home: Path | None = None, log=print) -> list[PlannedTrial
         if run is not None:
             out.append(PlannedTrial(t, "skip", run.info.run_id, run.data.metrics))
             continue
-        folder = run_dir(t.config, home)
+        folder = run_dir(t.config, home, t.hash)
         holder = read_holder(folder)
         if holder is not None and holder.alive(ttl):
             out.append(PlannedTrial(t, "wait", note=f"in use by {holder.describe()}"))
@@ -204,7 +204,7 @@ def _deliver_trained(todo: list[PlannedTrial], home: Path, parent_id: str, sweep
     out: dict[str, dict] = {}
     uri, _ = resolve_uri(sweep.spec.tracking_uri, home)
     for p in todo:
-        folder = run_dir(p.trial.config, home)
+        folder = run_dir(p.trial.config, home, p.trial.hash)
         tags = {
             "mlflow.parentRunId": parent_id,
             "alcot.sweep_id": sweep.sweep_id,

@@ -5,15 +5,13 @@ hostile study names, bad data. Each case reproduces a way records were lost or d
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import SMALL_RUN, home_at, small_run
+from conftest import SMALL_RUN, MlflowServer, home_at, small_run
 
 from alcot.model.typed import ConfigError
 from alcot.orchestrator.cli import main
@@ -43,12 +41,6 @@ def experiment_runs(uri: str, name: str = "tests"):
 
 def steps_of(uri: str, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in open_client(uri).get_metric_history(run_id, key))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------- concurrency
@@ -145,53 +137,6 @@ def run_training_quiet(cfg, logs):
 
 
 # ---------------------------------------------------------------------------- outages
-class MlflowServer:
-    """A real `mlflow server` on 127.0.0.1, stopped and started again by the tests."""
-
-    def __init__(self, root: Path):
-        self.root, self.port, self.proc = root, free_port(), None
-        self.uri = f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-        self.proc = subprocess.Popen(
-            [
-                str(BIN / "mlflow"),
-                "server",
-                "--backend-store-uri",
-                f"sqlite:///{self.root / 'server.db'}",
-                "--artifacts-destination",
-                str(self.root / "artifacts"),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--workers",
-                "1",
-            ],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.5)
-            assert self.proc.poll() is None, "mlflow server died at start"
-        raise AssertionError("mlflow server did not become healthy")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        self.proc = None
-
-
 @pytest.fixture
 def server(tmp_path):
     srv = MlflowServer(tmp_path / "server")

@@ -42,13 +42,7 @@ def sweep_file(folder: Path, body: str, name: str = "sweep.yaml") -> Path:
 
 
 def runs(home: Path, study: str):
-    from alcot.orchestrator.tracking import open_client
-
-    client = open_client(f"sqlite:///{home / 'mlflow.db'}")  # the store's creation is locked
-    exp = client.get_experiment_by_name(study)
-    if exp is None:
-        return []
-    return client.search_runs([exp.experiment_id])
+    return runs_at(f"sqlite:///{home / 'mlflow.db'}", study)  # open_client: creation locked
 
 
 def children(home, study, status=None):
@@ -117,6 +111,148 @@ def test_killed_driver_resubmitted_finishes_only_the_rest(tmp_path):
     hashes = [r.data.tags["config_hash"] for r in finished]
     assert len(hashes) == 4 and len(set(hashes)) == 4  # each trial once, none trained twice
     assert len(children(home, "killtest")) == 4  # the interrupted trial continued its own run
+    assert_complete(home, finished)
+    # the killed driver's parent run is not left RUNNING forever
+    parents = [r for r in runs(home, "killtest") if r.data.tags.get("alcot.kind") == "sweep"]
+    assert sorted(r.info.status for r in parents) == ["FINISHED", "KILLED"], parents
+    assert "KILLED" in again.stdout
+
+
+def assert_complete(home: Path, finished, uri: str | None = None) -> None:
+    """Every finished trial's MLflow run has each journalled step exactly once (train and val)
+    and the artifacts its folder recorded."""
+    from alcot.orchestrator.tracking import open_client, read_journal
+
+    client = open_client(uri or f"sqlite:///{home / 'mlflow.db'}")
+    for r in finished:
+        rows = read_journal(Path(r.data.tags["alcot.out_dir"]))
+        for key in ("train/loss", "val/loss"):
+            want = sorted({row["step"] for row in rows if key in row["metrics"]})
+            got = sorted(m.step for m in client.get_metric_history(r.info.run_id, key))
+            assert got == want and want, (key, got, want)  # missing 0, duplicated 0
+        names = {a.path for a in client.list_artifacts(r.info.run_id)}
+        assert {"config.yaml", "depth_histogram.png"} <= names, names
+
+
+@pytest.mark.slow
+def test_the_same_sweep_launched_twice_at_once_trains_each_trial_once(tmp_path):
+    """Two drivers of one sweep started 0.5 s apart on a fresh store: the store is created
+    once, each trial is trained by one of them, the other waits and follows it."""
+    home = tmp_path / "home"
+    env = dict(os.environ, ALCOT_HOME=str(home))
+    path = sweep_file(
+        tmp_path,
+        """
+        study: twice
+        grid:
+          model.halting.lambda: [0.01, 0.1]
+        budget: {tokens: 8192}
+        max_concurrent: 1
+    """,
+    )
+    cmd = [str(BIN / "alcot"), "sweep", "run", str(path)]
+    procs = []
+    try:
+        for _ in range(2):
+            procs.append(
+                subprocess.Popen(
+                    cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+                )
+            )
+            time.sleep(0.5)
+        logs = [p.communicate(timeout=600)[0].decode() for p in procs]
+    finally:
+        ray_stop()
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(logs)[-5000:]
+    assert "in use by" in "".join(logs) or "not training again" in "".join(logs), logs
+    kids = children(home, "twice")
+    hashes = [r.data.tags["config_hash"] for r in kids]
+    assert len(hashes) == 2 and len(set(hashes)) == 2  # duplicate runs: 0
+    assert all(r.info.status == "FINISHED" for r in kids)
+    assert_complete(home, kids)
+    for r in kids:  # every step trained once: the journal has no step twice
+        from alcot.orchestrator.tracking import read_journal
+
+        steps = [row["step"] for row in read_journal(Path(r.data.tags["alcot.out_dir"]))]
+        assert len(steps) == len(set(steps)), steps
+
+
+@pytest.mark.slow
+def test_tracking_outage_mid_sweep_loses_nothing(tmp_path):
+    """The tracking server goes down mid-sweep and stays down past the end: trials still
+    train (one starts during the outage), the driver ends without a traceback saying what is
+    owed, and a resubmission delivers everything from the run folders without training."""
+    from conftest import MlflowServer
+
+    server = MlflowServer(tmp_path / "server")
+    server.root.mkdir()
+    home = tmp_path / "home"
+    env = dict(
+        os.environ,
+        ALCOT_HOME=str(home),
+        MLFLOW_TRACKING_URI=server.uri,
+        ALCOT_TRACKING_PATIENCE="3",
+    )
+    path = sweep_file(
+        tmp_path,
+        """
+        study: outage
+        grid:
+          model.halting.lambda: [0.01, 0.1]
+        budget: {tokens: 8192}
+        max_concurrent: 1
+        retries: 0
+    """,
+    )
+    try:
+        server.start()
+        driver = subprocess.Popen(
+            [str(BIN / "alcot"), "sweep", "run", str(path)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.time() + 300
+        while time.time() < deadline and not list(home.glob("runs/outage/*/metrics.jsonl")):
+            assert driver.poll() is None, driver.stdout.read().decode()[-3000:]
+            time.sleep(0.05)
+        server.stop()  # down from the first trial's first steps to after the driver ends
+        out = driver.communicate(timeout=600)[0].decode()
+        ray_stop()
+        assert driver.returncode == 1, out[-4000:]
+        assert "Traceback" not in out, out[-4000:]
+        assert "not yet in MLflow" in out or "MLflow owed" in out, out[-4000:]
+        server.start()
+        again = alcot("sweep", "run", str(path), env=env)
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+        assert "delivering 2 trained trials" in again.stdout, again.stdout[-3000:]
+        finished = children_at(server.uri, "outage", "FINISHED")
+        assert len(finished) == 2 and len(children_at(server.uri, "outage")) == 2
+        assert_complete(home, finished, server.uri)
+        parents = [
+            r for r in runs_at(server.uri, "outage") if r.data.tags.get("alcot.kind") == "sweep"
+        ]
+        assert sorted(r.info.status for r in parents) == ["FINISHED", "KILLED"]
+    finally:
+        server.stop()
+        ray_stop()
+
+
+def runs_at(uri: str, study: str):
+    from alcot.orchestrator.tracking import open_client
+
+    client = open_client(uri)
+    exp = client.get_experiment_by_name(study)
+    return [] if exp is None else client.search_runs([exp.experiment_id])
+
+
+def children_at(uri: str, study: str, status=None):
+    return [
+        r
+        for r in runs_at(uri, study)
+        if "mlflow.parentRunId" in r.data.tags and (status is None or r.info.status == status)
+    ]
 
 
 @pytest.mark.slow
@@ -262,6 +398,29 @@ def test_resubmission_is_a_no_op(home, tmp_path, capsys):
     assert out.count("skipped (finished before)") == 2
     assert {r.info.run_id for r in children(home, "resubmit")} == first
     assert time.time() - t < 30
+
+
+@pytest.mark.slow
+def test_switching_store_brings_the_trials_along(home, tmp_path, capsys, monkeypatch):
+    """The same sweep against another store (laptop -> team server): the trials trained before
+    are imported from their run folders into the new store, not failed and not retrained."""
+    path = sweep_file(
+        tmp_path,
+        """
+        study: resubmit
+        grid:
+          model.halting.lambda: [0.01, 0.1]
+        budget: {tokens: 4096}
+    """,
+    )
+    other = f"sqlite:///{tmp_path / 'team' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", other)
+    assert main(["sweep", "run", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "delivering 2 trained trials" in out and "was tracked in" in out
+    finished = children_at(other, "resubmit", "FINISHED")
+    assert len(finished) == 2
+    assert_complete(home, finished, other)
 
 
 @pytest.mark.slow

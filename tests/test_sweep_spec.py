@@ -180,6 +180,18 @@ MALFORMED = {
     ),
     "bad_yaml": ("study: s\ngrid: {model.size: [micro\n", "<yaml>", None),
     "base_missing": ("study: s\nbase: nowhere.yaml\ngrid: {model.size: [micro]}\n", "base", 2),
+    "when_names_no_field": (
+        "study: s\ngrid: {model.method: [adaptive, vanilla]}\noverrides:\n"
+        "  - when: {model.mehtod: vanilla}\n    set: {train.lr: 0.002}\n",
+        "overrides[0].when.model.mehtod",
+        4,
+    ),
+    "too_many_trials": (
+        "study: s\ngrid:\n  seed: [0, 1, 2, 3, 4]\n  train.lr: [0.1, 0.2, 0.3]\nmax_trials: 10\n",
+        "grid",
+        2,
+    ),
+    "study_escapes_home": ("study: ../../escape\ngrid: {model.size: [micro]}\n", "study", 1),
     "space_path_unknown": (
         "study: s\nsearch:\n  space:\n    model.lamda: {choices: [1, 2]}\n",
         "search.space.model.lamda",
@@ -223,8 +235,37 @@ def test_wikitext_study_takes_its_path_from_env_or_command_line(tmp_path, monkey
     assert len(sweep.trials) == 3 * (5 + 3)  # sizes x (5 baselines + adaptive at 3 lambdas)
     flops = {round(t.est_flops / 1e14, 1) for t in sweep.trials}
     assert flops == {5.0}  # isoFLOP
-    other = load_sweep(study, ["data.path=/elsewhere/train.txt"])
-    assert {t.config.data.path for t in other.trials} == {"/elsewhere/train.txt"}
+    monkeypatch.delenv("ALCOT_WIKITEXT2")  # --set replaces the variable: it need not be set
+    for key in ("data.path", "base.data.path"):
+        other = load_sweep(study, [f"{key}=/elsewhere/train.txt"])
+        assert {t.config.data.path for t in other.trials} == {"/elsewhere/train.txt"}
+    assert main(["sweep", "run", str(study), "--dry-run", "--set", "data.path=/x.txt"]) == 0
+
+
+def test_overrides_match_fields_that_are_not_axes(tmp_path):
+    """`when` compares the trial's value of a field, swept or not (base, or the default)."""
+    path = write(
+        tmp_path,
+        """
+        study: s
+        grid: {seed: [0, 1]}
+        overrides:
+          - when: {model.method: adaptive, data.seq_len: 128}
+            set: {train.warmup_frac: 0.1}
+          - when: {train.grad_accum: 1}
+            set: {train.weight_decay: 0.0}
+    """,
+    )
+    for t in load_sweep(path).trials:
+        assert t.config.train.warmup_frac == 0.1 and t.config.train.weight_decay == 0.0
+
+
+def test_the_trial_cap_says_how_many_and_how_to_raise_it(tmp_path, capsys):
+    grid = ", ".join(str(i) for i in range(101))
+    path = write(tmp_path, f"study: s\ngrid:\n  seed: [{grid}]\n  train.lr: [{grid}]\n")
+    assert main(["sweep", "run", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "10,201 trials" in err and "max_trials" in err
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
