@@ -12,12 +12,13 @@ A sweep file::
       train.lr: [3.0e-3, 2.0e-3]
       train.batch_size: [8, 16]
     overrides:                        # extra settings for the trials that match `when`
-      - when: {model.method: vanilla}
+      - when: {model.method: vanilla}  # the trial's value of a field (swept, base or default)
         set: {train.lr: 2.0e-3}
     budget: {tokens: 200000}          # or {flops: 1.0e13} (isoFLOP: tokens derived per size)
     resources: {cpus: 1, gpus: 0, tensor_parallel: 1, data_parallel: 1}
     max_concurrent: 2
     retries: 1
+    max_trials: 10000                 # refuse a grid that expands to more (a typo's 10^6)
     search:                           # instead of (or on top of) the grid: an Optuna search
       sampler: tpe
       trials: 8
@@ -27,6 +28,7 @@ A sweep file::
 Trials whose canonical configs coincide (vanilla crossed with several halting penalties) are
 one trial: a trial's identity is the hash of its canonical resolved config, without paths or
 tracking settings. Every error names the field and its line in the file, before anything runs.
+The study name is also a folder under ``$ALCOT_HOME/runs``: names that could leave it are refused.
 """
 
 from __future__ import annotations
