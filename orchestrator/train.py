@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,6 +126,8 @@ def _train_claimed(cfg, resolved, data, h, out_dir, is_rank0, progress, log, ext
         and read_status(out_dir) == "FINISHED"
     ):
         return _finished_before(cfg, out_dir, h, resume_from, log, extra_tags, is_rank0)
+    if cfg.train.resume == "never" and is_rank0:
+        set_aside_records(out_dir, log)
     settings = resolved.to_dict()
     if cfg.tracking.enabled and is_rank0:
         uri, artifact_root = resolve_uri(cfg.tracking.uri, home)
@@ -198,6 +202,22 @@ def _train_claimed(cfg, resolved, data, h, out_dir, is_rank0, progress, log, ext
     owed = tracker.owed if tracker else Delivery()
     run_id = tracker.run_id if tracker else None
     return RunOutcome(result, run_id, uri, out_dir, h, owed.complete, owed)
+
+
+RECORDS = ("metrics.jsonl", "tracking.json", "artifacts.json", "params.json", "run_status.json")
+
+
+def set_aside_records(out_dir: Path, log) -> None:
+    """``train.resume: never`` trains the folder from scratch as a new MLflow run: the earlier
+    records move to ``previous/<time>/`` (kept, not mixed with the new ones)."""
+    present = [name for name in RECORDS if (out_dir / name).exists()]
+    if not present:
+        return
+    dest = out_dir / "previous" / time.strftime("%Y%m%d-%H%M%S")
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in present:
+        os.replace(out_dir / name, dest / name)
+    log(f"train.resume is never: the folder's earlier records are in {dest}")
 
 
 def _finished_before(cfg, out_dir, h, info, log, extra_tags, is_rank0) -> RunOutcome:

@@ -297,3 +297,19 @@ def test_latin1_trains_with_an_explicit_encoding(tmp_path):
     assert list(iter_documents(cfg)) == ["Café crème brûlée.", "Naïve résumé."]
     with pytest.raises(ConfigError, match="data.encoding"):
         DataConfig(encoding="no-such-codec")
+
+
+def test_resume_never_starts_a_new_record(tmp_path):
+    """`train.resume: never` trains the folder again as a new MLflow run; the earlier records
+    are set aside, not mixed into (or deduplicated against) the new ones."""
+    with home_at(tmp_path / "home") as home:
+        logs: list[str] = []
+        run_dir = tmp_path / "run"
+        first = run_training_quiet(small_run(run_dir, "train.steps=10"), logs)
+        again = run_training_quiet(small_run(run_dir, "train.steps=10", "train.resume=never"), logs)
+        uri = f"sqlite:///{home / 'mlflow.db'}"
+    assert again.run_id != first.run_id
+    for out in (first, again):
+        assert steps_of(uri, out.run_id, "train/loss") == list(range(1, 11))
+    assert [row["step"] for row in read_journal(run_dir)] == list(range(1, 11))
+    assert len(list((run_dir / "previous").glob("*/metrics.jsonl"))) == 1
