@@ -94,7 +94,8 @@ def run_training(
     home = alcot_home()
     h = config_hash(cfg)
     out_dir = run_dir(cfg, home)
-    is_rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    # under torchrun the process group is set up later (in train()): the launcher's RANK tells
+    is_rank0 = (dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))) == 0
     data = prepare(cfg.data, cfg.data.cache_dir or home / "cache", log=log)
     check_enough(cfg.data, data)
     if data.cache_hit:
@@ -146,7 +147,11 @@ def _train_claimed(cfg, resolved, data, h, out_dir, is_rank0, progress, log, ext
                 "method": m.method,
                 "size": m.size,
                 "alcot.out_dir": str(out_dir),
-                "alcot.world_size": str(dist.get_world_size() if dist.is_initialized() else 1),
+                "alcot.world_size": str(
+                    dist.get_world_size()
+                    if dist.is_initialized()
+                    else int(os.environ.get("WORLD_SIZE", 1))
+                ),
                 **(extra_tags or {}),
             },
             flush_seconds=cfg.tracking.flush_seconds,

@@ -174,13 +174,16 @@ def test_outage_longer_than_the_run_end_is_delivered_later(tmp_path, server):
     server.start()
     run_id = record["run_id"]
     assert open_client(server.uri).get_run(run_id).info.status == "RUNNING"  # not FINISHED
-    assert len(steps_of(server.uri, run_id, "train/loss")) < 40  # the outage's steps are owed
+    before = len(steps_of(server.uri, run_id, "train/loss"))
+    assert before < 40  # the outage's steps are owed
+    print(f"outage: train/loss points in MLflow after the run: {before} of 40", end="; ")
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "not training again" in again.stdout
     run = open_client(server.uri).get_run(run_id)
     assert run.info.status == "FINISHED"
     assert steps_of(server.uri, run_id, "train/loss") == list(range(1, 41))  # missing: 0 of 40
+    print("after running the command again: 40 of 40, status FINISHED")
     assert steps_of(server.uri, run_id, "val/loss") == [10, 20, 30, 40]
     names = {a.path for a in open_client(server.uri).list_artifacts(run_id)}
     assert {"config.yaml", "depth_histogram.png", "diagnostics"} <= names
