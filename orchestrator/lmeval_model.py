@@ -13,6 +13,8 @@ registry); in Python, importing this module registers it.
 
 from __future__ import annotations
 
+# lm-eval loads its built-in models only into an empty registry: load them before ours
+import lm_eval.models  # noqa: F401
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model

@@ -4,7 +4,8 @@ lm-eval 0.4 finds models only in its registry and loads no plugins, so a model d
 it is unknown to ``lm_eval`` unless its module was imported first. ``scripts/install.sh`` puts
 a one-line ``alcot-lm-eval.pth`` into the environment that calls :func:`install`: it adds an
 import hook that, once ``lm_eval.api.registry`` has been loaded (by lm-eval itself, in any
-process), registers ``alcot`` there as a lazy entry (``alcot.orchestrator.lmeval_model:AlcotLM``).
+process), makes its ``get_model`` know ``alcot`` as a lazy entry
+(``alcot.orchestrator.lmeval_model:AlcotLM``) beside the built-in models.
 Nothing else is imported at interpreter start, and any failure here is silent: it must never
 break Python start-up.
 """
@@ -20,9 +21,23 @@ ENTRY = "alcot.orchestrator.lmeval_model:AlcotLM"
 
 
 def _register(module) -> None:
+    """Register ``alcot`` lazily. lm-eval fills its registry with the built-in models only
+    when it is empty at the first ``get_model``; so the built-ins are loaded first there."""
     registry = getattr(module, "model_registry", None)
-    if registry is not None and "alcot" not in registry:
-        registry.register("alcot", target=ENTRY)
+    original = getattr(module, "get_model", None)
+    if registry is None or original is None or getattr(original, "_alcot", False):
+        return
+
+    def get_model(model_name: str):
+        import lm_eval.models  # noqa: F401 - registers the built-in models (lazily)
+
+        if "alcot" not in registry:
+            registry.register("alcot", target=ENTRY)
+        return original(model_name)
+
+    get_model._alcot = True
+    get_model.__doc__ = original.__doc__
+    module.get_model = get_model
 
 
 class _Finder(importlib.abc.MetaPathFinder):
