@@ -257,6 +257,8 @@ def budgets(loaded: LoadedRun, taus: Sequence[float] = (), l_maxes: Sequence[int
                 "--l-max",
                 f"the per-step router has {cfg.l_max} trained steps; l_max {lm} needs more",
             )
+    if not cfg.uses_router:  # tau only steers a router: one budget per l_max elsewhere
+        taus = [cfg.halting.tau]
     out = []
     for lm in l_maxes:
         for t in taus:
@@ -556,7 +558,9 @@ def run_eval(loaded: LoadedRun, spec: EvalSpec, log=print) -> dict:
 def metrics_of(result: dict) -> dict[str, float]:
     """MLflow metrics: ``eval/<task>/<metric>`` and ``eval/<corpus>/ppl`` (and bits per byte,
     FLOPs per token, mean depth) at the trained budget, and the same under
-    ``eval/budget/<tau_..._lmax_...>/`` for every budget evaluated."""
+    ``eval/budget/<tau_..._lmax_...>/`` for every budget evaluated. ``flops_per_token`` is over
+    everything this evaluation ran; ``<corpus>/flops_per_token`` and ``tasks/flops_per_token``
+    (the lm-eval forwards) are per part."""
     trained = Budget(**result["trained"])
     out: dict[str, float] = {}
     for entry in result["budgets"]:
@@ -569,6 +573,9 @@ def metrics_of(result: dict) -> dict[str, float]:
             for k, v in ms.items():
                 if isinstance(v, int | float) and math.isfinite(v):
                     flat[f"{task}/{k}"] = float(v)
+        if "task_cost" in entry:  # what the lm-eval tasks' forwards spent, all tasks together
+            flat["tasks/flops_per_token"] = entry["task_cost"]["flops_per_token"]
+            flat["tasks/mean_depth"] = entry["task_cost"]["mean_depth"]
         for k, v in flat.items():
             out[f"eval/budget/{b.key}/{k}"] = v
             if b == trained:

@@ -99,6 +99,16 @@ def test_text_perplexity_equals_training_validation(trained, tmp_path, capsys):
     assert "ppl" in table and "FLOPs/token" in table
 
 
+def test_a_run_is_named_by_folder_checkpoint_or_mlflow_id(trained):
+    from alcot.orchestrator.evaluate import resolve_target
+
+    _, out = trained
+    newest = sorted((out.out_dir / "checkpoints").glob("step_*"))[-1]
+    for target in (out.out_dir, newest, out.run_id):
+        run_dir, info = resolve_target(str(target))
+        assert run_dir == out.out_dir.resolve() and info.path == newest.resolve()
+
+
 def test_sliding_windows_score_every_token_once(trained, tmp_path):
     from alcot.orchestrator.evaluate import load_run, sliding_nll, token_stream
 
@@ -303,3 +313,15 @@ def test_prompt_longer_than_the_context_exits_2(trained, capsys):
     long = "Mia went to the market with 3 red apples. " * 40
     assert main(["generate", str(out.out_dir), "--prompt", long]) == 2
     assert "longer than the model's context" in capsys.readouterr().err
+
+
+def test_harness_registry_knows_alcot_beside_its_own_models():
+    """In a fresh interpreter (the install's .pth hook, nothing of alcot imported): lm-eval
+    finds ``alcot`` and still its built-in models."""
+    code = (
+        "import lm_eval.api.registry as r; "
+        "print(r.get_model('alcot').__name__, r.get_model('dummy').__name__)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["AlcotLM", "DummyLM"]
