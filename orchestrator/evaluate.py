@@ -325,18 +325,20 @@ def score_continuations(
     stats: Stats | None = None,
 ) -> list[tuple[float, bool]]:
     """(sum of log p(continuation | context), whether it is the greedy continuation) for each
-    (context ids, continuation ids); contexts are cut from the left to the model's context."""
+    (context ids, continuation ids); contexts are cut from the left to the model's context. A
+    continuation longer than the context is scored in pieces of the context's length, each with
+    as much of what precedes it as fits (as a sliding-window perplexity would score it)."""
     window = loaded.seq_len
-    prepared = []
-    for ctx, cont in requests:
+    prepared, owner = [], []
+    for i, (ctx, cont) in enumerate(requests):
         if not cont:
             raise ValueError("an empty continuation has no likelihood")
-        if len(cont) > window:
-            raise ConfigError(
-                "continuation", f"{len(cont)} tokens exceed the model's context ({window})"
-            )
-        whole = (list(ctx) + list(cont))[-(window + 1) :]
-        prepared.append((whole[:-1], list(cont)))
+        seq = list(ctx) + list(cont)
+        for a in range(len(ctx), len(seq), window):
+            piece = seq[a : a + window]
+            whole = seq[: a + len(piece)][-(window + 1) :]
+            prepared.append((whole[:-1], piece))
+            owner.append(i)
     order = sorted(range(len(prepared)), key=lambda i: -len(prepared[i][0]))
     results: list[tuple[float, bool] | None] = [None] * len(prepared)
     for start in range(0, len(order), batch_size):
@@ -351,7 +353,10 @@ def score_continuations(
             total = float(lp.gather(-1, target[:, None]).sum())
             greedy = bool((lp.argmax(-1) == target).all())
             results[i] = (total, greedy)
-    return results  # type: ignore[return-value]
+    combined = [(0.0, True)] * len(requests)
+    for i, (lp, greedy) in zip(owner, results, strict=True):
+        combined[i] = (combined[i][0] + lp, combined[i][1] and greedy)
+    return combined
 
 
 # ------------------------------------------------------------------------------ text perplexity

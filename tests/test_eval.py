@@ -121,6 +121,20 @@ def test_sliding_windows_score_every_token_once(trained, tmp_path):
     assert nll_overlap != pytest.approx(nll_disjoint, rel=1e-6)  # more context, other numbers
 
 
+def test_a_continuation_longer_than_the_context_is_scored_in_windows(trained):
+    from alcot.orchestrator.evaluate import load_run, score_continuations, sliding_nll
+
+    _, out = trained
+    loaded = load_run(out.out_dir)
+    ids = loaded.encode("Zoe went to school with 4 white keys. There Zoe met Kai. " * 12)
+    assert len(ids) > 2 * loaded.seq_len + 1
+    ids = ids[: 1 + 2 * loaded.seq_len]  # whole windows: the same contexts as disjoint windows
+    ((logp, _),) = score_continuations(loaded, [(ids[:1], ids[1:])])
+    nll, count = sliding_nll(loaded, ids)
+    assert count == len(ids) - 1
+    assert -logp == pytest.approx(nll, rel=1e-5)
+
+
 def test_two_budgets_give_different_depths_and_flops(trained, tmp_path):
     _, out = trained
     text = tmp_path / "story.txt"
