@@ -588,6 +588,10 @@ def metrics_of(result: dict) -> dict[str, float]:
     return out
 
 
+def _num(v: float) -> str:
+    return f"{v:.4f}" if abs(v) < 1e5 else f"{v:.4g}"
+
+
 def table(result: dict) -> str:
     """The results as a fixed-width table: one row per (budget, corpus or task metric)."""
     rows = [("budget", "what", "metric", "value", "± stderr")]
@@ -602,8 +606,8 @@ def table(result: dict) -> str:
                 if k.endswith("_stderr") or not isinstance(v, int | float):
                     continue
                 err = ms.get(f"{k}_stderr")
-                err_s = f"{err:.4f}" if isinstance(err, int | float) else ""
-                rows.append((entry["label"], task, k, f"{v:.4f}", err_s))
+                err_s = _num(err) if isinstance(err, int | float) else ""
+                rows.append((entry["label"], task, k, _num(v), err_s))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
