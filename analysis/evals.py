@@ -42,7 +42,7 @@ def eval_points(runs: pd.DataFrame) -> pd.DataFrame:
                         "run_id": r["run_id"],
                         "method": r["method"],
                         "size": r["size"],
-                        "label": f"{r['method']} {r['size']} ({str(r['run_id'])[:6]})",
+                        "label": _label(r),
                         "tau": tau,
                         "l_max": l_max,
                         "what": what,
@@ -60,6 +60,12 @@ def eval_points(runs: pd.DataFrame) -> pd.DataFrame:
                 )
     cols = ["run_id", "method", "size", "label", "tau", "l_max", "what", "metric", "value"]
     return pd.DataFrame(rows, columns=[*cols, "flops_per_token", "train_flops", "trained"])
+
+
+def _label(r) -> str:
+    lam = r.get("lambda")
+    pen = f" λ={lam:g}" if r["method"] == "adaptive" and pd.notna(lam) else ""
+    return f"{r['method']} {r['size']}{pen} ({str(r['run_id'])[:6]})"
 
 
 def accuracy_table(points: pd.DataFrame) -> pd.DataFrame:
@@ -126,7 +132,9 @@ def test_time_figure(curve: pd.DataFrame, what: str, metric: str):
             color=method_colour(g["method"].iloc[0]),
             label=g["label"].iloc[0],
         )
-        for _, p in g.iterrows():
+        # label every point of a short line, only its cheapest and dearest of a long one
+        shown = g if len(g) <= 6 else g.iloc[[0, -1]]
+        for _, p in shown.iterrows():
             ax.annotate(
                 f"τ={p['tau']:g}, L={p['l_max']}",
                 (p["flops_per_token"], p["value"]),
@@ -134,6 +142,9 @@ def test_time_figure(curve: pd.DataFrame, what: str, metric: str):
                 xytext=(3, 3),
                 textcoords="offset points",
             )
+    ax.set_xscale("log")
+    if metric == "ppl":
+        ax.set_yscale("log")
     ax.set_xlabel("inference FLOPs per token (realised)")
     ax.set_ylabel(f"{what} {metric}")
     ax.set_title("test-time compute: one line per checkpoint", fontsize=10)
