@@ -297,6 +297,7 @@ def build_report(
         )
         doc.p("Rank correlation between token difficulty and executed depth (Spearman):")
         doc.table(corr.drop(columns="run_id"))
+    _evaluation_section(study, doc, fig)
     if study.notes:
         doc.h(2, "Notes")
         doc.items(study.notes)
@@ -304,6 +305,37 @@ def build_report(
     md = _write(out_dir / "report.md", doc.markdown())
     page = _write(out_dir / "report.html", doc.html(f"alcot: {study.experiment}"))
     return Report(out_dir, md, page, figures, res)
+
+
+def _evaluation_section(study: Study, doc, fig) -> None:
+    """Downstream accuracy against training FLOPs, and the test-time compute curve, from the
+    eval/ metrics of ``alcot eval`` (or a sweep's eval: section); nothing without them."""
+    from . import evals
+
+    points = evals.eval_points(study.runs)
+    if points.empty:
+        return
+    doc.h(2, "Evaluation")
+    acc = evals.accuracy_table(points)
+    if not acc.empty:
+        doc.p("Task accuracy (lm-eval) at each run's trained halting budget:")
+        doc.table(acc)
+        fig(
+            evals.accuracy_vs_flops_figure(points),
+            "accuracy_vs_flops",
+            "Downstream accuracy against realised training FLOPs, per method.",
+        )
+    curve = evals.test_time_curve(points)
+    if curve is not None:
+        data, what, metric = curve
+        fig(
+            evals.test_time_figure(data, what, metric),
+            "test_time_compute",
+            f"Test-time compute: {what} {metric} against the inference FLOPs per token spent, "
+            "one line per checkpoint, points labelled by tau / l_max.",
+        )
+        show = data[["label", "tau", "l_max", "flops_per_token", "value"]]
+        doc.table(show.rename(columns={"value": f"{what} {metric}"}))
 
 
 def parent_run(study: Study, client) -> str | None:

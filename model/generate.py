@@ -49,8 +49,11 @@ def generate(
     temperature: float = 0.0,
     top_k: int | None = None,
     generator: torch.Generator | None = None,
+    stop=None,
 ) -> Generation:
-    """Generate ``max_new_tokens`` after ``prompt`` [b, s0] (greedy when temperature is 0)."""
+    """Generate ``max_new_tokens`` after ``prompt`` [b, s0] (greedy when temperature is 0).
+
+    ``stop(tokens)`` ([b, prompt + new so far] -> bool), when given, ends generation early."""
     cfg = model.cfg
     b, s0 = prompt.shape
     total = s0 + max_new_tokens
@@ -60,13 +63,15 @@ def generate(
     model.eval()
     try:
         if cfg.method in ("adaptive", "fixed", "vanilla"):
-            return _generate_cached(model, prompt, max_new_tokens, temperature, top_k, generator)
-        return _generate_recompute(model, prompt, max_new_tokens, temperature, top_k, generator)
+            fn = _generate_cached
+        else:
+            fn = _generate_recompute
+        return fn(model, prompt, max_new_tokens, temperature, top_k, generator, stop)
     finally:
         model.train(was_training)
 
 
-def _generate_recompute(model, prompt, n, temperature, top_k, generator) -> Generation:
+def _generate_recompute(model, prompt, n, temperature, top_k, generator, stop=None):
     tokens = prompt
     steps = []
     for _ in range(n):
@@ -74,11 +79,13 @@ def _generate_recompute(model, prompt, n, temperature, top_k, generator) -> Gene
         nxt_logits = out.logits[:, -1]
         steps.append(nxt_logits)
         tokens = torch.cat([tokens, _pick(nxt_logits, temperature, top_k, generator)[:, None]], 1)
+        if stop is not None and stop(tokens):
+            break
     depth = torch.full(tokens.shape, model.cfg.l_max, dtype=torch.long, device=tokens.device)
     return Generation(tokens, depth, torch.stack(steps, 1) if steps else prompt.new_zeros(0))
 
 
-def _generate_cached(model, prompt, n, temperature, top_k, generator) -> Generation:
+def _generate_cached(model, prompt, n, temperature, top_k, generator, stop=None):
     b, s0 = prompt.shape
     out, _ = model.latent_forward(prompt, return_logits=True)  # prefill; caches stay in state
     rope = model._rope(s0 + n)
@@ -93,6 +100,8 @@ def _generate_cached(model, prompt, n, temperature, top_k, generator) -> Generat
         # Also run the last token, so every returned depth is one that was really executed.
         next_logits, depth = _decode_one(model, tok, t, rope)
         depths.append(depth[:, None])
+        if stop is not None and stop(tokens):
+            break
     return Generation(tokens, torch.cat(depths, dim=1), torch.stack(steps, 1))
 
 

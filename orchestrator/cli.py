@@ -318,6 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
     q = tsub.add_parser("sync", help="send a run's locally kept metrics to its MLflow run")
     q.add_argument("run_dir")
     q.set_defaults(func=cmd_tracking_sync)
+
+    from .eval_cli import add_parsers as add_eval_parsers
+
+    add_eval_parsers(sub)  # eval, generate, export
     return parser
 
 

@@ -84,8 +84,11 @@ def plan(sweep: Sweep, home: Path | None = None, log=print) -> list[PlannedTrial
     out = []
     for t in sweep.trials:
         run = done.get(t.hash)
-        if run is not None:
+        if run is not None and not eval_pending(sweep, t, home):
             out.append(PlannedTrial(t, "skip", run.info.run_id, run.data.metrics))
+            continue
+        if run is not None:  # trained before the sweep had (this) eval section
+            out.append(PlannedTrial(t, "evaluate"))
             continue
         folder = run_dir(t.config, home, t.hash)
         holder = read_holder(folder)
@@ -94,11 +97,28 @@ def plan(sweep: Sweep, home: Path | None = None, log=print) -> list[PlannedTrial
             continue
         info = checkpoints.latest_valid(folder / "checkpoints")
         trained = info is not None and info.step >= t.config.train.steps
+        if trained and read_status(folder) == "FINISHED" and eval_pending(sweep, t, home):
+            out.append(PlannedTrial(t, "evaluate"))
+            continue
         if trained and read_status(folder) == "FINISHED":
             out.append(PlannedTrial(t, "deliver"))
             continue
         out.append(PlannedTrial(t, "resume" if info else "run"))
     return out
+
+
+def eval_pending(sweep: Sweep, trial, home: Path) -> bool:
+    """The sweep has an ``eval:`` section and the trial's folder has no result of it yet."""
+    if sweep.spec.eval is None:
+        return False
+    from .evaluate import done_before, spec_from_section
+
+    spec = spec_from_section(sweep.spec.eval.resolved(sweep.path.parent))
+    return done_before(run_dir(trial.config, home, trial.hash), spec) is None
+
+
+def _eval_section(sweep: Sweep) -> dict | None:
+    return None if sweep.spec.eval is None else sweep.spec.eval.resolved(sweep.path.parent)
 
 
 def _fmt_flops(x: float) -> str:
@@ -131,7 +151,7 @@ def tune_trainable(config: dict, home: str, parent: str, sweep_id: str, threads:
 
     p = config["p"]
     tags = {"mlflow.parentRunId": parent, "alcot.sweep_id": sweep_id, "alcot.trial": p["hash"]}
-    tune.report(trial_body(p["trial"], home, tags, threads))
+    tune.report(trial_body(p["trial"], home, tags, threads, eval_section=p.get("eval")))
 
 
 def gang_trainable(
@@ -178,6 +198,10 @@ def gang_trainable(
     )
     with Lease(folder, label=f"gang trial {point['hash'][:10]}") as _:
         trainer.fit()  # raises if a worker failed
+    if point.get("eval"):  # evaluation runs in this process, on one worker's worth of CPU
+        from .evaluate import evaluate_trial
+
+        evaluate_trial(folder, point["eval"], log=log)
     tune.report(results_from_run_dir(point["trial"], home))
 
 
@@ -244,7 +268,7 @@ def run_sweep(sweep: Sweep, address: str | None = None, dry_run: bool = False, l
         if to_deliver:
             log(f"delivering {len(to_deliver)} trained trials from their run folders")
             outcomes.update(_deliver_trained(to_deliver, home, parent.run_id, sweep, log))
-        todo = [p for p in planned if p.action in ("run", "resume", "wait")]
+        todo = [p for p in planned if p.action in ("run", "resume", "wait", "evaluate")]
         if todo:
             outcomes.update(_fit(sweep, todo, home, parent.run_id, address, log))
         rows, ok = _summary_rows(planned, outcomes)
@@ -333,7 +357,10 @@ def _fit(
     with in_home(home):
         init_ray(address, home, log)
     threads = max(1, int(spec.resources.cpus))
-    points = [{"trial": p.trial.config.to_dict(), "hash": p.trial.hash} for p in todo]
+    points = [
+        {"trial": p.trial.config.to_dict(), "hash": p.trial.hash, "eval": _eval_section(sweep)}
+        for p in todo
+    ]
     labels = {p.trial.hash: p.trial.short[:6] for p in todo}
     callback = live_table(lambda config: labels[_point(config)["hash"]], log)
     run_config = tune_run_config("sweep", sweep, parent_id, home, [callback])

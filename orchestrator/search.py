@@ -53,7 +53,8 @@ def search_trainable(config: dict, sweep: Sweep, home: str, parent: str, threads
         "alcot.sweep_id": sweep.sweep_id,
         "alcot.trial": trial.hash,
     }
-    result = trial_body(trial.config.to_dict(), home, tags, threads)
+    section = None if sweep.spec.eval is None else sweep.spec.eval.resolved(sweep.path.parent)
+    result = trial_body(trial.config.to_dict(), home, tags, threads, eval_section=section)
     tune.report({**result, "trial_hash": trial.hash})
 
 

@@ -19,6 +19,13 @@ A sweep file::
     max_concurrent: 2
     retries: 1
     max_trials: 10000                 # refuse a grid that expands to more (a typo's 10^6)
+    eval:                             # after each trial's training, as part of the trial
+      texts: [held_out.txt]           # perplexity / bits per byte (paths relative to this file)
+      tasks: [arc_easy, piqa]         # lm-eval tasks (local files under data_dir)
+      data_dir: ${ALCOT_EVAL_DATA}
+      limit: 500                      # also num_fewshot, batch_size
+      tau: [0.05, 0.1, 0.3]           # test-time budgets: every tau x l_max combination
+      l_max: [1, 3]
     search:                           # instead of (or on top of) the grid: an Optuna search
       sampler: tpe
       trials: 8
@@ -140,6 +147,29 @@ class Resources:
 
 
 @dataclass
+class EvalSection:
+    """``eval:`` of a sweep: evaluation of each trial's final checkpoint, after its training,
+    as part of the trial (``alcot eval`` with these settings; paths relative to the sweep file;
+    ``tau`` / ``l_max`` lists are test-time budgets). Skipped when already done."""
+
+    texts: list[str] = field(default_factory=list)
+    tasks: list[str] = field(default_factory=list)
+    data_dir: str | None = None
+    num_fewshot: int | None = None
+    limit: int | None = None
+    tau: list[float] = field(default_factory=list)
+    l_max: list[int] = field(default_factory=list)
+    batch_size: int = 16
+
+    def resolved(self, base: Path) -> dict:
+        """As a plain dict with absolute paths (what a trial receives)."""
+        d = dataclasses.asdict(self)
+        d["texts"] = [str((base / p).resolve()) for p in self.texts]
+        d["data_dir"] = str((base / self.data_dir).resolve()) if self.data_dir else None
+        return d
+
+
+@dataclass
 class Override:
     when: dict[str, Any]
     set: dict[str, Any]
@@ -158,6 +188,7 @@ class SweepSpec:
     max_concurrent: int = 2
     retries: int = 1
     tracking_uri: str | None = None
+    eval: EvalSection | None = None  # evaluate each trial after training (alcot eval)
     max_trials: int = 10_000  # a guard against a grid that explodes (10^6 trials by a typo)
 
     def __post_init__(self):
@@ -307,6 +338,8 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
             "shrink the grid, or set `max_trials:` in the sweep file if you mean it",
         )
     _check_when(spec, path, lines)
+    if spec.eval is not None:
+        _check_eval(spec.eval, path, lines)
     if spec.search is not None:
         _check_space(spec.search, base, path, lines)
 
@@ -318,6 +351,16 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
             seen.add(trial.hash)
             trials.append(trial)
     return Sweep(spec, path, base, trials, lines, text)
+
+
+def _check_eval(section: EvalSection, path: Path, lines: dict[str, int]) -> None:
+    """The eval section's files and tasks exist, before anything runs."""
+    from .evaluate import check_spec, spec_from_section
+
+    try:
+        check_spec(spec_from_section(section.resolved(path.parent)))
+    except ConfigError as err:
+        raise SweepError(_where(path, lines, "eval"), f"eval ({err.field})", err.message) from None
 
 
 def _load_base(spec: SweepSpec, path: Path, lines: dict[str, int]) -> dict:

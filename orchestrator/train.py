@@ -102,6 +102,8 @@ def run_training(
         log(f"token cache hit: {data.root}")
     resolved = resolve(cfg, data.vocab_size)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if is_rank0:  # the run folder holds all that evaluation needs (alcot eval)
+        keep_tokenizer(data.tokenizer_path, out_dir)
     claim = Lease(out_dir, label=f"training {h[:10]}") if lease and is_rank0 else None
     if claim is not None:
         claim.acquire(log=log)
@@ -207,6 +209,17 @@ def _train_claimed(cfg, resolved, data, h, out_dir, is_rank0, progress, log, ext
     owed = tracker.owed if tracker else Delivery()
     run_id = tracker.run_id if tracker else None
     return RunOutcome(result, run_id, uri, out_dir, h, owed.complete, owed)
+
+
+def keep_tokenizer(src: Path, out_dir: Path) -> None:
+    """Copy the token cache's ``tokenizer.json`` into the run folder (atomically, once)."""
+    dest = out_dir / "tokenizer.json"
+    data = Path(src).read_bytes()
+    if dest.exists() and dest.read_bytes() == data:
+        return
+    tmp = dest.with_name(f".tokenizer.json.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, dest)
 
 
 RECORDS = ("metrics.jsonl", "tracking.json", "artifacts.json", "params.json", "run_status.json")

@@ -90,9 +90,15 @@ def _retry_delay(folder: Path, attempt_key: str) -> float:
 
 
 def trial_body(
-    trial_cfg: dict, home: str, extra_tags: dict, threads: int, lease: bool = True
+    trial_cfg: dict,
+    home: str,
+    extra_tags: dict,
+    threads: int,
+    lease: bool = True,
+    eval_section: dict | None = None,
 ) -> dict[str, Any]:
-    """One training run (claimed, resumed, delivered as ``run_training`` does), metrics back."""
+    """One training run (claimed, resumed, delivered as ``run_training`` does), metrics back;
+    then the sweep's ``eval:`` section, if any (skipped when its result is in the folder)."""
     os.environ["ALCOT_HOME"] = home
     import torch
 
@@ -109,6 +115,10 @@ def trial_body(
     res = outcome.result
     if res.status != "finished":
         raise RuntimeError(res.message)
+    if eval_section and lease:  # gang workers (lease=False): the gang's process evaluates
+        from .evaluate import evaluate_trial
+
+        evaluate_trial(outcome.out_dir, eval_section, log=log)
     journalled, _ = last_metrics(outcome.out_dir)
     owed = "" if outcome.all_metrics_sent else outcome.owed.describe()
     return report({**journalled, **res.metrics}, res.step, outcome.run_id or "", log.notes, owed)
