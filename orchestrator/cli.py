@@ -284,7 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", required=True, help="the MLflow experiment (a sweep's study)")
     p.add_argument("--sweep", default=None, help="only the runs of this sweep id")
     p.add_argument("--out", required=True, help="folder for the report and plots")
-    p.add_argument("--flops", choices=["realised", "nominal"], default="realised")
+    p.add_argument(
+        "--flops",
+        choices=["realised", "nominal", "paper"],
+        default="realised",
+        help="compute axis: realised (executed work), nominal (6 x non-embedding params x "
+        "passes), paper (6 x all params x passes, the paper's table)",
+    )
     p.add_argument(
         "--points",
         choices=["envelope", "final", "all"],
