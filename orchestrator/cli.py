@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--method",
         default="adaptive",
-        choices=["adaptive", "vanilla", "looped", "pause", "ponder", "fixed"],
+        choices=["adaptive", "vanilla", "looped", "pause", "ponder", "fixed", "mor"],
     )
     p.add_argument("--steps", type=int, default=60)
     p.set_defaults(func=cmd_smoke)
