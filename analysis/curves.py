@@ -1,9 +1,11 @@
 """Perplexity against training compute: final points, Pareto fronts, compute-efficient
 envelopes, and curves compared at matched FLOPs.
 
-Compute is either *realised* FLOPs (what the run executed: halted tokens cost nothing) or
-*nominal* FLOPs (6 N per executed pass, the usual accounting); ``flops`` switches between them.
-The study's question is about realised compute, so that is the default.
+Compute is *realised* FLOPs (what the run executed: halted tokens cost nothing), *nominal* FLOPs
+(6 N per executed pass with N the non-embedding parameters, Kaplan's accounting) or *paper*
+FLOPs (6 N_total per executed pass, every parameter counted: the convention of the paper's
+table, so its 2.18e20 for vanilla 1.4B on 26B tokens can be set beside ours); ``flops`` switches
+between them. The study's question is about realised compute, so that is the default.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import pandas as pd
 
 from .load import AnalysisError, Study
 
-FLOPS_KINDS = ("realised", "nominal")
+FLOPS_KINDS = ("realised", "nominal", "paper")
 
 
 def flops_column(kind: str) -> str:
@@ -91,6 +93,8 @@ def run_curves(study: Study, flops: str = "realised") -> pd.DataFrame:
     """Evaluations joined with their run's configuration: run_id, method, size, lambda, beta,
     params, step, tokens, flops, val_loss, val_ppl."""
     col = flops_column(flops)
+    if col not in study.curves or study.curves[col].isna().all():
+        raise AnalysisError(f"no run logged flops/{flops} (runs older than the counter lack it)")
     c = study.curves.dropna(subset=[col]).rename(columns={col: "flops"})
     meta = study.runs[["run_id", "method", "size", "params", "lambda", "beta"]]
     c = c.merge(meta, on="run_id")

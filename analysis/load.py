@@ -115,18 +115,20 @@ def load_histories(
     return df
 
 
-CURVE_KEYS = ["val/loss", "flops/realised", "flops/nominal", "tokens_seen"]
+CURVE_KEYS = ["val/loss", "flops/realised", "flops/nominal", "flops/paper", "tokens_seen"]
 
 
 def _curves(hist: pd.DataFrame) -> pd.DataFrame:
     """Long histories -> one row per evaluation: run_id, step, val_loss, val_ppl, flops_realised,
-    flops_nominal, tokens (the counters logged at the same step as the evaluation)."""
+    flops_nominal, flops_paper, tokens (the counters logged at the same step as the
+    evaluation). Runs older than the paper counter simply lack it."""
     wide = hist.pivot_table(index=["run_id", "step"], columns="key", values="value")
     wide = wide.reset_index().rename(
         columns={
             "val/loss": "val_loss",
             "flops/realised": "flops_realised",
             "flops/nominal": "flops_nominal",
+            "flops/paper": "flops_paper",
             "tokens_seen": "tokens",
         }
     )

@@ -26,8 +26,9 @@ METHOD_COLOURS = {
     "looped": "#2ca02c",
     "pause": "#9467bd",
     "ponder": "#ff7f0e",
+    "mor": "#8c564b",
 }
-_SPARE = ["#8c564b", "#e377c2", "#17becf", "#bcbd22"]
+_SPARE = ["#e377c2", "#17becf", "#bcbd22", "#7f7f7f"]
 SIZE_STYLES = ["-", "--", ":", "-."]
 SIZE_MARKERS = ["o", "s", "^", "D", "v", "P"]
 SIZE_ORDER = ["micro", "tiny", "mini", "70m", "160m", "410m", "1.4b"]
@@ -35,7 +36,7 @@ SIZE_ORDER = ["micro", "tiny", "mini", "70m", "160m", "410m", "1.4b"]
 
 def colour(method: str) -> str:
     if method not in METHOD_COLOURS:
-        METHOD_COLOURS[method] = _SPARE[(len(METHOD_COLOURS) - 6) % len(_SPARE)]
+        METHOD_COLOURS[method] = _SPARE[(len(METHOD_COLOURS) - 7) % len(_SPARE)]
     return METHOD_COLOURS[method]
 
 

@@ -51,6 +51,7 @@ def make(method: str, args, **halting):
             hidden_size=args.hidden,
             num_attention_heads=args.heads,
             vocab_size=args.vocab,
+            embed_scale=args.embed_scale,
             halting=halting,
         )
     )
@@ -90,6 +91,9 @@ def main() -> None:
     p.add_argument("--l-max", type=int, default=3)
     p.add_argument("--tau", type=float, default=0.6)
     p.add_argument("--router-std", type=float, default=0.15)
+    p.add_argument(
+        "--embed-scale", type=float, default=None, help="model.embed_scale (default: sqrt(2.5 d))"
+    )
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds; medians of all")

@@ -14,11 +14,13 @@ from typing import Any, ClassVar
 
 from .typed import ConfigError, build, to_dict
 
-METHODS = ("adaptive", "vanilla", "looped", "pause", "ponder", "fixed")
+METHODS = ("adaptive", "vanilla", "looped", "pause", "ponder", "fixed", "mor")
 ROUTERS = ("linear", "per_step", "mlp", "none")
 ADAPT_LOSSES = ("gate", "reach", "act", "pondernet")
 MIXES = ("state", "distribution")
 SPECS = ("auto", "local", "te")
+ROUTER_INITS = ("normal", "zero")
+PONDER_UPDATES = ("accumulate", "reset")
 
 
 # The size ladder. Shapes follow the Pythia family that METHOD.md's 70M/410M/1.4B models come
@@ -53,6 +55,12 @@ class HaltingConfig:
     loss: str = "gate"  # gate (default formula) | reach | act | pondernet  [open]
     init_continue: float = 0.9  # router bias starts at logit(init_continue)
     prior: float = 0.5  # geometric prior's halting probability, for loss=pondernet
+    # router weights: normal (std init_std; g spreads around init_continue, about 0.82-0.94 at
+    # d = 512) | zero (every token starts exactly at init_continue)
+    router_init: str = "normal"
+    # True: the router reads sg(h(k)), so the adaptive loss trains the router only, never the
+    # backbone (METHOD.md leaves open which); False: its gradient reaches the backbone too
+    detach_router_input: bool = False
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], prefix: str = "model.halting") -> HaltingConfig:
@@ -75,6 +83,65 @@ class HaltingConfig:
             )
         if not (0.0 < self.prior < 1.0):
             raise ConfigError(f"{prefix}.prior", f"must be in (0, 1), got {self.prior}")
+        if self.router_init not in ROUTER_INITS:
+            raise ConfigError(
+                f"{prefix}.router_init", f"must be one of {ROUTER_INITS}, got {self.router_init!r}"
+            )
+
+
+@dataclass
+class MoRConfig:
+    """Mixture-of-Recursions (Bae et al., 2025, arXiv 2507.10524), expert-choice routing.
+
+    The shared stack is the recursion block (the paper's "cycle" sharing); step 0 is the ordinary
+    pass of every token, and each latent step k = 1..l_max is a recursion that keeps a capacity
+    of the sequence's tokens, chosen among those that ran step k-1 (hierarchical filtering).
+    """
+
+    # fraction of the sequence's tokens that step k = 1..l_max keeps (one value per step,
+    # non-increasing). None = the paper's schedule: with N_r = l_max + 1 recursions, recursion r
+    # keeps (N_r - r + 1) / N_r, so step k keeps (l_max + 1 - k) / (l_max + 1).
+    capacity: list[float] | None = None
+    alpha: float = 0.1  # selected tokens add alpha * g * f(h): the gate scale of the MoR code
+    aux_weight: float = 0.001  # weight of the auxiliary BCE loss that makes the router causal
+    threshold: float = 0.5  # at inference a token recurses iff sigmoid(router) >= threshold
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], prefix: str = "model.mor") -> MoRConfig:
+        return build(cls, d, prefix)
+
+    def validate(self, l_max: int, prefix: str = "model.mor") -> None:
+        if self.capacity is not None:
+            if len(self.capacity) != l_max:
+                raise ConfigError(
+                    f"{prefix}.capacity",
+                    f"needs one value per latent step (l_max = {l_max}), got {len(self.capacity)}",
+                )
+            for i, c in enumerate(self.capacity):
+                if not (0.0 < c <= 1.0):
+                    raise ConfigError(f"{prefix}.capacity[{i}]", f"must be in (0, 1], got {c}")
+            if any(b > a for a, b in zip(self.capacity, self.capacity[1:], strict=False)):
+                raise ConfigError(
+                    f"{prefix}.capacity",
+                    f"must not increase from step to step, got {self.capacity}",
+                )
+        if not (self.alpha > 0):
+            raise ConfigError(f"{prefix}.alpha", f"must be > 0, got {self.alpha}")
+        if self.aux_weight < 0:
+            raise ConfigError(f"{prefix}.aux_weight", f"must be >= 0, got {self.aux_weight}")
+        if not (0.0 < self.threshold < 1.0):
+            raise ConfigError(f"{prefix}.threshold", f"must be in (0, 1), got {self.threshold}")
+
+    def capacities(self, l_max: int) -> list[float]:
+        """Capacity of each latent step 1..l_max."""
+        if self.capacity is not None:
+            return list(self.capacity)
+        return [(l_max + 1 - k) / (l_max + 1) for k in range(1, l_max + 1)]
+
+
+def default_embed_scale(hidden_size: int) -> float:
+    """sqrt(2.5 d): METHOD.md's default input scale (PonderLM-2's), for every method."""
+    return math.sqrt(2.5 * hidden_size)
 
 
 @dataclass
@@ -90,6 +157,7 @@ class ModelConfig:
     * ``pause``: ``l_max`` learnable pause tokens after every token, predicting from the last
     * ``ponder``: PonderLM, ``l_max`` pondering steps feeding back the expected embedding
     * ``fixed``: latent CoT with the router off, every token runs ``l_max`` steps
+    * ``mor``: Mixture-of-Recursions, expert-choice routers keep a capacity of tokens per step
     """
 
     size: str = "tiny"
@@ -105,9 +173,16 @@ class ModelConfig:
     rotary_base: int = 10000
     norm_eps: float = 1e-5
     init_std: float = 0.02
-    embed_scale: float = 1.0  # s in u_t(0) = s * E[x_t]  [open]; PonderLM-2 uses sqrt(2.5 d)
+    # s in u_t(0) = s * E[x_t]  [open]. None = sqrt(2.5 d) from the size, for every method (so
+    # vanilla is compared fairly); a number overrides it. Pause vectors and PonderLM's expected
+    # embedding are embeddings too and are scaled by the same s.
+    embed_scale: float | None = None
+    # PonderLM: accumulate (the published code: u <- u + E[p] at every pondering step) | reset
+    # (u = s E[x] + E[p] of the latest step only; see docs/architecture.md)
+    ponder_update: str = "accumulate"
     mix: str = "state"  # state: mix hidden states | distribution: mix softmaxes  [open]
     halting: HaltingConfig = field(default_factory=HaltingConfig)
+    mor: MoRConfig = field(default_factory=MoRConfig)
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     spec: str = "auto"  # auto: TransformerEngine spec when CUDA + TE are present, else local
@@ -115,6 +190,8 @@ class ModelConfig:
     def __post_init__(self):
         if isinstance(self.halting, dict):
             self.halting = HaltingConfig.from_dict(self.halting)
+        if isinstance(self.mor, dict):
+            self.mor = MoRConfig.from_dict(self.mor)
         if self.size not in LADDER:
             raise ConfigError("model.size", f"unknown size {self.size!r}; ladder: {list(LADDER)}")
         for key, value in LADDER[self.size].items():
@@ -126,6 +203,8 @@ class ModelConfig:
             self.ffn_hidden_size = swiglu_ffn_size(self.hidden_size)
         if self.method == "vanilla":
             self.l_max = 0
+        if self.embed_scale is None and isinstance(self.hidden_size, int):
+            self.embed_scale = default_embed_scale(self.hidden_size)
         self.validate()
 
     # ------------------------------------------------------------------ validation
@@ -146,7 +225,7 @@ class ModelConfig:
             "pipeline_parallel_size",
         ):
             _int_field(self, name, p, minimum=1)
-        if self.method in ("looped", "pause", "ponder", "fixed") and self.l_max < 1:
+        if self.method in ("looped", "pause", "ponder", "fixed", "mor") and self.l_max < 1:
             raise ConfigError(f"{p}.l_max", f"method {self.method!r} needs l_max >= 1")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
@@ -180,9 +259,16 @@ class ModelConfig:
             raise ConfigError(f"{p}.spec", f"must be one of {SPECS}, got {self.spec!r}")
         if not (self.embed_scale > 0):
             raise ConfigError(f"{p}.embed_scale", f"must be > 0, got {self.embed_scale}")
+        if self.ponder_update not in PONDER_UPDATES:
+            raise ConfigError(
+                f"{p}.ponder_update",
+                f"must be one of {PONDER_UPDATES}, got {self.ponder_update!r}",
+            )
         if self.norm_eps <= 0 or self.init_std <= 0:
             raise ConfigError(f"{p}.norm_eps", "norm_eps and init_std must be > 0")
         self.halting.validate(f"{p}.halting")
+        if self.method == "mor":
+            self.mor.validate(self.l_max, f"{p}.mor")
 
     # ------------------------------------------------------------------ derived
     @property
@@ -201,6 +287,15 @@ class ModelConfig:
     @property
     def uses_router(self) -> bool:
         return self.method == "adaptive" and self.l_max > 0 and self.halting.router != "none"
+
+    @property
+    def planned_passes(self) -> float:
+        """Passes per token a budget should plan for: 1 + l_max, except that Mixture-of-
+        Recursions runs 1 + sum of its capacities (exact in training: top-k keeps a fixed count;
+        adaptive halting can only be planned at its maximum)."""
+        if self.method == "mor":
+            return 1.0 + sum(self.mor.capacities(self.l_max))
+        return float(1 + self.l_max)
 
     @property
     def extra_steps(self) -> int:
@@ -223,6 +318,10 @@ class ModelConfig:
             changes["halting"] = HaltingConfig()
         if not self.latent:
             changes["mix"] = "state"
+        if self.method != "ponder":
+            changes["ponder_update"] = "accumulate"
+        if self.method != "mor":
+            changes["mor"] = MoRConfig()
         return dataclasses.replace(self, **changes) if changes else self
 
     @classmethod
@@ -240,6 +339,8 @@ def _int_field(cfg, name: str, prefix: str, minimum: int) -> None:
 
 
 def router_parameters(cfg: ModelConfig) -> int:
+    if cfg.method == "mor":
+        return cfg.l_max * (cfg.hidden_size + 1)  # one linear router per recursion step
     if not cfg.uses_router:
         return 0
     h = cfg.hidden_size
@@ -254,7 +355,9 @@ def count_parameters(cfg: ModelConfig) -> dict[str, int]:
     """Parameter counts derived from the shapes (all tensor-parallel ranks together).
 
     ``non_embedding`` is Kaplan's N: everything except the token embedding and the untied LM
-    head. It is what the nominal FLOPs figure 6 * N * D uses.
+    head. It is what the nominal FLOPs figure 6 * N * D uses. Pause vectors are input embeddings
+    (one per pause position, looked up, never multiplied), so they count as embedding
+    parameters. ``total`` is what the paper's FLOPs convention (6 * total * D) uses.
     """
     h, f, v = cfg.hidden_size, cfg.ffn_hidden_size, cfg.vocab_size
     per_layer = (
@@ -267,9 +370,7 @@ def count_parameters(cfg: ModelConfig) -> dict[str, int]:
     )
     blocks = cfg.num_layers * per_layer + h  # + final norm
     extra = router_parameters(cfg)
-    if cfg.method == "pause":
-        extra += cfg.l_max * h
-    embedding = v * h
+    embedding = v * h + (cfg.l_max * h if cfg.method == "pause" else 0)
     head = v * h
     non_embedding = blocks + extra
     return {

@@ -18,8 +18,9 @@ COLUMNS = ("step0_loss", "depth")
 
 
 def has_token_depth(cfg) -> bool:
-    """Only adaptive halting gives tokens different depths; other methods have nothing to show."""
-    return cfg.method == "adaptive" and cfg.l_max > 0
+    """Only adaptive halting and Mixture-of-Recursions give tokens different depths; other
+    methods have nothing to show."""
+    return cfg.method in ("adaptive", "mor") and cfg.l_max > 0
 
 
 @torch.no_grad()

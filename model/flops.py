@@ -1,7 +1,12 @@
-"""FLOPs accounting: the paper's nominal figure and the compute actually spent.
+"""FLOPs accounting: the nominal figure, the paper's convention, and the compute actually spent.
 
-*Nominal* (Kaplan-style, what the paper reports): ``6 * N * tokens * passes`` with N the
-non-embedding parameters and ``passes`` the executed passes per token (1 + latent depth).
+*Nominal* (Kaplan-style): ``6 * N * tokens * passes`` with N the non-embedding parameters and
+``passes`` the executed passes per token (1 + latent depth).
+
+*Paper* (the convention of the paper's FLOPs table): ``6 * N_total * tokens * passes`` with
+N_total every parameter, embeddings and LM head included. Its vanilla 1.4B on 26B tokens is
+6 x 1.4e9 x 26e9 = 2.18e20; nominal gives 1.89e20 for ``1.4b``. Use it to compare with the
+paper's numbers; use realised to compare methods.
 
 *Realised*: the model tallies, while it runs, the matmul FLOPs of the tokens each pass actually
 executed (QKV, attention output, SwiGLU, router, LM head, PonderLM's expected embedding) plus
@@ -76,6 +81,11 @@ class FlopTally:
 def nominal_flops(cfg: ModelConfig, executed_passes: float) -> float:
     """6 * N * (sum over tokens of executed passes)."""
     return 6.0 * count_parameters(cfg)["non_embedding"] * float(executed_passes)
+
+
+def paper_flops(cfg: ModelConfig, executed_passes: float) -> float:
+    """6 * N_total * (sum over tokens of executed passes): the paper's convention."""
+    return 6.0 * count_parameters(cfg)["total"] * float(executed_passes)
 
 
 def causal_pairs(length: int, batch: int) -> int:

@@ -8,8 +8,11 @@ visible to later tokens at every deeper step (the 2-D mask), exactly as in train
 decoding reproduces a full forward over the generated text.
 
 Latent methods (adaptive, fixed, and vanilla, which is the latent path with ``l_max = 0``) decode
-with the caches. Looped, pause and PonderLM have no per-step cache here: they re-run the full
-forward for each new token (correct, and fine for evaluation-sized generations).
+with the caches, and so does Mixture-of-Recursions: a new token runs recursion k iff it ran k-1
+and its router's probability reaches the threshold (the causal inference rule, ``model/mor.py``),
+appending to the step-k cache that step-k queries alone attend to. Looped, pause and PonderLM
+have no per-step cache here: they re-run the full forward for each new token (correct, and fine
+for evaluation-sized generations).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 from torch import Tensor
 
 from .halting import halting_update
+from .mor import recursion_update, select
 from .network import AlcotModel, _log_weight
 
 
@@ -53,16 +57,19 @@ def generate(
 ) -> Generation:
     """Generate ``max_new_tokens`` after ``prompt`` [b, s0] (greedy when temperature is 0).
 
-    ``stop(tokens)`` ([b, prompt + new so far] -> bool), when given, ends generation early."""
+    ``stop(tokens)`` ([b, prompt + new so far] -> bool), when given, ends generation early.
+    ``max_new_tokens = 0`` returns the prompt (with its executed depths) and no logits."""
     cfg = model.cfg
     b, s0 = prompt.shape
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     total = s0 + max_new_tokens
     if total > cfg.max_seq_len:
         raise ValueError(f"prompt + new tokens = {total} exceeds model.max_seq_len")
     was_training = model.training
     model.eval()
     try:
-        if cfg.method in ("adaptive", "fixed", "vanilla"):
+        if cfg.method in ("adaptive", "fixed", "vanilla", "mor"):
             fn = _generate_cached
         else:
             fn = _generate_recompute
@@ -82,7 +89,14 @@ def _generate_recompute(model, prompt, n, temperature, top_k, generator, stop=No
         if stop is not None and stop(tokens):
             break
     depth = torch.full(tokens.shape, model.cfg.l_max, dtype=torch.long, device=tokens.device)
-    return Generation(tokens, depth, torch.stack(steps, 1) if steps else prompt.new_zeros(0))
+    return Generation(tokens, depth, _stack_logits(steps, prompt, model))
+
+
+def _stack_logits(steps: list[Tensor], prompt: Tensor, model: AlcotModel) -> Tensor:
+    """[b, new, V]; [b, 0, V] when nothing was generated."""
+    if steps:
+        return torch.stack(steps, 1)
+    return torch.zeros(prompt.shape[0], 0, model.cfg.vocab_size, device=prompt.device)
 
 
 def _generate_cached(model, prompt, n, temperature, top_k, generator, stop=None):
@@ -98,11 +112,12 @@ def _generate_cached(model, prompt, n, temperature, top_k, generator, stop=None)
         tok = _pick(next_logits, temperature, top_k, generator)
         tokens = torch.cat([tokens, tok[:, None]], dim=1)
         # Also run the last token, so every returned depth is one that was really executed.
-        next_logits, depth = _decode_one(model, tok, t, rope)
+        decode = _decode_one_mor if model.cfg.method == "mor" else _decode_one
+        next_logits, depth = decode(model, tok, t, rope)
         depths.append(depth[:, None])
         if stop is not None and stop(tokens):
             break
-    return Generation(tokens, torch.cat(depths, dim=1), torch.stack(steps, 1))
+    return Generation(tokens, torch.cat(depths, dim=1), _stack_logits(steps, prompt, model))
 
 
 def _decode_one(model: AlcotModel, tok: Tensor, t: int, rope: Tensor):
@@ -140,3 +155,28 @@ def _decode_one(model: AlcotModel, tok: Tensor, t: int, rope: Tensor):
         r, active = r_next, cont
     logits = model._logits(mixed) if cfg.mix == "state" else mixed
     return model._gather_vocab(logits), depth
+
+
+def _decode_one_mor(model: AlcotModel, tok: Tensor, t: int, rope: Tensor):
+    """Mixture-of-Recursions: every recursion of the tokens ``tok`` [b] at position ``t``.
+
+    Returns (next-token logits [b, V], executed recursions beyond step 0 [b])."""
+    cfg, mc = model.cfg, model.cfg.mor
+    b = tok.shape[0]
+    h = model._embed(tok[:, None])[0]  # [b, h]
+    active = torch.ones(b, dtype=torch.bool, device=tok.device)
+    depth = torch.zeros(b, dtype=torch.long, device=tok.device)
+    for k in range(cfg.l_max + 1):
+        logit = None
+        if k > 0:
+            logit = model.mor_router(h, k)
+            active = select(logit[:, None], active[:, None], 1.0, False, mc.threshold)[:, 0]
+            if not bool(active.any()):
+                break
+            depth += active.long()
+        rows = active.nonzero()[:, 0]
+        pos = torch.full_like(rows, t)
+        out, _ = model._packed_pass(h[rows][:, None], rows, pos, active.long().tolist(), k, rope)
+        new = out[:, 0] if k == 0 else recursion_update(h[rows], out[:, 0], logit[rows], mc.alpha)
+        h = h.index_put((rows,), new.to(h.dtype))
+    return model._gather_vocab(model._logits(h)), depth

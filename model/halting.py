@@ -25,6 +25,11 @@ class Router(nn.Module):
     ``linear`` (default): one d -> 1 layer shared by all steps; ``per_step``: one per step;
     ``mlp``: d -> d -> 1 with SiLU. The bias starts at ``logit(init_continue)`` (0.9 by default)
     so that training does not collapse to zero latent steps before the loss can say otherwise.
+    ``router_init: normal`` draws the output weights with std ``init_std``, so the first g spread
+    around that value (about 0.82 to 0.94 at d = 512, wider at d = 2048, since w . h has std
+    init_std * sqrt(d) for post-norm h); ``zero`` starts every token exactly at it (the bias
+    alone; the weights still get gradients, since h is not zero). ``detach_router_input`` feeds
+    the router sg(h): then the adaptive loss trains the router only, never the backbone.
     The router is small and replicated on every tensor-parallel rank.
     """
 
@@ -32,6 +37,7 @@ class Router(nn.Module):
         super().__init__()
         h, kind = cfg.hidden_size, cfg.halting.router
         self.kind = kind
+        self.detach = cfg.halting.detach_router_input
         bias0 = math.log(cfg.halting.init_continue / (1.0 - cfg.halting.init_continue))
         if kind == "mlp":
             self.net = nn.Sequential(nn.Linear(h, h), nn.SiLU(), nn.Linear(h, 1))
@@ -43,13 +49,16 @@ class Router(nn.Module):
             self.steps = nn.ModuleList(nn.Linear(h, 1) for _ in range(n))
             last = None
         for lin in [last] if last is not None else list(self.steps):
-            nn.init.normal_(lin.weight, std=cfg.init_std)
+            if cfg.halting.router_init == "zero":
+                nn.init.zeros_(lin.weight)
+            else:
+                nn.init.normal_(lin.weight, std=cfg.init_std)
             nn.init.constant_(lin.bias, bias0)
 
     def forward(self, hidden: Tensor, step: int) -> Tensor:
         """``hidden`` [..., h] -> g [...] in (0, 1), computed in fp32 even under autocast."""
         with torch.autocast(device_type=hidden.device.type, enabled=False):
-            x = hidden.float()
+            x = (hidden.detach() if self.detach else hidden).float()
             if self.kind == "mlp":
                 logit = self.net(x)
             else:

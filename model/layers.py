@@ -35,6 +35,10 @@ class AttentionState:
     ``mode == "dense"`` (the naive test reference): every token runs every step in [s, b]
     layout; keys of all steps are concatenated and ``dense_mask`` ([b, 1, s, (step+1) s]) hides
     what was not executed.
+
+    ``same_step`` (Mixture-of-Recursions' recursion-wise KV caching): a step-k query attends to
+    the step-k caches only, not to those of steps 0..k; in dense mode ``dense_mask`` is then
+    [b, 1, s, s].
     """
 
     def __init__(self):
@@ -42,6 +46,7 @@ class AttentionState:
 
     def start_causal(self) -> None:
         self.mode = "causal"
+        self.same_step = False
         self.kv: dict[tuple[int, int], tuple[list[Tensor], list[Tensor]]] = {}
         self.step = 0
         self.counts: list[int] = []
@@ -49,13 +54,19 @@ class AttentionState:
         self.key_pos: list[list[Tensor]] = []  # per step, per row: positions of cached keys
         self.dense_mask: Tensor | None = None
 
-    def start_packed(self) -> None:
+    def start_packed(self, same_step: bool = False) -> None:
         self.start_causal()
         self.mode = "packed"
+        self.same_step = same_step
 
-    def start_dense(self) -> None:
+    def start_dense(self, same_step: bool = False) -> None:
         self.start_causal()
         self.mode = "dense"
+        self.same_step = same_step
+
+    def visible_steps(self) -> range:
+        """The steps whose caches the current step's queries attend to."""
+        return range(self.step, self.step + 1) if self.same_step else range(self.step + 1)
 
     def add_positions(self, step: int, pos: Tensor) -> list[Tensor]:
         """Record the positions of this pass's tokens (packed by row); returns them per row."""
@@ -140,8 +151,8 @@ class LatentCoreAttention(torch.nn.Module):
             return self._packed(query, key, value)
         if st.mode == "dense":
             st.kv[(self.layer, st.step)] = ([key], [value])
-            key = torch.cat([st.kv[(self.layer, j)][0][0] for j in range(st.step + 1)])
-            value = torch.cat([st.kv[(self.layer, j)][1][0] for j in range(st.step + 1)])
+            key = torch.cat([st.kv[(self.layer, j)][0][0] for j in st.visible_steps()])
+            value = torch.cat([st.kv[(self.layer, j)][1][0] for j in st.visible_steps()])
             mask, causal = st.dense_mask, False
         else:
             mask, causal = None, True
@@ -158,7 +169,7 @@ class LatentCoreAttention(torch.nn.Module):
         st = self.state
         n_heads, hn = query.shape[2], query.shape[3]
         st.append(self.layer, key, value)
-        caches = [st.kv[(self.layer, j)] for j in range(st.step + 1)]
+        caches = [st.kv[(self.layer, j)] for j in st.visible_steps()]
         outs, offset = [], 0
         for r, n in enumerate(st.counts):
             if n == 0:

@@ -23,9 +23,10 @@ from torch import Tensor, nn
 
 from .compat import ensure_cpu_compat
 from .config import ModelConfig, count_parameters
-from .flops import FlopTally, causal_pairs, nominal_flops
+from .flops import FlopTally, causal_pairs, nominal_flops, paper_flops
 from .halting import Router, StepRecord, adaptive_loss, halting_update
 from .layers import AttentionState, build_block_spec, transformer_config
+from .mor import MoRRouter, aux_loss, recursion_update, select
 
 
 @dataclass
@@ -102,6 +103,7 @@ class AlcotModel(nn.Module):
             use_cpu_initialization=True,
         )
         self.router = Router(cfg) if cfg.uses_router else None
+        self.mor_router = MoRRouter(cfg) if cfg.method == "mor" else None
         if cfg.method == "pause":
             self.pause = nn.Parameter(torch.randn(cfg.l_max, cfg.hidden_size) * cfg.init_std)
         else:
@@ -118,6 +120,10 @@ class AlcotModel(nn.Module):
     def _embed(self, ids: Tensor) -> Tensor:
         """[b, s] ids -> [s, b, h] scaled embeddings."""
         emb = self.embedding(ids).transpose(0, 1).contiguous()
+        return self._scale(emb)
+
+    def _scale(self, emb: Tensor) -> Tensor:
+        """s * (an input embedding): token, pause and expected embeddings all enter this way."""
         return emb * self.cfg.embed_scale if self.cfg.embed_scale != 1.0 else emb
 
     def _rope(self, length: int) -> Tensor:
@@ -172,7 +178,7 @@ class AlcotModel(nn.Module):
     ) -> ModelOutput:
         """Run the configured method. ``input_ids`` and ``labels`` are [b, s]."""
         method = self.cfg.method
-        if method in ("adaptive", "fixed"):
+        if method in ("adaptive", "fixed", "mor"):
             out, _ = self.latent_forward(input_ids, labels, loss_mask, return_logits)
             return out
         tally = FlopTally(self.cfg, grad=torch.is_grad_enabled())
@@ -187,8 +193,15 @@ class AlcotModel(nn.Module):
             freqs = rope[:, None, None, :]
             h = self._pass(emb, freqs)
             tally.block(b * s, causal_pairs(s, b))
+            u = emb
             for _ in range(self.cfg.l_max):  # looped / ponder (vanilla has l_max = 0)
-                u = emb + self._expected_embedding(h, tally) if method == "ponder" else h
+                if method == "ponder":
+                    # the published recurrence accumulates: u <- u + E[p]; "reset" adds only the
+                    # latest expected embedding to the token's own
+                    base = u if self.cfg.ponder_update == "accumulate" else emb
+                    u = base + self._expected_embedding(h, tally)
+                else:
+                    u = h
                 h = self._pass(u, freqs)
                 tally.block(b * s, causal_pairs(s, b))
         depth = torch.full((b, s), self.cfg.l_max, dtype=torch.long, device=input_ids.device)
@@ -209,7 +222,7 @@ class AlcotModel(nn.Module):
         """K pause tokens after every token, same position id; predict from the last pause."""
         s, b, h = emb.shape
         k = self.cfg.l_max
-        pauses = self.pause.to(emb.dtype)[None, :, None, :].expand(s, k, b, h)
+        pauses = self._scale(self.pause.to(emb.dtype))[None, :, None, :].expand(s, k, b, h)
         seq = torch.cat([emb[:, None], pauses], dim=1).reshape(s * (k + 1), b, h)
         pos = torch.arange(s, device=emb.device).repeat_interleave(k + 1)
         out = self._pass(seq, rope[pos][:, None, None, :])
@@ -227,15 +240,17 @@ class AlcotModel(nn.Module):
         tally.expected_embedding(s * b)
         if self.cfg.tensor_parallel_size > 1:
             e = reduce_from_tensor_model_parallel_region(e)
-        return e * self.cfg.embed_scale if self.cfg.embed_scale != 1.0 else e
+        return self._scale(e)
 
     def _flops(self, tally: FlopTally, executed_passes: float, tokens: int) -> dict[str, float]:
         return {
             "nominal": nominal_flops(self.cfg, executed_passes),
+            "paper": paper_flops(self.cfg, executed_passes),
             "realised": tally.realised,
             "realised_matmul": tally.matmul,
             "realised_attention": tally.attention,
             "realised_forward": tally.forward,
+            "realised_head": tally.parts.get("head", 0.0),
             "tokens": float(tokens),
             "executed_passes": executed_passes,
         }
@@ -252,7 +267,10 @@ class AlcotModel(nn.Module):
         """Adaptive / fixed latent CoT with pruning (also vanilla when ``l_max == 0``).
 
         ``keep_states`` returns every step's hidden states in the trace (for diagnostics).
+        Mixture-of-Recursions (``method: mor``) runs here too, with its own routing.
         """
+        if self.cfg.method == "mor":
+            return self._mor_forward(input_ids, labels, loss_mask, return_logits, keep_states)
         cfg = self.cfg
         b, s = input_ids.shape
         dev = input_ids.device
@@ -264,6 +282,7 @@ class AlcotModel(nn.Module):
         )
         want_ce = labels is not None and cfg.mix == "distribution"
         dist_logits = cfg.mix == "distribution" and return_logits
+        token_mask = _token_mask(labels, loss_mask) if labels is not None else None
 
         h_in = self._embed(input_ids)  # [s, b, h]: input of the next pass, valid where active
         active = torch.ones(b, s, dtype=torch.bool, device=dev)
@@ -293,16 +312,11 @@ class AlcotModel(nn.Module):
                 tally.router(rows.numel())
             weight, cont, r_next = halting_update(r, active, g, last, cfg.halting.tau)
             q = ce_k = None
-            if want_ce or (want_q and not last) or dist_logits:
-                if cfg.mix == "distribution":
-                    lg = self._logits(out[:, None])  # [N, 1, V/tp]
-                else:  # only sg(q) is needed: no graph (detached input, no grad)
-                    with torch.no_grad():
-                        lg = self._logits(out[:, None].detach())
-                tally.head(rows.numel(), grad=None if cfg.mix == "distribution" else False)
+            if cfg.mix == "distribution" and (want_ce or dist_logits):
+                lg = self._logits(out[:, None])  # [N, 1, V/tp]: part of the output, with grad
+                tally.head(rows.numel())
                 if labels is not None:
-                    with torch.set_grad_enabled(torch.is_grad_enabled() and want_ce):
-                        ce_n = self._ce(lg, labels[rows, pos][:, None], keep_logits=dist_logits)
+                    ce_n = self._ce(lg, labels[rows, pos][:, None], keep_logits=dist_logits)
                     ce_k = r.new_zeros(b, s).index_put((rows, pos), ce_n[:, 0])
                     q = (-ce_k.detach()).exp()
                 if dist_logits:
@@ -310,6 +324,8 @@ class AlcotModel(nn.Module):
                     lp = lp.new_zeros(s, b, lp.shape[-1]).index_put((pos, rows), lp)
                     term = _log_weight(weight).t()[..., None] + lp
                     mixed = term if mixed is None else torch.logaddexp(mixed, term)
+            elif want_q and not last:
+                q = self._correct_prob(h_k, cont & (token_mask > 0), labels, tally)
             records.append(StepRecord(weight, active, cont, g, r_next, q, ce_k))
             if cfg.mix == "state":
                 contrib = weight.t()[..., None].to(h_k.dtype) * h_k
@@ -323,7 +339,6 @@ class AlcotModel(nn.Module):
             if len(ran) > 1
             else (torch.zeros(b, s, dtype=torch.long, device=dev))
         )
-        token_mask = _token_mask(labels, loss_mask) if labels is not None else None
         ce = adapt = loss = logits = None
         if cfg.mix == "state":
             lg = self._logits(mixed)
@@ -349,6 +364,94 @@ class AlcotModel(nn.Module):
         flops = self._flops(tally, float(executed), b * s)
         return ModelOutput(loss, ce, adapt, logits, depth, flops), LatentTrace(ran, states)
 
+    def _mor_forward(
+        self,
+        input_ids: Tensor,
+        labels: Tensor | None,
+        loss_mask: Tensor | None,
+        return_logits: bool,
+        keep_states: bool,
+    ) -> tuple[ModelOutput, LatentTrace]:
+        """Mixture-of-Recursions (``model/mor.py``): step 0 for every token, then recursion k
+        for the tokens its router keeps among those that ran step k-1, each pass packed like a
+        latent step, attending to its own step's cache only (recursion-wise KV caching).
+        Training routes by expert choice (top-k per sequence); ``eval()`` by the causal
+        threshold rule."""
+        cfg, mc = self.cfg, self.cfg.mor
+        b, s = input_ids.shape
+        dev = input_ids.device
+        tally = FlopTally(cfg, grad=torch.is_grad_enabled())
+        rope = self._rope(s)
+        self.state.start_packed(same_step=True)
+        caps = mc.capacities(cfg.l_max)
+        state = self._embed(input_ids)  # [s, b, h]: H(k) of every token
+        active = torch.ones(b, s, dtype=torch.bool, device=dev)
+        ran: list[Tensor] = []
+        states: list[Tensor] = []
+        aux = torch.zeros((), device=dev)
+        executed = 0
+        for k in range(cfg.l_max + 1):
+            logit = None
+            if k > 0:
+                rows, pos = active.nonzero(as_tuple=True)  # eligible: ran step k-1
+                logit = state.new_zeros(b, s, dtype=torch.float32).index_put(
+                    (rows, pos), self.mor_router(state[pos, rows], k)
+                )
+                tally.router(rows.numel())
+                kept = select(logit, active, caps[k - 1], self.training, mc.threshold)
+                aux = aux + aux_loss(logit, active, kept)
+                active = kept
+            if not bool(active.any()):
+                break
+            rows, pos = active.nonzero(as_tuple=True)
+            executed += rows.numel()
+            ran.append(active)
+            u = state[pos, rows]  # [N, h]
+            out, pairs = self._packed_pass(u[:, None], rows, pos, active.sum(1).tolist(), k, rope)
+            tally.block(rows.numel(), pairs)
+            new = (
+                out[:, 0] if k == 0 else recursion_update(u, out[:, 0], logit[rows, pos], mc.alpha)
+            )
+            state = state.index_put((pos, rows), new.to(state.dtype))
+            if keep_states:
+                states.append(state)
+
+        depth = (
+            torch.stack(ran[1:], 0).sum(0)
+            if len(ran) > 1
+            else torch.zeros_like(ran[0], dtype=torch.long)
+        )
+        lg = self._logits(state)
+        tally.head(b * s)
+        ce = adapt = loss = logits = None
+        if labels is not None:
+            token_mask = _token_mask(labels, loss_mask)
+            ce_tok = self._ce(lg, labels.t(), keep_logits=return_logits).t()
+            ce = (ce_tok * token_mask).sum() / token_mask.sum().clamp_min(1.0)
+            adapt = aux
+            loss = ce + mc.aux_weight * aux
+        if return_logits:
+            logits = self._gather_vocab(lg).transpose(0, 1)
+        flops = self._flops(tally, float(executed), b * s)
+        return ModelOutput(loss, ce, adapt, logits, depth, flops), LatentTrace(ran, states)
+
+    def _correct_prob(self, h_k: Tensor, use: Tensor, labels: Tensor, tally: FlopTally) -> Tensor:
+        """sg(q_t(k)[y_t]) [b, s] where ``use`` ([b, s] bool) holds, 1 elsewhere.
+
+        The adaptive loss reads it only for tokens that continue past step k and lie inside the
+        loss mask, so the full-vocabulary head runs for those alone (at 70m it would otherwise be
+        about 45 % of a latent step's cost), without a graph: it is a stop-gradient quantity.
+        """
+        rows, pos = use.nonzero(as_tuple=True)
+        ce = torch.zeros(use.shape, device=h_k.device)
+        if rows.numel():
+            with torch.no_grad():
+                lg = self._logits(h_k[pos, rows][:, None].detach())  # [n, 1, V/tp]
+                ce_n = self._ce(lg, labels[rows, pos][:, None])
+            tally.head(rows.numel(), grad=False)
+            ce = ce.index_put((rows, pos), ce_n[:, 0].float())
+        return (-ce).exp()
+
     def _packed_pass(
         self, u: Tensor, rows: Tensor, pos: Tensor, counts: list[int], step: int, rope: Tensor
     ) -> tuple[Tensor, int]:
@@ -361,7 +464,7 @@ class AlcotModel(nn.Module):
         queries = st.add_positions(step, pos)
         masks, pairs = [], 0
         for r, q in enumerate(queries):
-            keys = torch.cat([st.key_pos[j][r] for j in range(step + 1)])
+            keys = torch.cat([st.key_pos[j][r] for j in st.visible_steps()])
             if step == 0 and len(keys) == len(q):
                 masks.append(None)  # a fresh step 0: the keys are the queries, in order: causal
                 pairs += len(q) * (len(q) + 1) // 2

@@ -97,3 +97,48 @@ def naive_latent_forward(model, input_ids: Tensor, labels: Tensor):
         adapt = torch.zeros(())
     loss = ce + cfg.halting.lambda_ * adapt
     return loss, ce, adapt, out_logits, depth
+
+
+def naive_mor_forward(model, input_ids: Tensor, labels: Tensor):
+    """Mixture-of-Recursions the slow way: every token runs every recursion over the whole
+    sequence in [s, b] layout; a step-k query sees the step-k keys of kept tokens at positions
+    up to its own (and its own key, so that no row is empty; the outputs of tokens that were not
+    kept are thrown away). Returns ``(loss, ce, aux, logits [b, s, V], depth [b, s])``."""
+    from .mor import aux_loss, recursion_update, select
+
+    cfg, mc = model.cfg, model.cfg.mor
+    b, s = input_ids.shape
+    st = model.state
+    st.start_dense(same_step=True)
+    freqs = model._rope(s)[:, None, None, :]
+    caps = mc.capacities(cfg.l_max)
+    t = torch.arange(s)
+    causal = t[None, :] <= t[:, None]  # [query, key]
+    own = torch.eye(s, dtype=torch.bool)
+    state = model._embed(input_ids)
+    alive = torch.ones(b, s, dtype=torch.bool)
+    kept_steps = []
+    aux = torch.zeros(())
+    for k in range(cfg.l_max + 1):
+        logit = None
+        if k > 0:
+            logit = model.mor_router(state, k).t()  # [b, s]
+            kept = select(logit, alive, caps[k - 1], model.training, mc.threshold)
+            aux = aux + aux_loss(logit, alive, kept)
+            alive = kept
+            kept_steps.append(alive)
+        st.step = k
+        st.dense_mask = ((causal[None] & alive[:, None, :]) | own[None])[:, None]
+        h = model._pass(state, freqs)
+        if k == 0:
+            state = h
+        else:
+            upd = recursion_update(
+                state.reshape(s * b, -1), h.reshape(s * b, -1), logit.t().reshape(-1), mc.alpha
+            ).view_as(state)
+            state = torch.where(alive.t()[..., None], upd, state)
+    depth = torch.stack(kept_steps).sum(0) if kept_steps else torch.zeros(b, s, dtype=torch.long)
+    logits = model._logits(state)
+    ce = model._ce(logits, labels.t(), keep_logits=True).mean()
+    loss = ce + mc.aux_weight * aux
+    return loss, ce, aux, logits.transpose(0, 1), depth

@@ -260,7 +260,7 @@ def train(
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tcfg))
     loader = PackedLoader(data.train_path, data.dtype, seq_len, micro, seed, dp_rank, dp_world)
-    counters = {"tokens": 0, "flops_nominal": 0.0, "flops_realised": 0.0}
+    counters = {"tokens": 0, "flops_nominal": 0.0, "flops_realised": 0.0, "flops_paper": 0.0}
     ckpt_dir = Path(out_dir) / "checkpoints"
     start, resumed_from, last_ckpt_path = 0, None, None
     if tcfg.resume == "auto":
@@ -283,7 +283,7 @@ def train(
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model,
             process_group=ps.get_data_parallel_group(),
-            find_unused_parameters=model.router is not None,
+            find_unused_parameters=model.router is not None or model.mor_router is not None,
         )
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -311,7 +311,7 @@ def train(
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             sums = torch.zeros(5, dtype=torch.float64)  # loss, ce, adapt, depth*tokens, tokens
-            flops = [0.0, 0.0]
+            flops = [0.0, 0.0, 0.0]  # nominal, realised, paper
             for i in range(tcfg.grad_accum):
                 x, y = loader.next_batch()
                 x, y = x.to(device), y.to(device)
@@ -339,6 +339,7 @@ def train(
                 )
                 flops[0] += out.flops["nominal"]
                 flops[1] += out.flops["realised"]
+                flops[2] += out.flops["paper"]
             grad_norm = clip_grad_norm(params, tcfg.grad_clip)
             if not torch.isfinite(grad_norm):
                 raise NonFiniteLoss(f"non-finite gradient norm at step {step}")
@@ -354,6 +355,7 @@ def train(
             counters["tokens"] += int(tok)
             counters["flops_nominal"] += flops[0]
             counters["flops_realised"] += flops[1]
+            counters["flops_paper"] += flops[2]
             dt = time.perf_counter() - t0
             metrics = {
                 "train/loss": float(sums[0] / tok),
@@ -365,6 +367,7 @@ def train(
                 "tokens_seen": float(counters["tokens"]),
                 "flops/nominal": counters["flops_nominal"],
                 "flops/realised": counters["flops_realised"],
+                "flops/paper": counters["flops_paper"],
                 "throughput/tokens_per_s": tok / dt,
                 "time/step_s": dt,
             }

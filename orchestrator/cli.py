@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--method",
         default="adaptive",
-        choices=["adaptive", "vanilla", "looped", "pause", "ponder", "fixed"],
+        choices=["adaptive", "vanilla", "looped", "pause", "ponder", "fixed", "mor"],
     )
     p.add_argument("--steps", type=int, default=60)
     p.set_defaults(func=cmd_smoke)
@@ -292,7 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", required=True, help="the MLflow experiment (a sweep's study)")
     p.add_argument("--sweep", default=None, help="only the runs of this sweep id")
     p.add_argument("--out", required=True, help="folder for the report and plots")
-    p.add_argument("--flops", choices=["realised", "nominal"], default="realised")
+    p.add_argument(
+        "--flops",
+        choices=["realised", "nominal", "paper"],
+        default="realised",
+        help="compute axis: realised (executed work), nominal (6 x non-embedding params x "
+        "passes), paper (6 x all params x passes, the paper's table)",
+    )
     p.add_argument(
         "--points",
         choices=["envelope", "final", "all"],

@@ -523,7 +523,7 @@ def make_trial(
                 err.message,
             ) from None
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
-    passes = 1 + cfg.model.l_max
+    passes = cfg.model.planned_passes
     n = count_parameters(cfg.model)["non_embedding"]
     if spec.budget is not None:
         tokens = spec.budget.tokens

@@ -114,6 +114,13 @@ def test_report_numbers_agree_with_the_runs(study):
     logged_nominal = s.runs.set_index("run_id")["final/flops/nominal"]
     assert nominal.to_dict() == pytest.approx(logged_nominal.to_dict())
     assert (nominal != pts.set_index("run_id")["flops"][nominal.index]).all()
+    # ... and the paper's convention: 6 x all parameters per pass, so above nominal by exactly
+    # the ratio of total to non-embedding parameters
+    paper = curves.final_points(s, "paper").set_index("run_id")["flops"]
+    logged_paper = s.runs.set_index("run_id")["final/flops/paper"]
+    assert paper.to_dict() == pytest.approx(logged_paper.to_dict())
+    assert (paper > nominal[paper.index]).all()
+    assert curves.run_curves(s, "paper")["flops"].notna().all()
     res = fit_study(s, n_boot=0)
     for method in ("adaptive", "vanilla"):  # fitted, or refused with the reason
         assert method in res.power or " needs " in res.refused[("power_law", method)]

@@ -26,6 +26,14 @@ from alcot.model import LADDER, ConfigError, ModelConfig, count_parameters
         (dict(method="looped", l_max=0), "model.l_max"),
         (dict(widht=3), "model.widht"),
         (dict(halting={"tua": 0.1}), "model.halting.tua"),
+        (dict(halting={"router_init": "uniform"}), "model.halting.router_init"),
+        (dict(halting={"detach_router_input": "yes"}), "model.halting.detach_router_input"),
+        (dict(ponder_update="replace"), "model.ponder_update"),
+        (dict(embed_scale=0.0), "model.embed_scale"),
+        (dict(method="mor", l_max=0), "model.l_max"),
+        (dict(method="mor", mor={"alpha": 0.0}), "model.mor.alpha"),
+        (dict(method="mor", mor={"threshold": 1.0}), "model.mor.threshold"),
+        (dict(method="mor", mor={"capacity": [0.5]}), "model.mor.capacity"),
     ],
 )
 def test_invalid_config_names_the_field(overrides, field):
@@ -74,6 +82,7 @@ def test_tiny_is_about_a_million_parameters():
         dict(method="ponder"),
         dict(method="looped"),
         dict(method="fixed"),
+        dict(method="mor"),
     ],
 )
 def test_parameter_count_matches_the_built_model(build, overrides):
@@ -106,3 +115,37 @@ def test_config_errors_survive_pickling():
 
     err = pickle.loads(pickle.dumps(ConfigError("data.path", "missing")))
     assert err.field == "data.path" and str(err) == "data.path: missing"
+
+
+def test_embed_scale_defaults_to_sqrt_2_5_d_for_every_method():
+    import math
+
+    for method in ("vanilla", "adaptive", "looped", "pause", "ponder", "fixed", "mor"):
+        for size in ("tiny", "70m"):
+            cfg = ModelConfig.from_dict({"size": size, "method": method})
+            assert cfg.embed_scale == pytest.approx(math.sqrt(2.5 * cfg.hidden_size))
+    assert ModelConfig.from_dict({"size": "tiny", "embed_scale": 1}).embed_scale == 1.0
+    # computed from the size actually used, including an explicit width
+    assert ModelConfig.from_dict({"hidden_size": 64}).embed_scale == pytest.approx(math.sqrt(160))
+    # the default and the same number written out are one identity
+    a = ModelConfig.from_dict({"size": "tiny"})
+    b = ModelConfig.from_dict({"size": "tiny", "embed_scale": math.sqrt(2.5 * 128)})
+    assert a == b
+
+
+def test_pause_vectors_are_embedding_parameters():
+    pause = count_parameters(ModelConfig.from_dict({"method": "pause", "l_max": 3}))
+    vanilla = count_parameters(ModelConfig.from_dict({"method": "vanilla"}))
+    assert pause["non_embedding"] == vanilla["non_embedding"]
+    assert pause["embedding"] == vanilla["embedding"] + 3 * 128
+    assert pause["total"] == vanilla["total"] + 3 * 128
+
+
+def test_canonical_config_resets_method_specific_sections():
+    a = ModelConfig.from_dict({"method": "vanilla", "ponder_update": "reset", "mor": {"alpha": 1}})
+    b = ModelConfig.from_dict({"method": "vanilla"})
+    assert a.canonical() == b.canonical()
+    p = ModelConfig.from_dict({"method": "ponder", "ponder_update": "reset"})
+    assert p.canonical().ponder_update == "reset"
+    m = ModelConfig.from_dict({"method": "mor", "mor": {"alpha": 1}})
+    assert m.canonical().mor.alpha == 1.0

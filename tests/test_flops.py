@@ -67,8 +67,20 @@ MAPPING = {
 }
 
 
-@pytest.mark.parametrize("method", ["vanilla", "fixed", "looped", "pause", "ponder", "adaptive"])
-def test_realised_flops_match_flop_counter(build, method):
+@pytest.mark.parametrize(
+    "method, masked",
+    [
+        ("vanilla", False),
+        ("fixed", False),
+        ("looped", False),
+        ("pause", False),
+        ("ponder", False),
+        ("adaptive", False),
+        ("adaptive", True),
+        ("mor", False),
+    ],
+)
+def test_realised_flops_match_flop_counter(build, method, masked):
     model = build(
         method=method, num_query_groups=4, hidden_size=128, vocab_size=256, halting={"tau": 0.3}
     )
@@ -76,13 +88,14 @@ def test_realised_flops_match_flop_counter(build, method):
         spread_router(model)  # so that tokens really halt at different depths
     x = torch.randint(0, 256, (2, 24))
     y = torch.randint(0, 256, (2, 24))
+    mask = (torch.arange(24) % 3 != 0).float().expand(2, 24) if masked else None
     with (
         sdpa_kernel(SDPBackend.FLASH_ATTENTION),
         FlopCounterMode(display=False, custom_mapping=MAPPING) as counter,
     ):
-        out = model(x, y)
+        out = model(x, y, loss_mask=mask)
         out.loss.backward()
-    if model.router is not None:
+    if model.router is not None or method == "mor":
         assert len(torch.unique(out.depth)) >= 2
     counts = counter.get_flop_counts()["Global"]
     assert counts.get(aten._scaled_dot_product_flash_attention_for_cpu, 0) > 0, counts
@@ -113,3 +126,42 @@ def test_nominal_flops_follow_kaplan(build):
     out = model(torch.randint(0, 128, (2, 8)), torch.randint(0, 128, (2, 8)))
     n = count_parameters(model.cfg)["non_embedding"]
     assert out.flops["nominal"] == 6 * n * 16 * 4
+
+
+def test_adaptive_loss_runs_the_head_only_where_it_is_used(build):
+    """sg(q_t(k)[y_t]) is read only for tokens that continue past step k inside the loss mask:
+    the head runs (without grad) for exactly those, plus once with grad for the mixed state."""
+    model = build(halting={"tau": 0.3})
+    spread_router(model)
+    b, s = 2, 24
+    x, y = torch.randint(0, 128, (b, s)), torch.randint(0, 128, (b, s))
+    mask = (torch.arange(s) % 2 == 0).float().expand(b, s)
+    _, trace = model.latent_forward(x)
+    used = sum(int((ran & (mask > 0)).sum()) for ran in trace.ran[1:])  # continued past k-1
+    out = model(x, y, loss_mask=mask)
+    per_token = 2 * model.cfg.hidden_size * model.cfg.vocab_size
+    assert 0 < used < b * s * model.cfg.l_max
+    assert out.flops["realised_head"] == per_token * (3 * b * s + used)
+    # without labels the adaptive loss is not computed and the head runs once
+    assert model(x).flops["realised_head"] == per_token * 3 * b * s
+
+
+def test_paper_flops_reproduce_the_papers_table():
+    """The paper's 2.18e20 for vanilla 1.4B on 26B tokens is 6 x total params x tokens."""
+    from alcot.model import ModelConfig
+    from alcot.model.flops import nominal_flops, paper_flops
+
+    tokens = 26e9
+    vanilla = ModelConfig.from_dict({"size": "1.4b", "method": "vanilla"})
+    fixed = ModelConfig.from_dict({"size": "1.4b", "method": "fixed", "l_max": 3})
+    assert paper_flops(vanilla, tokens) == pytest.approx(2.18e20, rel=0.02)
+    assert paper_flops(fixed, tokens * 4) == pytest.approx(4 * paper_flops(vanilla, tokens))
+    assert nominal_flops(vanilla, tokens) == pytest.approx(1.89e20, rel=0.01)
+
+
+def test_forward_reports_paper_flops(build):
+    from alcot.model import count_parameters
+
+    model = build(method="fixed", l_max=2)
+    out = model(torch.randint(0, 128, (2, 8)), torch.randint(0, 128, (2, 8)))
+    assert out.flops["paper"] == 6 * count_parameters(model.cfg)["total"] * 16 * 3

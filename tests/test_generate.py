@@ -16,6 +16,7 @@ from alcot.model.generate import generate
         dict(method="looped"),
         dict(method="pause", l_max=2),
         dict(method="ponder", l_max=2),
+        dict(method="ponder", l_max=2, ponder_update="reset"),
     ],
 )
 def test_cached_decoding_matches_full_forward(build, overrides):
@@ -27,6 +28,7 @@ def test_cached_decoding_matches_full_forward(build, overrides):
     n = 10
     gen = generate(model, prompt, n)
     assert gen.tokens.shape == (3, 7 + n) and torch.equal(gen.tokens[:, :7], prompt)
+    model.eval()
     with torch.no_grad():
         full = model(gen.tokens, return_logits=True)
     torch.testing.assert_close(gen.logits, full.logits[:, 6 : 6 + n], atol=1e-5, rtol=0)
@@ -52,3 +54,14 @@ def test_generation_refuses_to_run_past_max_seq_len(build):
     model = build(max_seq_len=16)
     with pytest.raises(ValueError, match="max_seq_len"):
         generate(model, torch.zeros(1, 10, dtype=torch.long), 10)
+
+
+@pytest.mark.parametrize("method", ["adaptive", "vanilla", "ponder", "mor"])
+def test_zero_new_tokens_returns_the_prompt(build, method):
+    model = build(method=method, halting={"tau": 0.3})
+    prompt = torch.randint(0, 128, (2, 5))
+    gen = generate(model, prompt, 0)
+    assert torch.equal(gen.tokens, prompt)
+    assert gen.depth.shape == (2, 5) and gen.logits.shape == (2, 0, 128)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, prompt, -1)

@@ -150,7 +150,9 @@ def test_state_dict_round_trip(build, tmp_path):
     )
 
 
-@pytest.mark.parametrize("method", ["vanilla", "adaptive", "looped", "pause", "ponder", "fixed"])
+@pytest.mark.parametrize(
+    "method", ["vanilla", "adaptive", "looped", "pause", "ponder", "fixed", "mor"]
+)
 def test_every_method_trains(build, method):
     model = build(method=method, l_max=2)
     x, y = batch(b=2, s=12)
@@ -165,7 +167,7 @@ def test_every_method_trains(build, method):
         first = first if first is not None else out.loss.item()
     assert out.loss.item() < first - 0.5
     expected_passes = 1 + (0 if method == "vanilla" else 2)
-    if method != "adaptive":
+    if method not in ("adaptive", "mor"):
         assert out.flops["executed_passes"] == 2 * 12 * expected_passes
 
 
@@ -189,3 +191,74 @@ def test_token_depth_diagnostic_measures_the_step0_loss(build, tmp_path):
     lines = path.read_text().splitlines()
     assert lines[0] == "step0_loss,depth" and len(lines) == 41
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def _ponder_by_hand(model, x, accumulate: bool):
+    """The published PonderLM recurrence written out: u(0) = s E[x]; for each pondering step
+    u <- u + s * softmax(W f(u)) @ E (or, ``accumulate=False``, u = s E[x] + that); the
+    prediction is W f(u) after the last step."""
+    model.state.start_causal()
+    s_, e = model.cfg.embed_scale, model.embedding.weight
+    freqs = model._rope(x.shape[1])[:, None, None, :]
+    emb = s_ * e[x].transpose(0, 1)
+    u = emb
+    for _ in range(model.cfg.l_max):
+        p = torch.softmax(model._logits(model._pass(u, freqs)), -1)
+        u = (u if accumulate else emb) + s_ * (p @ e)
+    return model._logits(model._pass(u, freqs)).transpose(0, 1)
+
+
+@pytest.mark.parametrize("update", ["accumulate", "reset"])
+def test_ponder_follows_the_published_recurrence(build, update):
+    model = build(method="ponder", ponder_update=update)
+    x, _ = batch(b=2, s=10)
+    with torch.no_grad():
+        out = model(x, return_logits=True)
+        torch.testing.assert_close(out.logits, _ponder_by_hand(model, x, update == "accumulate"))
+        other = _ponder_by_hand(model, x, update != "accumulate")
+    assert not torch.allclose(out.logits, other, atol=1e-4)  # the two readings differ
+
+
+@pytest.mark.parametrize("method", ["pause", "ponder", "adaptive", "vanilla"])
+def test_every_input_embedding_takes_the_embed_scale(build, method):
+    """Token embeddings, pause vectors and PonderLM's expected embedding all enter as s * E:
+    a model with scale 2 equals one with scale 1 whose embedding and pause vectors are doubled
+    (the LM head is separate, so nothing else changes)."""
+    a = build(method=method, l_max=2, embed_scale=2.0)
+    b = build(method=method, l_max=2, embed_scale=1.0)
+    b.load_state_dict(a.state_dict())
+    with torch.no_grad():
+        b.embedding.weight.mul_(2.0)
+        if b.pause is not None:
+            b.pause.mul_(2.0)
+    x, y = batch(b=2, s=10)
+    with torch.no_grad():
+        oa, ob = a(x, y, return_logits=True), b(x, y, return_logits=True)
+    torch.testing.assert_close(oa.logits, ob.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_zero_router_init_starts_every_token_at_the_bias(build):
+    model = build(halting={"router_init": "zero", "init_continue": 0.9})
+    x, _ = batch(b=2, s=12)
+    with torch.no_grad():
+        _, trace = model.latent_forward(x, keep_states=True)
+        g = model.router(trace.hidden[0], 0)
+    torch.testing.assert_close(g, torch.full_like(g, 0.9))
+    normal = build(halting={"init_continue": 0.9})
+    with torch.no_grad():
+        _, trace = normal.latent_forward(x, keep_states=True)
+        g = normal.router(trace.hidden[0], 0)
+    assert g.std() > 1e-3
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_detached_router_input_keeps_the_adaptive_loss_off_the_backbone(build, detach):
+    model = build(halting={"detach_router_input": detach, "tau": 0.3})
+    spread_router(model)
+    x, y = batch()
+    out = model(x, y)
+    out.adapt_loss.backward()
+    backbone = [p.grad for n, p in model.named_parameters() if n.startswith("block.")]
+    touched = any(g is not None and g.abs().sum() > 0 for g in backbone)
+    assert touched is not detach
+    assert model.router.steps[0].weight.grad.abs().sum() > 0

@@ -95,6 +95,22 @@ def test_isoflop_budget_gives_small_models_more_tokens(tmp_path):
         assert t.est_flops == pytest.approx(1.0e12, rel=0.05)
 
 
+def test_isoflop_budget_plans_mixture_of_recursions_by_its_capacities(tmp_path):
+    """Expert choice runs a known share of tokens at each recursion (3/4, 2/4, 1/4 by default):
+    a budget buys it the tokens of 2.5 passes per token, not 4."""
+    path = write(
+        tmp_path,
+        """
+        study: s
+        grid: {model.method: [mor, fixed]}
+        budget: {flops: 1.0e12}
+    """,
+    )
+    trials = {t.config.model.method: t for t in load_sweep(path).trials}
+    assert trials["mor"].config.model.planned_passes == 2.5
+    assert trials["mor"].tokens == pytest.approx(trials["fixed"].tokens * 4 / 2.5, rel=0.05)
+
+
 def test_zip_and_overrides(tmp_path):
     path = write(
         tmp_path,
@@ -231,8 +247,8 @@ def test_wikitext_study_takes_its_path_from_env_or_command_line(tmp_path, monkey
     sweep = load_sweep(study)
     assert {t.config.data.path for t in sweep.trials} == {"/data/wt2/wiki.train.tokens"}
     methods = {t.config.model.method for t in sweep.trials}
-    assert methods == {"vanilla", "looped", "pause", "ponder", "fixed", "adaptive"}
-    assert len(sweep.trials) == 3 * (5 + 3)  # sizes x (5 baselines + adaptive at 3 lambdas)
+    assert methods == {"vanilla", "looped", "pause", "ponder", "fixed", "mor", "adaptive"}
+    assert len(sweep.trials) == 3 * (6 + 3)  # sizes x (6 baselines + adaptive at 3 lambdas)
     flops = {round(t.est_flops / 1e14, 1) for t in sweep.trials}
     assert flops == {5.0}  # isoFLOP
     monkeypatch.delenv("ALCOT_WIKITEXT2")  # --set replaces the variable: it need not be set

@@ -19,6 +19,7 @@ CASES = [
     dict(method="adaptive", mix="distribution", halting={"tau": 0.3, "router": "per_step"}),
     dict(method="ponder", l_max=2),
     dict(method="pause", l_max=2),
+    dict(method="mor"),
 ]
 
 
