@@ -22,6 +22,8 @@ METHODS = [
     ("looped", {"l_max": 2}),
     ("pause", {"l_max": 2}),
     ("ponder", {"l_max": 2}),
+    ("ponder", {"l_max": 2, "ponder_update": "reset"}),
+    ("mor", {"l_max": 3, "mor": {"threshold": 0.5}}),
 ]
 
 

@@ -24,6 +24,9 @@ class AlcotConfig(PretrainedConfig):
         router: str = "linear",
         tau: float = 0.1,
         context_length: int = 128,
+        ponder_update: str = "accumulate",
+        mor_alpha: float = 0.1,
+        mor_threshold: float = 0.5,
         eos_token_id: int = 0,
         pad_token_id: int = 0,
         **kwargs,
@@ -44,5 +47,8 @@ class AlcotConfig(PretrainedConfig):
         self.router = router
         self.tau = tau
         self.context_length = context_length
+        self.ponder_update = ponder_update  # PonderLM: accumulate (published) | reset
+        self.mor_alpha = mor_alpha  # Mixture-of-Recursions: h + alpha g f(h) for kept tokens
+        self.mor_threshold = mor_threshold  # a token recurses iff sigmoid(router) >= this
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)

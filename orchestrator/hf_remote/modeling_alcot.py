@@ -2,7 +2,10 @@
 
 Written by ``alcot export --hf``; needs only torch and transformers. Every method of alcot is
 here: ``adaptive`` (latent steps with a router and per-token halting), ``fixed`` (every token
-runs ``l_max`` latent steps), ``vanilla``, ``looped``, ``pause`` and ``ponder`` (PonderLM).
+runs ``l_max`` latent steps), ``vanilla``, ``looped``, ``pause``, ``ponder`` (PonderLM, whose
+pondering embeddings accumulate as published) and ``mor`` (Mixture-of-Recursions with its causal
+inference rule: a token that ran recursion k-1 runs k iff its router's probability reaches the
+threshold; recursion k attends to the keys of recursion k only).
 
 Latent steps are computed the straightforward way: step k runs the whole sequence through the
 shared stack, and a 2-D mask lets query (t, k) see key (t', j) iff t' <= t, j <= k and token
@@ -127,6 +130,17 @@ class Router(nn.Module):
         return torch.sigmoid(logit.squeeze(-1))
 
 
+class MoRRouter(nn.Module):
+    """One linear router per recursion (``mor_router.steps.{k-1}``), logits in fp32."""
+
+    def __init__(self, cfg: AlcotConfig):
+        super().__init__()
+        self.steps = nn.ModuleList(nn.Linear(cfg.hidden_size, 1) for _ in range(cfg.l_max))
+
+    def forward(self, x, step: int):
+        return self.steps[step - 1](x.float()).squeeze(-1)
+
+
 class AlcotPreTrainedModel(PreTrainedModel):
     config_class = AlcotConfig
     base_model_prefix = "alcot"
@@ -148,6 +162,8 @@ class AlcotForCausalLM(AlcotPreTrainedModel, GenerationMixin):
         self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         uses_router = cfg.method == "adaptive" and cfg.l_max > 0 and cfg.router != "none"
         self.router = Router(cfg) if uses_router else None
+        if cfg.method == "mor":
+            self.mor_router = MoRRouter(cfg)
         if cfg.method == "pause":
             self.pause = nn.Parameter(torch.zeros(cfg.l_max, cfg.hidden_size))
         self.post_init()
@@ -188,6 +204,8 @@ class AlcotForCausalLM(AlcotPreTrainedModel, GenerationMixin):
             raise ValueError(f"sequence of {s} tokens exceeds {cfg.max_position_embeddings}")
         if cfg.method in ("adaptive", "fixed"):
             logits, depth = self._latent(input_ids)
+        elif cfg.method == "mor":
+            logits, depth = self._mor(input_ids)
         else:
             logits, depth = self._passes(input_ids)
         loss = None
@@ -207,18 +225,21 @@ class AlcotForCausalLM(AlcotPreTrainedModel, GenerationMixin):
         pos = torch.arange(s, device=ids.device)
         if cfg.method == "pause":
             k = cfg.l_max
-            pauses = self.pause.to(emb.dtype)[None, None].expand(b, s, k, -1)
+            scaled = self.pause * cfg.embed_scale if cfg.embed_scale != 1.0 else self.pause
+            pauses = scaled.to(emb.dtype)[None, None].expand(b, s, k, -1)
             seq = torch.cat([emb[:, :, None], pauses], dim=2).reshape(b, s * (k + 1), -1)
             cos, sin = self._rope(pos.repeat_interleave(k + 1))
             h = self.block(seq, cos, sin).reshape(b, s, k + 1, -1)[:, :, k]
         else:
             cos, sin = self._rope(pos)
             h = self.block(emb, cos, sin)
+            u = emb
             for _ in range(cfg.l_max if cfg.method in ("looped", "ponder") else 0):
-                if cfg.method == "ponder":
+                if cfg.method == "ponder":  # u <- u + s E[p] (published); reset: emb + s E[p]
                     probs = torch.softmax(self._logits(h), dim=-1)
                     e = probs.to(self.embedding.weight.dtype) @ self.embedding.weight
-                    u = emb + (e * cfg.embed_scale if cfg.embed_scale != 1.0 else e)
+                    base = u if cfg.ponder_update == "accumulate" else emb
+                    u = base + (e * cfg.embed_scale if cfg.embed_scale != 1.0 else e)
                 else:
                     u = h
                 h = self.block(u, cos, sin)
@@ -275,6 +296,39 @@ class AlcotForCausalLM(AlcotPreTrainedModel, GenerationMixin):
         )
         logits = self._logits(mixed_state) if cfg.mix == "state" else mixed_logp
         return logits, depth
+
+    def _mor(self, ids):
+        """Mixture-of-Recursions at inference: step 0 for every token; recursion k for the
+        tokens that ran k-1 and whose router probability reaches the threshold, attending to
+        the step-k keys of such tokens at positions up to their own; a kept token's state
+        becomes h + alpha sigmoid(router) f(h), the others keep theirs."""
+        cfg = self.config
+        b, s = ids.shape
+        dev = ids.device
+        pos = torch.arange(s, device=dev)
+        cos, sin = self._rope(pos)
+        causal = (pos[None, :] <= pos[:, None])[None]  # [1, s, s]
+        eye = torch.eye(s, dtype=torch.bool, device=dev)[None]
+        state = self._embed(ids)
+        active = torch.ones(b, s, dtype=torch.bool, device=dev)
+        depth = torch.zeros(b, s, dtype=torch.long, device=dev)
+        for k in range(cfg.l_max + 1):
+            logit = None
+            if k > 0:
+                logit = self.mor_router(state, k)
+                active = active & (torch.sigmoid(logit) >= cfg.mor_threshold)
+                if not bool(active.any()):
+                    break
+                depth = depth + active.long()
+            # keys: this step's kept tokens; a dropped query sees itself (its output is unused)
+            mask = ((causal & active[:, None, :]) | eye)[:, None]
+            out = self.block(state, cos, sin, [[] for _ in self.block.layers], mask)
+            if k == 0:
+                state = out
+            else:
+                g = torch.sigmoid(logit).to(out.dtype)[..., None]
+                state = torch.where(active[..., None], state + cfg.mor_alpha * g * out, state)
+        return self._logits(state), depth
 
     # ------------------------------------------------------------------ generation
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
