@@ -250,7 +250,11 @@ def budgets(loaded: LoadedRun, taus: Sequence[float] = (), l_maxes: Sequence[int
             raise ConfigError(
                 "--l-max", f"a pause model has exactly {cfg.l_max} trained pause tokens"
             )
-        if cfg.method in ("looped", "ponder", "fixed") and lm < 1:
+        if cfg.method == "mor" and lm > cfg.l_max:
+            raise ConfigError(
+                "--l-max", f"Mixture-of-Recursions has {cfg.l_max} trained recursion routers"
+            )
+        if cfg.method in ("looped", "ponder", "fixed", "mor") and lm < 1:
             raise ConfigError("--l-max", f"method {cfg.method!r} needs l_max >= 1")
         if cfg.uses_router and cfg.halting.router == "per_step" and lm > cfg.l_max:
             raise ConfigError(
