@@ -38,6 +38,7 @@ class TrackingConfig:
     experiment: str = "alcot"
     run_name: str | None = None
     flush_seconds: float = 1.0  # metrics are sent in batches from a background thread
+    log_model: bool = True  # a finished run's final weights as an MLflow model (mlflow_meta)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], prefix: str = "tracking") -> TrackingConfig:

@@ -110,6 +110,8 @@ def run_training(
         checkpointing.latest_valid(out_dir / "checkpoints") if cfg.train.resume == "auto" else None
     )
     if cfg.tracking.enabled and is_rank0:
+        from . import mlflow_meta
+
         uri, artifact_root = resolve_uri(cfg.tracking.uri, home)
         if cfg.train.resume == "auto":
             run_id = previous_run_id(out_dir, uri, resume_from)
@@ -117,7 +119,7 @@ def run_training(
             uri,
             cfg.tracking.experiment,
             out_dir,
-            run_name=cfg.tracking.run_name or f"{m.method}-{m.size}-{h[:8]}",
+            run_name=cfg.tracking.run_name or mlflow_meta.run_name(m, h),
             run_id=run_id,
             artifact_root=artifact_root,
             tags={
@@ -127,6 +129,7 @@ def run_training(
                 "size": m.size,
                 "alcot.out_dir": str(out_dir),
                 "alcot.world_size": str(dist.get_world_size() if dist.is_initialized() else 1),
+                **mlflow_meta.start_tags(cfg, extra_tags),
                 **(extra_tags or {}),
             },
             flush_seconds=cfg.tracking.flush_seconds,
@@ -149,6 +152,7 @@ def run_training(
             params.update({f"params.{k}": v for k, v in counts.items()})
             tracker.log_params(params)
             tracker.log_artifact(out_dir / "config.yaml")
+            mlflow_meta.on_data(tracker, cfg.data, data)
         result = train(
             resolved.model,
             data,
@@ -165,6 +169,8 @@ def run_training(
         status = "FINISHED" if result.status == "finished" else "FAILED"
         if tracker is not None and result.status != "finished":
             tracker.set_tag("alcot.error", result.message)
+        elif tracker is not None:
+            mlflow_meta.on_finished(tracker, cfg, settings, result, cfg.tracking.log_model)
         if result.depth_histogram and tracker:
             plot = depth_histogram_plot(
                 result.depth_histogram,
