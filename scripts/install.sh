@@ -13,6 +13,9 @@ if [ ! -x .venv/bin/python ]; then
     "$python_bin" -m venv .venv
 fi
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+# ALCOT_CONSTRAINTS: another pin file, e.g. without the torch line in an image whose base brings
+# its own torch build (infra/docker/Dockerfile.gpu)
+constraints=${ALCOT_CONSTRAINTS:-constraints.txt}
 torch_pin=$(grep -E '^torch==' constraints.txt)
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     if [ -n "${ALCOT_TORCH_INDEX:-}" ]; then
@@ -21,5 +24,5 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
         "${pip[@]}" "$torch_pin"
     fi
 fi
-"${pip[@]}" -c constraints.txt -e ".[dev]"
+"${pip[@]}" -c "$constraints" -e ".[dev]"
 .venv/bin/python -W ignore -c "import torch, megatron.core; print('alcot installed: torch', torch.__version__)"
