@@ -27,6 +27,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -83,9 +84,16 @@ def view_state() -> dict[str, Any]:
     }
 
 
+# MLflow 3.17's UI has a global GenAI / Model-training switch (default GenAI, remembered by the
+# browser) that, when present, decides over the experiment kind tag: with GenAI an experiment
+# opens on its traces overview. Links alcot prints select model training explicitly.
+WORKFLOW = "workflowType=machine_learning"
+UI_HOME = f"/#/experiments?{WORKFLOW}"
+
+
 def ui_path(experiment_id: str) -> str:
     """The UI route (after the server's address) that opens ``experiment_id`` in alcot's view."""
-    return f"/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}"
+    return f"/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}&{WORKFLOW}"
 
 
 # ------------------------------------------------------------------------------ run names
@@ -219,13 +227,18 @@ def on_finished(tracker, cfg, settings: dict, result, log_weights: bool = True) 
     try:
         uri = log_model(tracker.uri, tracker.run_id, result.checkpoint, settings)
     except Exception as err:
-        tracker.log(f"warning: could not log the model ({type(err).__name__}: {err})")
+        msg = f"{type(err).__name__}: {err}"
+        tracker.log(f"warning: could not log the model ({msg})")
+        tracker.set_tag("alcot.model_error", msg)  # visible on the run, also under Ray
         return None
     tracker.set_tag(MODEL_URI_TAG, uri)
     return uri
 
 
 # ------------------------------------------------------------------------------ the model
+warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
+
+
 class AlcotLM(mlflow.pyfunc.PythonModel):
     """A trained alcot model as an MLflow pyfunc.
 
@@ -277,7 +290,6 @@ def log_model(
     its ``models:/<model id>`` URI (load it with ``mlflow.pyfunc.load_model``, register it with
     ``mlflow.register_model``)."""
     import torch
-    from mlflow.models import Model
 
     shards = sorted(Path(checkpoint).glob("tp*.pt"))
     if len(shards) != 1:
@@ -290,24 +302,34 @@ def log_model(
     version = _installed_version()
     if version:
         reqs.insert(0, f"alcot=={version}")
-    previous = mlflow.get_tracking_uri()
+    # mlflow.set_tracking_uri is process-global and also sets $MLFLOW_TRACKING_URI (which
+    # alcot reads to choose the store of the next run): put both back exactly afterwards.
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    previous = getattr(tracking_utils, "_tracking_uri", None)
+    previous_env = os.environ.get("MLFLOW_TRACKING_URI")
     with tempfile.TemporaryDirectory(prefix="alcot-model-") as tmp:
         weights, config = Path(tmp) / "weights.pt", Path(tmp) / "config.json"
         torch.save(payload["model"], weights)
         config.write_text(json.dumps(settings))
         mlflow.set_tracking_uri(tracking_uri)
         try:
-            info = Model.log(
-                artifact_path=None,
-                name=name,
-                flavor=mlflow.pyfunc,
-                run_id=run_id,
-                python_model=AlcotLM(),
-                artifacts={"weights": str(weights), "config": str(config)},
-                pip_requirements=reqs,
-            )
+            # Through the run as the active run, so that the logged model belongs to the run's
+            # experiment (the UI lists a run's models from there). Leaving the context marks
+            # the run FINISHED; the caller sets the final status afterwards anyway.
+            with mlflow.start_run(run_id=run_id):
+                info = mlflow.pyfunc.log_model(
+                    name=name,
+                    python_model=AlcotLM(),
+                    artifacts={"weights": str(weights), "config": str(config)},
+                    pip_requirements=reqs,
+                )
         finally:
             mlflow.set_tracking_uri(previous)
+            if previous_env is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = previous_env
     return info.model_uri
 
 

@@ -3,6 +3,7 @@ and git tags, the dataset input with its digest, and the final weights as a mode
 back, predicts and can be registered."""
 
 import json
+import os
 
 import numpy as np
 from conftest import small_run
@@ -23,8 +24,11 @@ def test_a_finished_run_shows_what_the_ui_needs(alcot_home, tmp_path):
     from alcot.orchestrator.train import run_training
 
     cfg = small_run(tmp_path / "run", "tracking.experiment=meta", "model.halting.lambda=0.03")
+    assert "MLFLOW_TRACKING_URI" not in os.environ
     outcome = run_training(cfg, progress=False, log=lambda *a: None)
     assert outcome.result.status == "finished"
+    # logging the model (MLflow's fluent API) leaves no tracking URI behind for the next run
+    assert "MLFLOW_TRACKING_URI" not in os.environ
     client = _client(alcot_home)
     exp = client.get_experiment_by_name("meta")
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
@@ -56,6 +60,10 @@ def test_a_finished_run_shows_what_the_ui_needs(alcot_home, tmp_path):
     assert [o.model_id for o in run.outputs.model_outputs] == [uri.split("/")[-1]]
     mlflow.set_tracking_uri(client.tracking_uri)
     try:
+        logged = mlflow.get_logged_model(uri.split("/")[-1])
+        # in the run's experiment, from the run: what the UI's Models column looks for
+        assert logged.experiment_id == exp.experiment_id
+        assert logged.source_run_id == outcome.run_id
         model = mlflow.pyfunc.load_model(uri)
         ids = np.random.default_rng(0).integers(0, 500, size=(2, 16))
         out = model.predict(ids)
