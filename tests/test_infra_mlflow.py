@@ -190,7 +190,8 @@ def test_sweep_on_postgres_server_survives_a_restart_and_reads_back(tmp_path, mo
                 assert r.info.artifact_uri.startswith("mlflow-artifacts:")
                 names = {a.path for a in client.list_artifacts(r.info.run_id)}
                 assert "config.yaml" in names
-                assert r.data.tags["alcot.model_uri"].startswith("models:/")
+                model_uri = r.data.tags.get("alcot.model_uri", "")
+                assert model_uri.startswith("models:/"), r.data.tags.get("alcot.model_error")
             assert list(artifacts.rglob("config.yaml")) and list(artifacts.rglob("MLmodel"))
 
             # the analysis reads it all back through the server, and needs the credentials
@@ -224,7 +225,7 @@ def test_sweep_on_postgres_server_survives_a_restart_and_reads_back(tmp_path, mo
             ]
             logged = {a.path for a in client.list_artifacts(parents[0].info.run_id, "analysis")}
             assert "analysis/report.html" in logged
-    figures_path = Path(os.environ.get("ALCOT_TEST_FIGURES", tmp_path)) / "server_restart.json"
+    figures_path = Path(os.environ.get("ALCOT_TEST_ARTIFACTS", tmp_path)) / "server_restart.json"
     figures_path.parent.mkdir(parents=True, exist_ok=True)
     figures_path.write_text(json.dumps(figures, indent=1))
     print(json.dumps(figures, indent=1))
