@@ -27,6 +27,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -213,7 +214,9 @@ def on_data(tracker, data_cfg, prepared) -> None:
         tracker.log(f"warning: could not log the dataset input ({type(err).__name__}: {err})")
 
 
-def on_finished(tracker, cfg, settings: dict, result, log_weights: bool = True) -> str | None:
+def on_finished(
+    tracker, cfg, settings: dict, result, log_weights: bool = True, retry_seconds: float = 90
+) -> str | None:
     """After a finished run: final metrics into its description and, with ``log_weights``, the
     final weights as an MLflow model. Returns the model URI (None if not logged). Never fatal:
     the run's metrics and checkpoints are what matter, so a failure is a warning."""
@@ -224,13 +227,19 @@ def on_finished(tracker, cfg, settings: dict, result, log_weights: bool = True) 
     tracker.set_tag(MLFLOW_RUN_NOTE, describe_run(flatten(settings), result.metrics))
     if not log_weights or result.checkpoint is None:
         return None
-    try:
-        uri = log_model(tracker.uri, tracker.run_id, result.checkpoint, settings)
-    except Exception as err:
-        msg = f"{type(err).__name__}: {err}"
-        tracker.log(f"warning: could not log the model ({msg})")
-        tracker.set_tag("alcot.model_error", msg)  # visible on the run, also under Ray
-        return None
+    deadline = time.time() + retry_seconds  # a tracking server restarting: try again
+    while True:
+        try:
+            uri = log_model(tracker.uri, tracker.run_id, result.checkpoint, settings)
+            break
+        except Exception as err:
+            if time.time() < deadline:
+                time.sleep(5)
+                continue
+            msg = f"{type(err).__name__}: {err}"
+            tracker.log(f"warning: could not log the model ({msg})")
+            tracker.set_tag("alcot.model_error", msg)  # visible on the run, also under Ray
+            return None
     tracker.set_tag(MODEL_URI_TAG, uri)
     return uri
 
