@@ -102,9 +102,37 @@ def cmd_ui(args: argparse.Namespace) -> int:
         "--workers",
         "1",
     ]
-    print(f"MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
+    from .mlflow_meta import UI_HOME
+
+    base = f"http://{args.host}:{args.port}"
+    print(f"MLflow UI for {uri} at {base}{UI_HOME} (Ctrl-C to stop)", flush=True)
+    views = _experiment_views(uri)
+    if views:
+        print("experiments (runs by validation perplexity, key settings and metrics):")
+    for name, path in views:
+        print(f"  {name}: {base}{path}", flush=True)
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     return os.spawnve(os.P_WAIT, cmd[0], cmd, env) if os.path.isabs(cmd[0]) else 1
+
+
+def _experiment_views(uri: str) -> list[tuple[str, str]]:
+    """(experiment, UI route of alcot's saved view) for the store's alcot experiments: runs
+    sorted by validation perplexity, key settings and final metrics as columns."""
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():
+        return []
+    try:
+        from mlflow.tracking import MlflowClient
+
+        from .mlflow_meta import EXPERIMENT_KIND_TAG, VIEW_KEY, VIEW_TAG_PREFIX, ui_path
+
+        exps = MlflowClient(uri).search_experiments()
+    except Exception:  # the UI still starts; the store may be unreadable until then
+        return []
+    return [
+        (e.name, ui_path(e.experiment_id))
+        for e in exps
+        if EXPERIMENT_KIND_TAG in e.tags and VIEW_TAG_PREFIX + VIEW_KEY in e.tags
+    ]
 
 
 def cmd_tracking_sync(args: argparse.Namespace) -> int:
@@ -133,9 +161,23 @@ def _load_sweep(path: str, overrides: list[str] | None = None):
 
 
 def cmd_sweep_run(args: argparse.Namespace) -> int:
+    if args.sbatch and not args.slurm:
+        print("error: --sbatch only goes with --slurm", file=sys.stderr)
+        return 2
+    if args.slurm and args.address:
+        print("error: --slurm starts its own Ray cluster; drop --address", file=sys.stderr)
+        return 2
     sweep = _load_sweep(args.sweep, args.set)
     if sweep is None:
         return 2
+    if args.slurm:
+        from .slurm import SlurmError, submit
+
+        try:
+            return submit(args.sweep, args.set, args.sbatch, dry_run=args.dry_run)
+        except SlurmError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     from alcot.model.typed import ConfigError
 
     if sweep.spec.search is not None:
@@ -272,6 +314,18 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="KEY=VALUE",
         help="override a base config value for every trial (repeatable)",
+    )
+    q.add_argument(
+        "--slurm",
+        action="store_true",
+        help="submit it as a Slurm batch job (infra/slurm/alcot-sweep.sbatch: Ray on the "
+        "allocation's nodes, then the sweep); with --dry-run, print the sbatch command",
+    )
+    q.add_argument(
+        "--sbatch",
+        action="append",
+        metavar="ARG",
+        help="an sbatch option for --slurm, e.g. --sbatch=--nodes=4 (repeatable)",
     )
     q.set_defaults(func=cmd_sweep_run)
     q = ssub.add_parser("submit", help="ship this folder and run the sweep on a Ray cluster")

@@ -66,6 +66,7 @@ class TrackingConfig:
     experiment: str = "alcot"
     run_name: str | None = None
     flush_seconds: float = 1.0  # metrics are sent in batches from a background thread
+    log_model: bool = True  # a finished run's final weights as an MLflow model (mlflow_meta)
 
     def __post_init__(self):
         check_study_name(self.experiment, "tracking.experiment")

@@ -104,13 +104,19 @@ def open_client(uri: str):
 
 
 def ensure_experiment(client, name: str, artifact_root: str | None) -> str:
-    """The id of experiment ``name``, created (with ``artifact_root``) if it does not exist;
-    two processes creating it at once both get the one that exists."""
+    """The id of experiment ``name``, created (with ``artifact_root``) if it does not exist,
+    with the tags that make the MLflow UI show it as model training (``mlflow_meta``); two
+    processes creating it at once both get the one that exists."""
+    from .mlflow_meta import experiment_tags, mark_experiment
+
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        mark_experiment(client, exp.experiment_id, exp.tags)
         return exp.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=artifact_root)
+        return client.create_experiment(
+            name, artifact_location=artifact_root, tags=experiment_tags()
+        )
     except Exception:
         exp = client.get_experiment_by_name(name)
         if exp is None:

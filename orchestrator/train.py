@@ -133,6 +133,8 @@ def _train_claimed(cfg, resolved, data, h, out_dir, is_rank0, progress, log, ext
         set_aside_records(out_dir, log)
     settings = resolved.to_dict()
     if cfg.tracking.enabled and is_rank0:
+        from . import mlflow_meta
+
         uri, artifact_root = resolve_uri(cfg.tracking.uri, home)
         params = flatten(settings)
         counts = count_parameters(resolved.model)
@@ -141,7 +143,7 @@ def _train_claimed(cfg, resolved, data, h, out_dir, is_rank0, progress, log, ext
             uri,
             cfg.tracking.experiment,
             out_dir,
-            run_name=cfg.tracking.run_name or f"{m.method}-{m.size}-{h[:8]}",
+            run_name=cfg.tracking.run_name or mlflow_meta.run_name(m, h),
             artifact_root=artifact_root,
             tags={
                 "config_hash": h,
@@ -154,6 +156,7 @@ def _train_claimed(cfg, resolved, data, h, out_dir, is_rank0, progress, log, ext
                     if dist.is_initialized()
                     else int(os.environ.get("WORLD_SIZE", 1))
                 ),
+                **mlflow_meta.start_tags(cfg, extra_tags),
                 **(extra_tags or {}),
             },
             flush_seconds=cfg.tracking.flush_seconds,
@@ -169,6 +172,8 @@ def _train_claimed(cfg, resolved, data, h, out_dir, is_rank0, progress, log, ext
         (out_dir / "config.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
         if tracker is not None:
             tracker.log_artifact(out_dir / "config.yaml")
+            if not tracker.resumed:  # the dataset input, once per run
+                mlflow_meta.on_data(tracker, cfg.data, data)
         result = train(
             resolved.model,
             data,
@@ -185,6 +190,8 @@ def _train_claimed(cfg, resolved, data, h, out_dir, is_rank0, progress, log, ext
         status = "FINISHED" if result.status == "finished" else "FAILED"
         if tracker is not None and result.status != "finished":
             tracker.set_tag("alcot.error", result.message)
+        elif tracker is not None:
+            mlflow_meta.on_finished(tracker, cfg, settings, result, cfg.tracking.log_model)
         if result.depth_histogram and tracker:
             plot = depth_histogram_plot(
                 result.depth_histogram,

@@ -13,6 +13,9 @@ if [ ! -x .venv/bin/python ]; then
     "$python_bin" -m venv .venv
 fi
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+# ALCOT_CONSTRAINTS: another pin file, e.g. without the torch line in an image whose base brings
+# its own torch build (infra/docker/Dockerfile.gpu)
+constraints=${ALCOT_CONSTRAINTS:-constraints.txt}
 torch_pin=$(grep -E '^torch==' constraints.txt)
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     if [ -n "${ALCOT_TORCH_INDEX:-}" ]; then
@@ -21,7 +24,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
         "${pip[@]}" "$torch_pin"
     fi
 fi
-"${pip[@]}" -c constraints.txt -e ".[dev,eval]"
+"${pip[@]}" -c "$constraints" -e ".[dev,eval]"
 # `lm_eval --model alcot`: lm-eval loads no plugins, so a one-line .pth registers the model name
 # in lm-eval's registry whenever lm-eval is imported (alcot/orchestrator/lmeval_plugin.py)
 site=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")

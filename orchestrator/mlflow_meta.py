@@ -1,0 +1,357 @@
+"""What the MLflow UI shows of alcot's runs: the metadata a user reads, not the numbers.
+
+Kept apart from ``tracking.py`` (which moves metrics reliably) so the two change separately.
+
+* Experiments carry ``mlflow.experimentKind = custom_model_development``: MLflow 3 opens an
+  experiment in its GenAI (traces) view unless this tag says it holds model-training runs.
+* Training runs get a readable name from their key settings (``adaptive-tiny-lam0.01-L3-1a2b3c``)
+  and a short description (``mlflow.note.content``) with the settings and, at the end, the final
+  metrics, so a run page answers "what is this and how did it do" at a glance.
+* MLflow's standard source tags (``mlflow.source.name`` / ``type`` / ``git.commit`` / ``git.branch``
+  / ``git.repoURL``, ``mlflow.user``) fill the runs table's Source and User columns.
+* The training corpus is logged with ``log_inputs`` as a dataset named after the corpus, with the
+  token cache's key (a hash of the documents and tokenizer settings) as its digest: the Dataset
+  column then says which data a run saw, and runs on the same data share a digest.
+* A finished run's final weights are logged as an MLflow model (a pyfunc wrapping
+  :class:`AlcotLM`) that loads back with ``mlflow.pyfunc.load_model`` and can be registered.
+* Each experiment also holds a saved UI view (:func:`view_state`, :func:`ui_path`): runs sorted
+  by validation perplexity with the key settings and final metrics as columns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+MODEL_NAME = "model"  # the logged model's name on a training run
+MODEL_URI_TAG = "alcot.model_uri"  # the run tag holding its model's ``models:/<id>`` URI
+
+# The settings and final metrics a user compares runs by (also the run description's rows).
+KEY_PARAMS = ("model.method", "model.size", "model.halting.lambda", "model.l_max")
+KEY_METRICS = ("val/ppl", "val/mean_depth", "flops/realised")
+
+
+# ------------------------------------------------------------------------------ experiments
+def experiment_tags() -> dict[str, str]:
+    return {
+        EXPERIMENT_KIND_TAG: EXPERIMENT_KIND,
+        VIEW_TAG_PREFIX + VIEW_KEY: json.dumps(view_state(), sort_keys=True),
+    }
+
+
+def mark_experiment(client, experiment_id: str, tags: dict[str, str] | None = None) -> None:
+    """Set the tags of :func:`experiment_tags` that an existing experiment lacks (stores made
+    before alcot set them)."""
+    current = tags if tags is not None else client.get_experiment(experiment_id).tags
+    for key, value in experiment_tags().items():
+        if current.get(key) != value:
+            client.set_experiment_tag(experiment_id, key, value)
+
+
+# The MLflow UI's "share view" state, stored as an experiment tag and opened with
+# ``#/experiments/<id>?viewStateShareKey=<key>``: runs ordered by validation perplexity (a sort
+# other than by date also lists the trials flat instead of collapsed under their sweep's parent
+# run), with the key settings and final metrics as columns beside Dataset, Source and Models.
+VIEW_KEY = "alcot-runs"
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+
+
+def view_state() -> dict[str, Any]:
+    columns = [
+        "attributes.`Dataset`",
+        "attributes.`Source`",
+        "attributes.`Models`",
+        *(f"params.`{k}`" for k in KEY_PARAMS),
+        *(f"metrics.`{k}`" for k in KEY_METRICS),
+    ]
+    return {
+        "searchFilter": "",
+        "orderByKey": f"metrics.`{KEY_METRICS[0]}`",
+        "orderByAsc": True,
+        "selectedColumns": columns,
+    }
+
+
+# MLflow 3.17's UI has a global GenAI / Model-training switch (default GenAI, remembered by the
+# browser) that, when present, decides over the experiment kind tag: with GenAI an experiment
+# opens on its traces overview. Links alcot prints select model training explicitly.
+WORKFLOW = "workflowType=machine_learning"
+UI_HOME = f"/#/experiments?{WORKFLOW}"
+
+
+def ui_path(experiment_id: str) -> str:
+    """The UI route (after the server's address) that opens ``experiment_id`` in alcot's view."""
+    return f"/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}&{WORKFLOW}"
+
+
+# ------------------------------------------------------------------------------ run names
+def run_name(model, config_hash: str) -> str:
+    """``<method>-<size>[-lam<lambda>][-L<l_max>]-<hash6>``: the settings that tell runs apart
+    in a sweep, then the identity (two runs differing elsewhere still get distinct names)."""
+    parts = [model.method, model.size]
+    if model.method == "adaptive":
+        parts.append(f"lam{model.halting.lambda_:g}")
+    if model.method != "vanilla":
+        parts.append(f"L{model.l_max}")
+    parts.append(config_hash[:6])
+    return "-".join(parts)
+
+
+def describe_run(params: dict[str, Any], metrics: dict[str, float] | None = None) -> str:
+    """A Markdown description for the run page: key settings, then final metrics if known."""
+    lines = ["alcot training run", ""]
+    lines += [f"* `{k}` = {params[k]}" for k in KEY_PARAMS if k in params]
+    for k in KEY_METRICS:
+        if metrics and k in metrics:
+            lines.append(f"* final `{k}` = {metrics[k]:.4g}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ source tags
+def _git(*args: str) -> str:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", *args], cwd=here, capture_output=True, text=True, timeout=5, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def source_tags(entry: str | None = None, job: bool = False) -> dict[str, str]:
+    """MLflow's standard source tags for a run started by ``entry`` (default: this command).
+
+    ``mlflow.source.git.commit`` is what the UI shows as the code version; without a git
+    checkout (an installed wheel, a container image) ``ALCOT_GIT_COMMIT`` may supply it.
+    """
+    from mlflow.utils import mlflow_tags as t
+
+    if entry is None:
+        argv = [Path(sys.argv[0]).name, *sys.argv[1:3]] if sys.argv and sys.argv[0] else []
+        entry = " ".join(argv) or "alcot"
+    tags = {
+        t.MLFLOW_SOURCE_NAME: entry[:500],
+        t.MLFLOW_SOURCE_TYPE: "JOB" if job else "LOCAL",
+    }
+    commit = os.environ.get("ALCOT_GIT_COMMIT") or _git("rev-parse", "HEAD")
+    if commit:
+        tags[t.MLFLOW_GIT_COMMIT] = commit
+        branch = _git("rev-parse", "--abbrev-ref", "HEAD")
+        if branch and branch != "HEAD":
+            tags[t.MLFLOW_GIT_BRANCH] = branch
+        url = _git("config", "--get", "remote.origin.url")
+        if url:
+            tags[t.MLFLOW_GIT_REPO_URL] = url
+    with contextlib.suppress(KeyError, OSError):  # no passwd entry (some containers)
+        tags[t.MLFLOW_USER] = getpass.getuser()
+    return tags
+
+
+# ------------------------------------------------------------------------------ dataset
+def dataset_name(data_cfg) -> str:
+    """The corpus's name as the UI shows it: ``builtin``, or the data path's last parts."""
+    if data_cfg.source == "builtin":
+        return "alcot-builtin"
+    path = str(data_cfg.path or "").rstrip("/")
+    name = "/".join(Path(path).parts[-2:]) if path else data_cfg.source
+    return f"{data_cfg.source}:{name}"[:500]
+
+
+def log_dataset(client, run_id: str, data_cfg, prepared) -> None:
+    """Log the training corpus as the run's input (context ``train``), digest = cache key."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    profile = {
+        "train_tokens": int(prepared.n_train),
+        "val_tokens": int(prepared.n_val),
+        "vocab_size": int(prepared.vocab_size),
+    }
+    source = {"source": data_cfg.source, "path": str(data_cfg.path or "")}
+    dataset = Dataset(
+        name=dataset_name(data_cfg),
+        digest=prepared.key[:36],
+        source_type="local" if data_cfg.source != "hf" else "hugging_face",
+        source=json.dumps(source),
+        schema=json.dumps({"tokens": {"dtype": str(prepared.dtype)}}),
+        profile=json.dumps(profile),
+    )
+    tags = [InputTag(key="mlflow.data.context", value="train")]
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset=dataset, tags=tags)])
+
+
+# ------------------------------------------------------------------------------ call sites
+def start_tags(cfg, extra_tags: dict[str, str] | None = None) -> dict[str, str]:
+    """Tags of a training run: source/git, user, and a description of its key settings. A
+    sweep's trial (``alcot.sweep_id`` in ``extra_tags``) names its sweep as the source."""
+    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
+
+    from .config import flatten
+
+    sweep = (extra_tags or {}).get("alcot.sweep_id")
+    source = source_tags(f"alcot sweep {sweep}", job=True) if sweep else source_tags()
+    return {**source, MLFLOW_RUN_NOTE: describe_run(flatten(cfg.to_dict()))}
+
+
+def on_data(tracker, data_cfg, prepared) -> None:
+    """After the data is prepared: the corpus as the run's dataset input. Never fatal."""
+    try:
+        log_dataset(tracker.client, tracker.run_id, data_cfg, prepared)
+    except Exception as err:
+        tracker.log(f"warning: could not log the dataset input ({type(err).__name__}: {err})")
+
+
+def on_finished(
+    tracker, cfg, settings: dict, result, log_weights: bool = True, retry_seconds=None
+) -> str | None:
+    """After a finished run: final metrics into its description and, with ``log_weights``, the
+    final weights as an MLflow model. Returns the model URI (None if not logged). Never fatal:
+    the run's metrics and checkpoints are what matter, so a failure is a warning."""
+    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
+
+    from .config import flatten
+
+    tracker.set_tag(MLFLOW_RUN_NOTE, describe_run(flatten(settings), result.metrics))
+    if not log_weights or result.checkpoint is None:
+        return None
+    if tracker.run_id is None:  # the store has not answered since the run started
+        tracker.log("warning: could not log the model (the tracking store is unreachable)")
+        return None
+    from .tracking import patience
+
+    # a tracking server restarting: try again, as long as the run's own delivery does
+    deadline = time.time() + (patience() if retry_seconds is None else retry_seconds)
+    while True:
+        try:
+            uri = log_model(tracker.uri, tracker.run_id, result.checkpoint, settings)
+            break
+        except Exception as err:
+            if time.time() < deadline:
+                time.sleep(5)
+                continue
+            msg = f"{type(err).__name__}: {err}"
+            tracker.log(f"warning: could not log the model ({msg})")
+            tracker.set_tag("alcot.model_error", msg)  # visible on the run, also under Ray
+            return None
+    tracker.set_tag(MODEL_URI_TAG, uri)
+    return uri
+
+
+# ------------------------------------------------------------------------------ the model
+warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
+
+
+class AlcotLM(mlflow.pyfunc.PythonModel):
+    """A trained alcot model as an MLflow pyfunc.
+
+    Input: token ids (a 2-D array, a list of lists, or a DataFrame with an ``input_ids`` column
+    of equal-length lists). Output: a DataFrame with each sequence's ``next_token`` (the argmax
+    after its last position) and ``mean_depth`` (executed latent steps per token).
+    """
+
+    def load_context(self, context):
+        import torch
+
+        from alcot.model import AlcotModel, ModelConfig, init_parallel
+
+        settings = json.loads(Path(context.artifacts["config"]).read_text())
+        init_parallel(1)
+        self.model = AlcotModel(ModelConfig.from_dict(settings["model"]))
+        state = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
+        self.model.load_state_dict(state)
+        self.model.eval()
+
+    def predict(self, context, model_input, params=None):
+        import numpy as np
+        import pandas as pd
+        import torch
+
+        if isinstance(model_input, pd.DataFrame):
+            col = "input_ids" if "input_ids" in model_input else None
+            rows = list(model_input[col]) if col else model_input.to_numpy().tolist()
+        else:
+            rows = np.asarray(model_input).tolist()
+        ids = torch.tensor([list(r) for r in rows], dtype=torch.long)
+        if ids.dim() != 2:
+            raise ValueError("expected token ids of shape [batch, sequence]")
+        with torch.no_grad():
+            out = self.model(ids, return_logits=True)
+        return pd.DataFrame(
+            {
+                "next_token": out.logits[:, -1].argmax(-1).tolist(),
+                "mean_depth": out.depth.float().mean(-1).tolist(),
+            }
+        )
+
+
+def log_model(
+    tracking_uri: str, run_id: str, checkpoint: Path, settings: dict, name: str = MODEL_NAME
+) -> str:
+    """Log the weights in ``checkpoint`` (an alcot checkpoint folder of one tensor-parallel
+    shard) with the resolved run ``settings`` as an MLflow pyfunc model on ``run_id``; returns
+    its ``models:/<model id>`` URI (load it with ``mlflow.pyfunc.load_model``, register it with
+    ``mlflow.register_model``)."""
+    import torch
+
+    shards = sorted(Path(checkpoint).glob("tp*.pt"))
+    if len(shards) != 1:
+        raise ValueError(
+            f"{checkpoint} holds {len(shards)} tensor-parallel shards; only single-shard "
+            "checkpoints are logged as MLflow models"
+        )
+    payload = torch.load(shards[0], map_location="cpu", weights_only=True)
+    reqs = [f"torch=={torch.__version__.split('+')[0]}", "megatron-core", "pyyaml"]
+    version = _installed_version()
+    if version:
+        reqs.insert(0, f"alcot=={version}")
+    # mlflow.set_tracking_uri is process-global and also sets $MLFLOW_TRACKING_URI (which
+    # alcot reads to choose the store of the next run): put both back exactly afterwards.
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    previous = getattr(tracking_utils, "_tracking_uri", None)
+    previous_env = os.environ.get("MLFLOW_TRACKING_URI")
+    with tempfile.TemporaryDirectory(prefix="alcot-model-") as tmp:
+        weights, config = Path(tmp) / "weights.pt", Path(tmp) / "config.json"
+        torch.save(payload["model"], weights)
+        config.write_text(json.dumps(settings))
+        mlflow.set_tracking_uri(tracking_uri)
+        try:
+            # Through the run as the active run, so that the logged model belongs to the run's
+            # experiment (the UI lists a run's models from there). Leaving the context marks
+            # the run FINISHED; the caller sets the final status afterwards anyway.
+            with mlflow.start_run(run_id=run_id):
+                info = mlflow.pyfunc.log_model(
+                    name=name,
+                    python_model=AlcotLM(),
+                    artifacts={"weights": str(weights), "config": str(config)},
+                    pip_requirements=reqs,
+                )
+        finally:
+            mlflow.set_tracking_uri(previous)
+            if previous_env is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = previous_env
+    return info.model_uri
+
+
+def _installed_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("alcot")
+    except PackageNotFoundError:
+        return None

@@ -1,0 +1,96 @@
+"""What the MLflow UI reads from a training run: experiment kind, run name, description, source
+and git tags, the dataset input with its digest, and the final weights as a model that loads
+back, predicts and can be registered."""
+
+import json
+import os
+
+import numpy as np
+from conftest import small_run
+
+
+def _client(home):
+    from mlflow.tracking import MlflowClient
+
+    from alcot.orchestrator.tracking import default_store
+
+    return MlflowClient(default_store(home)[0])
+
+
+def test_a_finished_run_shows_what_the_ui_needs(alcot_home, tmp_path):
+    import mlflow
+
+    from alcot.orchestrator import mlflow_meta
+    from alcot.orchestrator.train import run_training
+
+    cfg = small_run(tmp_path / "run", "tracking.experiment=meta", "model.halting.lambda=0.03")
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    outcome = run_training(cfg, progress=False, log=lambda *a: None)
+    assert outcome.result.status == "finished"
+    # logging the model (MLflow's fluent API) leaves no tracking URI behind for the next run
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    client = _client(alcot_home)
+    exp = client.get_experiment_by_name("meta")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    view = json.loads(exp.tags["mlflow.sharedViewState.alcot-runs"])
+    assert "metrics.`val/ppl`" in view["selectedColumns"]
+    assert "params.`model.halting.lambda`" in view["selectedColumns"]
+
+    run = client.get_run(outcome.run_id)
+    assert run.info.run_name == f"adaptive-tiny-lam0.03-L2-{outcome.config_hash[:6]}"
+    tags = run.data.tags
+    assert tags["mlflow.source.type"] == "LOCAL"
+    assert len(tags["mlflow.source.git.commit"]) == 40  # the test runs from a git checkout
+    note = tags["mlflow.note.content"]
+    assert "`model.halting.lambda` = 0.03" in note
+    ppl = run.data.metrics["val/ppl"]
+    assert f"final `val/ppl` = {ppl:.4g}" in note
+
+    inputs = run.inputs.dataset_inputs
+    assert len(inputs) == 1
+    ds = inputs[0].dataset
+    assert ds.name == "alcot-builtin"
+    assert ds.digest and len(ds.digest) >= 16
+    assert json.loads(ds.profile)["train_tokens"] > 0
+    assert {t.key: t.value for t in inputs[0].tags}["mlflow.data.context"] == "train"
+
+    # the final weights load back and predict like the trained model would
+    uri = tags[mlflow_meta.MODEL_URI_TAG]
+    assert uri.startswith("models:/")
+    assert [o.model_id for o in run.outputs.model_outputs] == [uri.split("/")[-1]]
+    mlflow.set_tracking_uri(client.tracking_uri)
+    try:
+        logged = mlflow.get_logged_model(uri.split("/")[-1])
+        # in the run's experiment, from the run: what the UI's Models column looks for
+        assert logged.experiment_id == exp.experiment_id
+        assert logged.source_run_id == outcome.run_id
+        model = mlflow.pyfunc.load_model(uri)
+        ids = np.random.default_rng(0).integers(0, 500, size=(2, 16))
+        out = model.predict(ids)
+        assert list(out.columns) == ["next_token", "mean_depth"] and len(out) == 2
+        assert all(0 <= d <= 2 for d in out["mean_depth"])  # l_max=2
+        version = mlflow.register_model(uri, "alcot-meta-test")
+        assert str(version.version) == "1" and version.status == "READY"
+        assert client.get_registered_model("alcot-meta-test").name == "alcot-meta-test"
+    finally:
+        mlflow.set_tracking_uri(None)
+
+    # a second run of the same data shares the digest; an experiment made before the tags
+    # existed gets them when alcot uses it again
+    old = client.create_experiment("made-before")
+    from alcot.orchestrator.tracking import ensure_experiment
+
+    assert ensure_experiment(client, "made-before", None) == old
+    assert client.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_run_names_tell_the_trials_of_a_sweep_apart():
+    from alcot.model import ModelConfig
+    from alcot.orchestrator.mlflow_meta import run_name
+
+    h = "0123456789abcdef"
+    assert run_name(ModelConfig.from_dict({"method": "vanilla", "size": "mini"}), h) == (
+        "vanilla-mini-012345"
+    )
+    looped = ModelConfig.from_dict({"method": "looped", "size": "micro", "l_max": 4})
+    assert run_name(looped, h) == "looped-micro-L4-012345"
