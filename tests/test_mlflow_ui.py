@@ -37,21 +37,22 @@ budget: {tokens: 5120}
 def _store(home: Path, tmp: Path):
     """A sweep's runs as ``run_sweep`` records them (a parent run, one nested run per trial),
     trained in this process instead of on Ray."""
-    from alcot.orchestrator.runner import open_parent_run
+    from alcot.orchestrator.parents import open_parent
     from alcot.orchestrator.sweep import load_sweep
     from alcot.orchestrator.train import run_training
 
     path = tmp / "sweep.yaml"
     path.write_text(textwrap.dedent(SWEEP))
     sweep = load_sweep(path)
-    client, parent = open_parent_run(sweep, home, "sweep")
+    opened = open_parent(sweep, home, "sweep")
+    client, parent = opened.client, opened.run_id
     outcomes = {}
     for t in sweep.trials:
         tags = {"mlflow.parentRunId": parent, "alcot.sweep_id": sweep.sweep_id}
         out = run_training(t.config, progress=False, log=lambda *a: None, extra_tags=tags)
         assert out.result.status == "finished"
         outcomes[t.config.model.method] = client.get_run(out.run_id)
-    client.set_terminated(parent, "FINISHED")
+    opened.close("FINISHED")
     return outcomes
 
 
