@@ -620,21 +620,9 @@ def table(result: dict) -> str:
 
 def _tracker(loaded: LoadedRun, log):
     """A Tracker on the run folder's own MLflow run (None when it was never tracked)."""
-    from .tracking import Tracker, read_record, resolve_uri
+    from .tracking import folder_tracker
 
-    rec = read_record(loaded.run_dir)
-    if rec is None:
-        return None
-    uri, artifact_root = resolve_uri(rec["uri"], alcot_home())
-    return Tracker(
-        uri,
-        rec["experiment"],
-        loaded.run_dir,
-        rec.get("run_name") or loaded.run_dir.name,
-        artifact_root=artifact_root,
-        log=log,
-        retag=False,
-    )
+    return folder_tracker(loaded.run_dir, log=log)
 
 
 def log_artifacts(loaded: LoadedRun, paths: list[Path], artifact_path: str, log=print) -> None:

@@ -238,7 +238,6 @@ class Tracker:
         experiment: str,
         run_dir: Path,
         run_name: str,
-        run_id: str | None = None,  # unused: the folder's tracking.json knows its runs
         artifact_root: str | None = None,
         tags: dict[str, str] | None = None,
         flush_seconds: float = 1.0,
@@ -537,6 +536,32 @@ class _Unreachable(Exception):
         self.cause = cause
 
 
+def folder_tracker(
+    run_dir: Path, uri: str | None = None, tags: dict[str, str] | None = None, log=print
+) -> Tracker | None:
+    """A Tracker on a run folder that is not training: its own store (or ``uri``), the
+    experiment and run name its ``tracking.json`` keeps, existing runs left where they are.
+    None when the folder was never tracked."""
+    from .config import alcot_home
+
+    run_dir = Path(run_dir)
+    record = read_record(run_dir)
+    if record is None:
+        return None
+    uri = uri or record["uri"]
+    _, artifact_root = resolve_uri(uri, alcot_home())
+    return Tracker(
+        uri,
+        record["experiment"],
+        run_dir,
+        record.get("run_name") or run_dir.name,
+        artifact_root=artifact_root,
+        tags=tags,
+        log=log,
+        retag=False,
+    )
+
+
 def deliver(
     run_dir: Path,
     uri: str | None = None,
@@ -547,26 +572,11 @@ def deliver(
     """Bring a run folder's MLflow run up to date: in its own store, or in ``uri`` (a store
     that does not know the folder gets a new run with everything imported). The run gets the
     folder's final status once everything is there."""
-    from .config import alcot_home
-
-    run_dir = Path(run_dir)
-    record = read_record(run_dir)
-    if record is None:
+    tracker = folder_tracker(run_dir, uri, tags, log)
+    if tracker is None:
         raise ConfigError(str(run_dir), "no tracking.json here: not a tracked run folder")
-    uri = uri or record["uri"]
-    _, artifact_root = resolve_uri(uri, alcot_home())
-    tracker = Tracker(
-        uri,
-        record["experiment"],
-        run_dir,
-        record.get("run_name") or run_dir.name,
-        artifact_root=artifact_root,
-        tags=tags,
-        log=log,
-        retag=False,
-    )
     before = tracker.pending()
-    tracker.finish(read_status(run_dir), timeout=timeout)
+    tracker.finish(read_status(Path(run_dir)), timeout=timeout)
     sent = before.metrics - tracker.owed.metrics
     log(f"sent {sent} metric values to run {tracker.run_id}")
     return tracker.owed
