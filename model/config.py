@@ -19,6 +19,9 @@ ROUTERS = ("linear", "per_step", "mlp", "none")
 ADAPT_LOSSES = ("gate", "reach", "act", "pondernet")
 MIXES = ("state", "distribution")
 SPECS = ("auto", "local", "te")
+ATTENTION_KERNELS = ("auto", "sdpa", "flex")
+RECOMPUTE = ("none", "full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
 ROUTER_INITS = ("normal", "zero")
 PONDER_UPDATES = ("accumulate", "reset")
 
@@ -186,6 +189,13 @@ class ModelConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     spec: str = "auto"  # auto: TransformerEngine spec when CUDA + TE are present, else local
+    # kernel of the latent passes' attention (model/layers.py: attention_kernel): auto = sdpa
+    attention_kernel: str = "auto"
+    # activation recompute, Megatron's: none | full (whole layers, recompute_method /
+    # recompute_num_layers as in Megatron) | selective (core attention only)
+    recompute: str = "none"
+    recompute_method: str = "uniform"
+    recompute_num_layers: int = 1
 
     def __post_init__(self):
         if isinstance(self.halting, dict):
@@ -257,6 +267,29 @@ class ModelConfig:
             raise ConfigError(f"{p}.mix", f"must be one of {MIXES}, got {self.mix!r}")
         if self.spec not in SPECS:
             raise ConfigError(f"{p}.spec", f"must be one of {SPECS}, got {self.spec!r}")
+        if self.attention_kernel not in ATTENTION_KERNELS:
+            raise ConfigError(
+                f"{p}.attention_kernel",
+                f"must be one of {ATTENTION_KERNELS}, got {self.attention_kernel!r}",
+            )
+        if self.recompute not in RECOMPUTE:
+            raise ConfigError(
+                f"{p}.recompute", f"must be one of {RECOMPUTE}, got {self.recompute!r}"
+            )
+        if self.recompute_method not in RECOMPUTE_METHODS:
+            raise ConfigError(
+                f"{p}.recompute_method",
+                f"must be one of {RECOMPUTE_METHODS}, got {self.recompute_method!r}",
+            )
+        _int_field(self, "recompute_num_layers", p, minimum=1)
+        if self.recompute_num_layers > self.num_layers or (
+            self.recompute_method == "uniform" and self.num_layers % self.recompute_num_layers
+        ):
+            raise ConfigError(
+                f"{p}.recompute_num_layers",
+                f"{self.recompute_num_layers} must be at most num_layers = {self.num_layers} "
+                "(and divide it, with recompute_method uniform)",
+            )
         if not (self.embed_scale > 0):
             raise ConfigError(f"{p}.embed_scale", f"must be > 0, got {self.embed_scale}")
         if self.ponder_update not in PONDER_UPDATES:
@@ -322,6 +355,8 @@ class ModelConfig:
             changes["ponder_update"] = "accumulate"
         if self.method != "mor":
             changes["mor"] = MoRConfig()
+        if self.recompute == "none":
+            changes.update(recompute_method="uniform", recompute_num_layers=1)
         return dataclasses.replace(self, **changes) if changes else self
 
     @classmethod

@@ -11,6 +11,9 @@ paper's numbers; use realised to compare methods.
 *Realised*: the model tallies, while it runs, the matmul FLOPs of the tokens each pass actually
 executed (QKV, attention output, SwiGLU, router, LM head, PonderLM's expected embedding) plus
 attention over the (query, key) pairs the mask actually allows. A multiply-add counts 2 FLOPs.
+*Kernel* FLOPs count, beside them, the attention work the chosen kernel executes, masked pairs
+included (padding of the packed latent batch, cache slots a query may not see): the difference
+is kernel overhead, not the method's cost.
 Work done under autograd is counted three times (forward, grad-input, grad-weight); work done
 without grad (e.g. the stop-gradient probabilities of the adaptive loss) once. Padding rows that
 the pruned passes carry for batching are *not* counted: they are overhead, not the method's cost.
@@ -40,6 +43,7 @@ class FlopTally:
     grad: bool
     matmul: float = 0.0
     attention: float = 0.0
+    kernel_attention: float = 0.0
     forward: float = 0.0
     parts: dict = field(default_factory=dict)
 
@@ -52,13 +56,17 @@ class FlopTally:
         else:
             self.matmul += fwd * factor
 
-    def block(self, tokens: int, attended_pairs: int) -> None:
-        """One pass of the whole stack over ``tokens`` queries with ``attended_pairs`` (q, k)."""
+    def block(self, tokens: int, attended_pairs: int, kernel_pairs: int | None = None) -> None:
+        """One pass of the whole stack over ``tokens`` queries with ``attended_pairs`` (q, k);
+        ``kernel_pairs``: the pairs the attention kernel computes (default: the same)."""
         cfg = self.cfg
         self._add("layers", float(cfg.num_layers * layer_matmul_flops_per_token(cfg) * tokens))
         # QK^T and AV: 2 FLOPs per multiply-add, head_dim per head, all query heads.
         qk_av = 2 * 2 * cfg.num_attention_heads * cfg.head_dim
         self._add("attention", float(cfg.num_layers * qk_av * attended_pairs))
+        kp = attended_pairs if kernel_pairs is None else kernel_pairs
+        factor = 3 if self.grad else 1
+        self.kernel_attention += float(cfg.num_layers * qk_av * kp) * factor
 
     def head(self, tokens: int, grad: bool | None = None) -> None:
         self._add("head", float(2 * self.cfg.hidden_size * self.cfg.vocab_size * tokens), grad)
@@ -76,6 +84,11 @@ class FlopTally:
     @property
     def realised(self) -> float:
         return self.matmul + self.attention
+
+    @property
+    def kernel(self) -> float:
+        """Realised FLOPs with the attention the kernel executes in place of the attended pairs."""
+        return self.matmul + self.kernel_attention
 
 
 def nominal_flops(cfg: ModelConfig, executed_passes: float) -> float:

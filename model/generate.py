@@ -1,7 +1,9 @@
 """Incremental decoding with one KV cache per latent step and per-token halting.
 
 Prefill is the training forward with pruning (:meth:`AlcotModel.latent_forward`, run with spare
-cache capacity). Decoding token t: run step 0 against the step-0 cache; then, while k < l_max,
+cache capacity: the caches are preallocated for the prompt and every new token, so decoding
+never copies them; a new token's cost grows with the tokens before it only through attention).
+Decoding token t: run step 0 against the step-0 cache; then, while k < l_max,
 compute g, update the reach, stop if it falls below tau, else feed the hidden state back and run
 step k+1, appending its keys/values to the step-(k+1) cache. A halted token's cached keys stay
 visible to later tokens at every deeper step (the 2-D mask), exactly as in training, so cached
@@ -101,23 +103,32 @@ def _stack_logits(steps: list[Tensor], prompt: Tensor, model: AlcotModel) -> Ten
 
 def _generate_cached(model, prompt, n, temperature, top_k, generator, stop=None):
     b, s0 = prompt.shape
-    out, _ = model.latent_forward(prompt, return_logits=True)  # prefill; caches stay in state
-    rope = model._rope(s0 + n)
-    depths = [out.depth]
-    tokens = prompt
-    next_logits = out.logits[:, -1]
-    steps = []
-    for t in range(s0, s0 + n):
-        steps.append(next_logits)
-        tok = _pick(next_logits, temperature, top_k, generator)
-        tokens = torch.cat([tokens, tok[:, None]], dim=1)
-        # Also run the last token, so every returned depth is one that was really executed.
+    try:
+        # prefill; the caches stay in model.kv with room for n more tokens
+        out, _ = model.latent_forward(prompt, return_logits=True, keep_cache=max(n, 1))
+        rope = model._rope(s0 + n)
+        tokens = prompt.new_empty(b, s0 + n)
+        tokens[:, :s0] = prompt
+        depths = out.depth.new_zeros(b, s0 + n)
+        depths[:, :s0] = out.depth
+        next_logits = out.logits[:, -1]
+        steps = []
         decode = _decode_one_mor if model.cfg.method == "mor" else _decode_one
-        next_logits, depth = decode(model, tok, t, rope)
-        depths.append(depth[:, None])
-        if stop is not None and stop(tokens):
-            break
-    return Generation(tokens, torch.cat(depths, dim=1), _stack_logits(steps, prompt, model))
+        t = s0
+        for t in range(s0, s0 + n):
+            steps.append(next_logits)
+            tok = _pick(next_logits, temperature, top_k, generator)
+            tokens[:, t] = tok
+            # Also run the last token, so every returned depth is one that was really executed.
+            next_logits, depths[:, t] = decode(model, tok, t, rope)
+            if stop is not None and stop(tokens[:, : t + 1]):
+                t += 1
+                break
+        else:
+            t = s0 + n
+    finally:
+        model.kv = None
+    return Generation(tokens[:, :t], depths[:, :t], _stack_logits(steps, prompt, model))
 
 
 def _decode_one(model: AlcotModel, tok: Tensor, t: int, rope: Tensor):
@@ -140,20 +151,20 @@ def _decode_one(model: AlcotModel, tok: Tensor, t: int, rope: Tensor):
         rows = active.nonzero()[:, 0]
         pos = torch.full_like(rows, t)
         out, _ = model._packed_pass(h[rows][:, None], rows, pos, active.long().tolist(), k, rope)
-        h = h.new_zeros(b, h.shape[-1]).index_put((rows,), out[:, 0])
+        h = out.new_zeros(b, out.shape[-1]).index_put((rows,), out[:, 0])
         last = k == cfg.l_max
         g = None
         if model.router is not None and not last:
             g = r.new_zeros(b).index_put((rows,), model.router(out[:, 0], k))
         weight, cont, r_next = halting_update(r, active, g, last, cfg.halting.tau)
-        if cfg.mix == "state":
-            contrib = weight[:, None].to(h.dtype) * h
+        if cfg.mix == "state":  # fp32, as in training
+            contrib = weight[:, None] * h.float()
             mixed = contrib if mixed is None else mixed + contrib
         else:
             term = _log_weight(weight)[:, None] + model._vocab_log_softmax(model._logits(h))
             mixed = term if mixed is None else torch.logaddexp(mixed, term)
         r, active = r_next, cont
-    logits = model._logits(mixed) if cfg.mix == "state" else mixed
+    logits = model._logits(mixed.to(model.compute_dtype)) if cfg.mix == "state" else mixed
     return model._gather_vocab(logits), depth
 
 

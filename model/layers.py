@@ -3,14 +3,24 @@ cheap.
 
 Megatron's ``SelfAttention`` computes Q, K, V with its parallel linears and applies rotary
 embeddings, then hands ``(query, key, value)`` to a pluggable *core attention* module. That hook
-is all the method needs: :class:`LatentCoreAttention` writes this pass's keys and values into a
-per-(layer, step) cache and attends over the caches of steps ``0..k`` with the 2-D mask, so earlier
-steps are never recomputed. Which tokens the pass runs, and the mask, are decided by the model
-and handed over through a shared :class:`AttentionState` (Megatron's attention signature has no
-slot for them).
+is all the method needs: :class:`LatentCoreAttention` writes a latent pass's keys and values into
+the layer's preallocated cache (:class:`LatentKV`) and attends, in one kernel call for the whole
+batch, over the cached keys of steps ``0..k`` that each query may see, so earlier steps are never
+recomputed. Which tokens a pass runs, where their keys go and who may see whom travel with the
+call as a :class:`LatentPass` in Megatron's ``packed_seq_params`` slot (the one argument Megatron
+hands unchanged to core attention, also when it recomputes a layer in backward).
+
+Why the cache and its gradients are handled by hand (:class:`_LatentAttention`): a latent step
+writes into the same buffer whose earlier slots previous steps' attention saved for backward.
+Autograd would copy the buffer per step (memory O(l_max^2)) or refuse the in-place write, so
+writes bypass autograd's version counter (they never touch a slot an earlier pass read) and the
+key/value gradients are accumulated per slot, in fp32, as the steps' backward passes run from the
+last step to the first; each pass hands its own slots' totals to its keys and values.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -18,27 +28,223 @@ from torch import Tensor
 
 from .config import ModelConfig
 
+_EMPTY = 2**62  # position of an empty cache slot: no query ever sees it
+
+
+def attention_kernel(cfg: ModelConfig, device: torch.device | None = None) -> str:
+    """The single place where the latent attention kernel is chosen.
+
+    ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` with one additive mask per pass
+    (shared by every layer), over the padded [batch, max active, cached slots] problem; the
+    portable choice, and the fastest measured on CPU (FlexAttention has no CPU backward in torch
+    2.13). ``flex``: FlexAttention with a block mask from (row, position, executed step), which
+    skips fully masked blocks (compiled on CUDA; forward only on CPU). ``auto`` = sdpa.
+    """
+    return "sdpa" if cfg.attention_kernel == "auto" else cfg.attention_kernel
+
+
+@dataclass
+class LatentPass:
+    """One packed latent pass: ``rows``/``rank`` place each packed token (row after row) in the
+    padded query grid [b, width]; ``slots`` are its cache slots; queries see slots ``[0, end)``
+    where ``allowed`` ([b, width, end] bool) holds. Handed to core attention through Megatron's
+    ``packed_seq_params``; ``qkv_format`` tells Megatron it is not a THD batch."""
+
+    kv: LatentKV
+    step: int
+    index: int  # the how-many-th pass into this cache (0 = the first)
+    rows: Tensor
+    rank: Tensor
+    slots: Tensor
+    width: int
+    end: int
+    allowed: Tensor
+    pairs: int  # (query, key) pairs the method attends to
+    kernel_pairs: int  # pairs the chosen kernel computes, masked ones included
+    qkv_format: str = "alcot-latent"
+    _masks: dict = field(default_factory=dict)
+
+    def additive_mask(self, dtype: torch.dtype) -> Tensor:
+        """[b, 1, width, end]: 0 where allowed, -inf elsewhere; built once per pass and dtype
+        (every layer shares it, so autograd saves it once)."""
+        if dtype not in self._masks:
+            m = torch.zeros(self.allowed.shape, dtype=dtype, device=self.allowed.device)
+            self._masks[dtype] = m.masked_fill_(~self.allowed, float("-inf"))[:, None]
+        return self._masks[dtype]
+
+    def block_mask(self):
+        if "block" not in self._masks:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            allowed = self.allowed
+
+            def mask_mod(b, h, q, k):
+                return allowed[b, q, k]
+
+            b, w, e = allowed.shape
+            self._masks["block"] = create_block_mask(mask_mod, b, None, w, e, allowed.device)
+        return self._masks["block"]
+
+
+class LatentKV:
+    """Preallocated key/value caches of one latent forward (and the decoding that continues it).
+
+    One buffer per layer for keys and one for values, [b, groups, capacity, head_dim], shared by
+    all latent steps: every pass appends a region of ``max(active per row)`` slots, so the slots
+    a step-k query may see (steps <= k, positions <= its own, executed) always lie in a prefix
+    ``[0, end)`` and reach the kernel as a view, never a copy. ``slot_pos`` / ``slot_step``
+    ([b, capacity]) say which (position, step) each slot holds (``_EMPTY`` where none). Decoding
+    appends one slot per active row per step, so a new token's cost grows only with attention.
+    """
+
+    def __init__(
+        self, batch: int, capacity: int, device, kernel: str = "sdpa", same_step: bool = False
+    ):
+        self.batch, self.capacity = batch, capacity
+        self.kernel, self.same_step = kernel, same_step
+        self.slot_pos = torch.full((batch, capacity), _EMPTY, dtype=torch.long, device=device)
+        self.slot_step = torch.full((batch, capacity), -1, dtype=torch.long, device=device)
+        self.used = 0
+        self.passes = 0
+        self.keys: dict[int, Tensor] = {}
+        self.values: dict[int, Tensor] = {}
+        self.grads: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def plan(self, rows: Tensor, pos: Tensor, counts: list[int], step: int) -> LatentPass:
+        """Place a pass's packed tokens (``rows``/``pos``, row-major, ``counts`` per row)."""
+        b, dev = self.batch, self.slot_pos.device
+        width = max(counts)
+        start, end = self.used, self.used + width
+        if end > self.capacity:
+            raise RuntimeError(
+                f"latent KV cache full: {end} slots needed, {self.capacity} allocated"
+            )
+        first = torch.tensor([0] + counts[:-1], device=dev).cumsum(0)
+        rank = torch.arange(rows.numel(), device=dev) - first[rows]
+        slots = start + rank
+        self.slot_pos[rows, slots] = pos
+        self.slot_step[rows, slots] = step
+        self.used = end
+        q_pos = torch.full((b, width), -1, dtype=torch.long, device=dev)
+        q_pos[rows, rank] = pos
+        is_q = q_pos >= 0
+        kp, ks = self.slot_pos[:, :end], self.slot_step[:, :end]
+        seen = (ks == step) if self.same_step else (ks >= 0) & (ks <= step)
+        visible = (kp[:, None, :] <= q_pos[:, :, None]) & seen[:, None, :]
+        pairs = int(visible.sum())  # padded queries (position -1) see nothing
+        # A padded query attends to every slot (all finite: the buffers start at zero); its
+        # output is dropped and its gradient is zero, so it changes nothing.
+        allowed = visible | ~is_q[:, :, None]
+        p = LatentPass(self, step, self.passes, rows, rank, slots, width, end, allowed, pairs, 0)
+        p.kernel_pairs = self._kernel_pairs(p)
+        self.passes += 1
+        return p
+
+    def _kernel_pairs(self, p: LatentPass) -> int:
+        if self.kernel == "flex":
+            bm = p.block_mask()
+            qb, kb = bm.BLOCK_SIZE
+            return int(bm.kv_num_blocks.sum()) * qb * kb
+        return self.batch * p.width * p.end
+
+    def buffers(self, layer: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        if layer not in self.keys:
+            shape = (self.batch, like.shape[-2], self.capacity, like.shape[-1])
+            self.keys[layer] = torch.zeros(shape, dtype=like.dtype, device=like.device)
+            self.values[layer] = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        return self.keys[layer], self.values[layer]
+
+    def write(self, layer: int, p: LatentPass, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        """Store a pass's keys/values ([N, groups, head_dim]) in their slots. Through ``.data``:
+        autograd's version counter must not see it (earlier passes saved views of the buffer,
+        and these slots are outside what they read)."""
+        kb, vb = self.buffers(layer, key)
+        kb.data[p.rows, :, p.slots] = key.detach().to(kb.dtype)
+        vb.data[p.rows, :, p.slots] = value.detach().to(vb.dtype)
+        return kb, vb
+
+    def grad_slots(self, layer: int, p: LatentPass, dk: Tensor, dv: Tensor):
+        """Add a pass's key/value gradients over ``[0, end)`` to the layer's fp32 accumulators;
+        return the totals of the pass's own slots (later passes have all run backward by now)."""
+        if layer not in self.grads:
+            kb = self.keys[layer]
+            self.grads[layer] = (
+                torch.zeros(kb.shape, dtype=torch.float32, device=kb.device),
+                torch.zeros(kb.shape, dtype=torch.float32, device=kb.device),
+            )
+        kg, vg = self.grads[layer]
+        kg[:, :, : p.end] += dk
+        vg[:, :, : p.end] += dv
+        out = kg[p.rows, :, p.slots], vg[p.rows, :, p.slots]
+        if p.index == 0:  # the first pass runs backward last: nothing will add to these again
+            del self.grads[layer]
+        return out
+
+
+def _kernel(kind: str, q: Tensor, k: Tensor, v: Tensor, p: LatentPass, scale) -> Tensor:
+    """q [b, np, width, hn], k/v [b, ng, end, hn] -> [b, np, width, hn]."""
+    gqa = k.shape[1] != q.shape[1]
+    if kind == "flex":
+        fn = _compiled_flex() if q.is_cuda else _eager_flex()
+        return fn(q, k, v, block_mask=p.block_mask(), scale=scale, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=p.additive_mask(q.dtype), scale=scale, enable_gqa=gqa
+    )
+
+
+def _eager_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention
+
+
+_FLEX = {}
+
+
+def _compiled_flex():
+    """FlexAttention is fast only compiled (Triton on CUDA); shapes change every pass, so
+    dynamic shapes keep it from recompiling per step."""
+    if "fn" not in _FLEX:
+        _FLEX["fn"] = torch.compile(_eager_flex(), dynamic=True)
+    return _FLEX["fn"]
+
+
+class _LatentAttention(torch.autograd.Function):
+    """Write a pass's keys/values into the layer cache and attend over the visible prefix, with
+    the cache's gradients accumulated per slot (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, key: Tensor, value: Tensor, p: LatentPass, layer: int, scale):
+        kb, vb = p.kv.write(layer, p, key, value)
+        with torch.enable_grad():
+            qd = q.detach().requires_grad_()
+            kd = kb[:, :, : p.end].detach().requires_grad_()
+            vd = vb[:, :, : p.end].detach().requires_grad_()
+            out = _kernel(p.kv.kernel, qd, kd, vd, p, scale)
+        ctx.inner = (qd, kd, vd, out)
+        ctx.p, ctx.layer, ctx.kdtype = p, layer, key.dtype
+        return out.detach()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        qd, kd, vd, out = ctx.inner
+        ctx.inner = None
+        dq, dk, dv = torch.autograd.grad(out, (qd, kd, vd), grad)
+        dkey, dvalue = ctx.p.kv.grad_slots(ctx.layer, ctx.p, dk, dv)
+        return dq, dkey.to(ctx.kdtype), dvalue.to(ctx.kdtype), None, None, None
+
 
 class AttentionState:
-    """What every layer's core attention needs to know about the current pass.
+    """How the non-latent passes attend, for the core attention of every layer.
 
-    ``mode == "causal"``: ordinary causal self-attention over this pass's own keys (vanilla,
-    looped, pause, PonderLM).
-
-    ``mode == "packed"`` (latent steps, the efficient path): the pass runs only the tokens
-    executing latent step ``step``, packed row after row into one [N, 1, h] sequence, so that
-    every matmul costs exactly the executed tokens. ``counts[r]`` of them belong to batch row r.
-    Their keys/values are appended to the per-row caches of (layer, step), which hold only
-    executed tokens; ``masks[r]`` ([n_q, n_k], True = may attend) lets a query at position t see
-    the cached keys of steps 0..step at positions <= t. Decoding appends to the same caches.
+    ``mode == "causal"``: ordinary causal self-attention over the pass's own keys (vanilla,
+    looped, pause, PonderLM). Latent passes do not use this: their :class:`LatentPass` arrives
+    with the call.
 
     ``mode == "dense"`` (the naive test reference): every token runs every step in [s, b]
     layout; keys of all steps are concatenated and ``dense_mask`` ([b, 1, s, (step+1) s]) hides
-    what was not executed.
-
-    ``same_step`` (Mixture-of-Recursions' recursion-wise KV caching): a step-k query attends to
-    the step-k caches only, not to those of steps 0..k; in dense mode ``dense_mask`` is then
-    [b, 1, s, s].
+    what was not executed. ``same_step`` (Mixture-of-Recursions' recursion-wise KV caching): a
+    step-k query attends to the step-k keys only; ``dense_mask`` is then [b, 1, s, s].
     """
 
     def __init__(self):
@@ -47,17 +253,9 @@ class AttentionState:
     def start_causal(self) -> None:
         self.mode = "causal"
         self.same_step = False
-        self.kv: dict[tuple[int, int], tuple[list[Tensor], list[Tensor]]] = {}
+        self.kv: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
         self.step = 0
-        self.counts: list[int] = []
-        self.masks: list[Tensor | None] = []
-        self.key_pos: list[list[Tensor]] = []  # per step, per row: positions of cached keys
         self.dense_mask: Tensor | None = None
-
-    def start_packed(self, same_step: bool = False) -> None:
-        self.start_causal()
-        self.mode = "packed"
-        self.same_step = same_step
 
     def start_dense(self, same_step: bool = False) -> None:
         self.start_causal()
@@ -65,42 +263,16 @@ class AttentionState:
         self.same_step = same_step
 
     def visible_steps(self) -> range:
-        """The steps whose caches the current step's queries attend to."""
+        """The steps whose keys the current step's queries attend to (dense mode)."""
         return range(self.step, self.step + 1) if self.same_step else range(self.step + 1)
-
-    def add_positions(self, step: int, pos: Tensor) -> list[Tensor]:
-        """Record the positions of this pass's tokens (packed by row); returns them per row."""
-        rows = list(torch.split(pos, self.counts))
-        if step == len(self.key_pos):
-            self.key_pos.append(rows)
-        else:
-            old = self.key_pos[step]
-            pairs = zip(old, rows, strict=True)
-            self.key_pos[step] = [torch.cat([o, n]) if len(n) else o for o, n in pairs]
-        return rows
-
-    def append(self, layer: int, key: Tensor, value: Tensor) -> None:
-        """Append this pass's keys/values ([N, 1, ng, hn], packed by row) to the caches."""
-        slot = (layer, self.step)
-        ks = torch.split(key[:, 0], self.counts)
-        vs = torch.split(value[:, 0], self.counts)
-        if slot not in self.kv:
-            self.kv[slot] = (list(ks), list(vs))
-            return
-        k_rows, v_rows = self.kv[slot]
-        for r, n in enumerate(self.counts):
-            if n:
-                k_rows[r] = torch.cat([k_rows[r], ks[r]])
-                v_rows[r] = torch.cat([v_rows[r], vs[r]])
 
 
 class LatentCoreAttention(torch.nn.Module):
-    """Scaled dot-product attention for the causal, packed-latent and dense-latent passes.
+    """Core attention for the causal, packed-latent and dense-latent passes.
 
-    Uses ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient kernels
-    where the device has them). Megatron calls it with ``query`` [sq, b, np, hn] and ``key`` /
-    ``value`` [sq, b, ng, hn] (local heads under tensor parallelism) and expects
-    [sq, b, np * hn] back.
+    Megatron calls it with ``query`` [sq, b, np, hn] and ``key`` / ``value`` [sq, b, ng, hn]
+    (local heads under tensor parallelism) and expects [sq, b, np * hn] back. A latent pass has
+    sq = N packed tokens and b = 1, and its :class:`LatentPass` in ``packed_seq_params``.
     """
 
     def __init__(
@@ -123,18 +295,6 @@ class LatentCoreAttention(torch.nn.Module):
         self.state = state
         self.scale = softmax_scale
 
-    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
-        """q [b, np, sq, hn], k/v [b, ng, sk, hn] -> [b, np, sq, hn]."""
-        return F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=causal,
-            scale=self.scale,
-            enable_gqa=k.shape[1] != q.shape[1],
-        )
-
     def forward(
         self,
         query: Tensor,
@@ -145,52 +305,40 @@ class LatentCoreAttention(torch.nn.Module):
         attention_bias=None,
         packed_seq_params=None,
     ) -> Tensor:
+        if isinstance(packed_seq_params, LatentPass):
+            return self._latent(query, key, value, packed_seq_params)
         st = self.state
         sq, b, n_heads, hn = query.shape
-        if st.mode == "packed":
-            return self._packed(query, key, value)
         if st.mode == "dense":
-            st.kv[(self.layer, st.step)] = ([key], [value])
-            key = torch.cat([st.kv[(self.layer, j)][0][0] for j in st.visible_steps()])
-            value = torch.cat([st.kv[(self.layer, j)][1][0] for j in st.visible_steps()])
+            st.kv[(self.layer, st.step)] = (key, value)
+            key = torch.cat([st.kv[(self.layer, j)][0] for j in st.visible_steps()])
+            value = torch.cat([st.kv[(self.layer, j)][1] for j in st.visible_steps()])
             mask, causal = st.dense_mask, False
         else:
             mask, causal = None, True
-        out = self._sdpa(
-            query.permute(1, 2, 0, 3),
-            key.permute(1, 2, 0, 3),
-            value.permute(1, 2, 0, 3),
-            mask,
-            causal,
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=causal,
+            scale=self.scale,
+            enable_gqa=k.shape[1] != q.shape[1],
         )
         return out.permute(2, 0, 1, 3).reshape(sq, b, n_heads * hn)
 
-    def _packed(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
-        st = self.state
+    def _latent(self, query: Tensor, key: Tensor, value: Tensor, p: LatentPass) -> Tensor:
         n_heads, hn = query.shape[2], query.shape[3]
-        st.append(self.layer, key, value)
-        caches = [st.kv[(self.layer, j)] for j in st.visible_steps()]
-        outs, offset = [], 0
-        for r, n in enumerate(st.counts):
-            if n == 0:
-                continue
-            q = query[offset : offset + n, 0].transpose(0, 1)[None]  # [1, np, n, hn]
-            offset += n
-            if len(caches) == 1:
-                k, v = caches[0][0][r], caches[0][1][r]
-            else:
-                k = torch.cat([c[0][r] for c in caches])
-                v = torch.cat([c[1][r] for c in caches])
-            mask = st.masks[r]
-            o = self._sdpa(
-                q,
-                k.transpose(0, 1)[None],
-                v.transpose(0, 1)[None],
-                None if mask is None else mask[None, None],
-                mask is None,
-            )
-            outs.append(o[0].transpose(0, 1).reshape(n, n_heads * hn))
-        return torch.cat(outs)[:, None]
+        q = query.new_zeros(p.kv.batch, p.width, n_heads, hn)
+        q = q.index_put((p.rows, p.rank), query[:, 0]).transpose(1, 2)  # [b, np, width, hn]
+        k, v = key[:, 0], value[:, 0]  # [N, ng, hn]
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            o = _LatentAttention.apply(q, k, v, p, self.layer, self.scale)
+        else:  # evaluation, decoding, or the no-grad first pass of a recomputed layer
+            kb, vb = p.kv.write(self.layer, p, k, v)
+            o = _kernel(p.kv.kernel, q, kb[:, :, : p.end], vb[:, :, : p.end], p, self.scale)
+        return o.transpose(1, 2)[p.rows, p.rank].reshape(-1, 1, n_heads * hn)
 
 
 def use_transformer_engine(cfg: ModelConfig) -> bool:
@@ -323,7 +471,21 @@ def transformer_config(cfg: ModelConfig, params_dtype: torch.dtype = torch.float
         output_layer_init_method=out_init,
         init_method_std=cfg.init_std,
         params_dtype=params_dtype,
+        **_recompute(cfg),
     )
+
+
+def _recompute(cfg: ModelConfig) -> dict:
+    """Megatron's activation-recompute settings for ``model.recompute``."""
+    if cfg.recompute == "full":
+        return dict(
+            recompute_granularity="full",
+            recompute_method=cfg.recompute_method,
+            recompute_num_layers=cfg.recompute_num_layers,
+        )
+    if cfg.recompute == "selective":
+        return dict(recompute_granularity="selective", recompute_modules=["core_attn"])
+    return {}
 
 
 def _normal_init(std: float):

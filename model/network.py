@@ -8,10 +8,17 @@ replicated on each tensor-parallel rank and sees identical inputs there.
 
 How a latent forward saves compute (METHOD.md, "Parallel masking"): step k is one pass of the
 shared stack over only the tokens still active, packed row after row into one [N_k, 1, h]
-sequence (no padding: every matmul costs exactly the executed tokens). The pass appends its
-keys/values to the per-row step-k caches, which hold executed tokens only, and each query
-attends to the caches of steps 0..k at positions up to its own: key (t', k') is visible to
-query (t, k) iff t' <= t, k' <= k and t' executed k'. Earlier steps are never recomputed.
+sequence (no padding: every matmul costs exactly the executed tokens). The pass writes its
+keys/values into the preallocated per-layer caches (``model/layers.py``: ``LatentKV``), which hold
+executed tokens only, and each query attends, in one kernel call per layer for the whole batch,
+to the cached keys of steps 0..k at positions up to its own: key (t', k') is visible to query
+(t, k) iff t' <= t, k' <= k and t' executed k'. Earlier steps are never recomputed. The caches
+are dropped when the forward returns (autograd keeps what backward needs), unless decoding is to
+continue from them.
+
+Precision: the model runs in the dtype of its parameters (bf16 under ``train.precision: bf16``,
+see ``model/precision.py``); the router, the halting quantities (gates, reach, weights), the
+state mixing and the losses are computed in fp32 whatever that dtype is.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from .compat import ensure_cpu_compat
 from .config import ModelConfig, count_parameters
 from .flops import FlopTally, causal_pairs, nominal_flops, paper_flops
 from .halting import Router, StepRecord, adaptive_loss, halting_update
-from .layers import AttentionState, build_block_spec, transformer_config
+from .layers import AttentionState, LatentKV, attention_kernel, build_block_spec, transformer_config
 from .mor import MoRRouter, aux_loss, recursion_update, select
 
 
@@ -78,6 +85,7 @@ class AlcotModel(nn.Module):
         self.cfg = cfg
         self.tcfg = transformer_config(cfg, params_dtype)
         self.state = AttentionState()
+        self.kv: LatentKV | None = None  # the latent caches, between prefill and decoding
         self.embedding = VocabParallelEmbedding(
             cfg.vocab_size, cfg.hidden_size, init_method=self.tcfg.init_method, config=self.tcfg
         )
@@ -164,9 +172,16 @@ class AlcotModel(nn.Module):
         z = all_reduce_sum((logits - m).exp().sum(dim=-1, keepdim=True))
         return logits - m - z.log()
 
-    def _pass(self, u: Tensor, freqs: Tensor) -> Tensor:
-        """One pass of the shared stack; ``freqs`` broadcastable to [s, b, 1, head_dim]."""
-        return self.block(u, attention_mask=None, rotary_pos_emb=freqs)
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype activations flow in: that of the (non-router) parameters."""
+        return self.embedding.weight.dtype
+
+    def _pass(self, u: Tensor, freqs: Tensor, latent=None) -> Tensor:
+        """One pass of the shared stack; ``freqs`` broadcastable to [s, b, 1, head_dim];
+        ``latent``: the :class:`LatentPass` of a packed latent pass (it rides in Megatron's
+        ``packed_seq_params``, so a recomputed layer sees it again in backward)."""
+        return self.block(u, attention_mask=None, rotary_pos_emb=freqs, packed_seq_params=latent)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -247,6 +262,7 @@ class AlcotModel(nn.Module):
             "nominal": nominal_flops(self.cfg, executed_passes),
             "paper": paper_flops(self.cfg, executed_passes),
             "realised": tally.realised,
+            "kernel": tally.kernel,
             "realised_matmul": tally.matmul,
             "realised_attention": tally.attention,
             "realised_forward": tally.forward,
@@ -263,20 +279,25 @@ class AlcotModel(nn.Module):
         loss_mask: Tensor | None = None,
         return_logits: bool = False,
         keep_states: bool = False,
+        keep_cache: int = 0,
     ) -> tuple[ModelOutput, LatentTrace]:
         """Adaptive / fixed latent CoT with pruning (also vanilla when ``l_max == 0``).
 
         ``keep_states`` returns every step's hidden states in the trace (for diagnostics).
-        Mixture-of-Recursions (``method: mor``) runs here too, with its own routing.
+        ``keep_cache = n`` keeps the KV caches in ``self.kv`` afterwards, with room for ``n``
+        more tokens to decode. Mixture-of-Recursions (``method: mor``) runs here too, with its
+        own routing.
         """
         if self.cfg.method == "mor":
-            return self._mor_forward(input_ids, labels, loss_mask, return_logits, keep_states)
+            return self._mor_forward(
+                input_ids, labels, loss_mask, return_logits, keep_states, keep_cache
+            )
         cfg = self.cfg
         b, s = input_ids.shape
         dev = input_ids.device
         tally = FlopTally(cfg, grad=torch.is_grad_enabled())
         rope = self._rope(s)
-        self.state.start_packed()
+        self._open_cache(b, s, keep_cache, dev)
         want_q = (
             labels is not None and self.router is not None and cfg.halting.loss in ("gate", "reach")
         )
@@ -299,10 +320,10 @@ class AlcotModel(nn.Module):
             executed += rows.numel()
             ran.append(active)
             u = h_in[pos, rows][:, None]  # [N, 1, h]
-            out, pairs = self._packed_pass(u, rows, pos, active.sum(1).tolist(), k, rope)
+            out, lp_ = self._packed_pass(u, rows, pos, active.sum(1).tolist(), k, rope)
             out = out[:, 0]  # [N, h]
-            tally.block(rows.numel(), pairs)
-            h_k = h_in.new_zeros(s, b, h_in.shape[-1]).index_put((pos, rows), out)
+            tally.block(rows.numel(), lp_.pairs, lp_.kernel_pairs)
+            h_k = out.new_zeros(s, b, out.shape[-1]).index_put((pos, rows), out)
             if keep_states:
                 states.append(h_k)
             last = k == cfg.l_max
@@ -327,8 +348,8 @@ class AlcotModel(nn.Module):
             elif want_q and not last:
                 q = self._correct_prob(h_k, cont & (token_mask > 0), labels, tally)
             records.append(StepRecord(weight, active, cont, g, r_next, q, ce_k))
-            if cfg.mix == "state":
-                contrib = weight.t()[..., None].to(h_k.dtype) * h_k
+            if cfg.mix == "state":  # mixed in fp32, whatever the activations' dtype
+                contrib = weight.t()[..., None] * h_k.float()
                 mixed = contrib if mixed is None else mixed + contrib
             r = r_next
             h_in = h_k
@@ -339,9 +360,11 @@ class AlcotModel(nn.Module):
             if len(ran) > 1
             else (torch.zeros(b, s, dtype=torch.long, device=dev))
         )
+        if not keep_cache:
+            self.kv = None  # autograd holds what backward needs; nothing else stays referenced
         ce = adapt = loss = logits = None
         if cfg.mix == "state":
-            lg = self._logits(mixed)
+            lg = self._logits(mixed.to(self.compute_dtype))
             tally.head(b * s)
             if labels is not None:
                 ce_tok = self._ce(lg, labels.t(), keep_logits=return_logits).t()
@@ -371,6 +394,7 @@ class AlcotModel(nn.Module):
         loss_mask: Tensor | None,
         return_logits: bool,
         keep_states: bool,
+        keep_cache: int = 0,
     ) -> tuple[ModelOutput, LatentTrace]:
         """Mixture-of-Recursions (``model/mor.py``): step 0 for every token, then recursion k
         for the tokens its router keeps among those that ran step k-1, each pass packed like a
@@ -382,7 +406,7 @@ class AlcotModel(nn.Module):
         dev = input_ids.device
         tally = FlopTally(cfg, grad=torch.is_grad_enabled())
         rope = self._rope(s)
-        self.state.start_packed(same_step=True)
+        self._open_cache(b, s, keep_cache, dev, same_step=True)
         caps = mc.capacities(cfg.l_max)
         state = self._embed(input_ids)  # [s, b, h]: H(k) of every token
         active = torch.ones(b, s, dtype=torch.bool, device=dev)
@@ -407,8 +431,8 @@ class AlcotModel(nn.Module):
             executed += rows.numel()
             ran.append(active)
             u = state[pos, rows]  # [N, h]
-            out, pairs = self._packed_pass(u[:, None], rows, pos, active.sum(1).tolist(), k, rope)
-            tally.block(rows.numel(), pairs)
+            out, lp_ = self._packed_pass(u[:, None], rows, pos, active.sum(1).tolist(), k, rope)
+            tally.block(rows.numel(), lp_.pairs, lp_.kernel_pairs)
             new = (
                 out[:, 0] if k == 0 else recursion_update(u, out[:, 0], logit[rows, pos], mc.alpha)
             )
@@ -421,6 +445,8 @@ class AlcotModel(nn.Module):
             if len(ran) > 1
             else torch.zeros_like(ran[0], dtype=torch.long)
         )
+        if not keep_cache:
+            self.kv = None
         lg = self._logits(state)
         tally.head(b * s)
         ce = adapt = loss = logits = None
@@ -452,29 +478,26 @@ class AlcotModel(nn.Module):
             ce = ce.index_put((rows, pos), ce_n[:, 0].float())
         return (-ce).exp()
 
+    def _open_cache(self, b: int, s: int, spare: int, device, same_step: bool = False) -> None:
+        """Fresh latent caches for ``b`` rows of ``s`` tokens, plus ``spare`` tokens to decode.
+
+        Every pass appends at most one slot per row and active token, so (1 + l_max) slots per
+        token bound them."""
+        self.state.start_causal()
+        cap = (1 + self.cfg.l_max) * (s + spare)
+        self.kv = LatentKV(b, cap, device, attention_kernel(self.cfg), same_step)
+
     def _packed_pass(
         self, u: Tensor, rows: Tensor, pos: Tensor, counts: list[int], step: int, rope: Tensor
-    ) -> tuple[Tensor, int]:
+    ):
         """Latent step ``step`` for the packed tokens ``u`` [N, 1, h] at (``rows``, ``pos``).
 
-        Returns the outputs [N, 1, h] and the number of (query, key) pairs attended to.
+        Returns the outputs [N, 1, h] and the pass's :class:`LatentPass` (its ``pairs`` are the
+        (query, key) pairs attended to, ``kernel_pairs`` those the kernel computes).
         """
-        st = self.state
-        st.step, st.counts = step, counts
-        queries = st.add_positions(step, pos)
-        masks, pairs = [], 0
-        for r, q in enumerate(queries):
-            keys = torch.cat([st.key_pos[j][r] for j in st.visible_steps()])
-            if step == 0 and len(keys) == len(q):
-                masks.append(None)  # a fresh step 0: the keys are the queries, in order: causal
-                pairs += len(q) * (len(q) + 1) // 2
-            else:
-                m = keys[None, :] <= q[:, None]
-                masks.append(m)
-                pairs += int(m.sum())
-        st.masks = masks
+        p = self.kv.plan(rows, pos, counts, step)
         freqs = rope[pos][:, None, None, :]  # [N, 1, 1, d]
-        return self._pass(u, freqs), pairs
+        return self._pass(u, freqs, p), p
 
 
 def _log_weight(w: Tensor) -> Tensor:

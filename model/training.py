@@ -49,7 +49,9 @@ class TrainerConfig:
     log_every: int = 1
     checkpoint_every: int = 50
     keep_checkpoints: int = 3
-    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16: bf16 parameters and activations with fp32
+    # main weights, gradient accumulation and optimizer (model/precision.py)
+    precision: str = "auto"
     resume: str = "auto"  # auto: continue from the newest valid checkpoint in out_dir | never
     threads: int = 0  # torch CPU threads; 0 = torch's default
 
@@ -169,11 +171,10 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
-def _autocast(tcfg: TrainerConfig, device: torch.device):
-    use_bf16 = tcfg.precision == "bf16" or (tcfg.precision == "auto" and device.type == "cuda")
-    if not use_bf16:
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+def param_dtype(tcfg: TrainerConfig, device: torch.device) -> torch.dtype:
+    """The model's parameter dtype under ``train.precision``."""
+    bf16 = tcfg.precision == "bf16" or (tcfg.precision == "auto" and device.type == "cuda")
+    return torch.bfloat16 if bf16 else torch.float32
 
 
 @torch.no_grad()
@@ -187,8 +188,7 @@ def evaluate(model, data, tcfg: TrainerConfig, seq_len: int, batch: int, device)
     hist = torch.zeros(l_max + 1, dtype=torch.float64)
     for x, y in eval_batches(data.val_path, data.dtype, seq_len, batch, tcfg.eval_batches):
         x, y = x.to(device), y.to(device)
-        with _autocast(tcfg, device):
-            out = model(x, y)
+        out = model(x, y)
         n = y.numel()
         ce_sum += out.ce_loss.item() * n
         tokens += n
@@ -229,6 +229,7 @@ def train(
 
     from .network import AlcotModel
     from .parallel import init_parallel
+    from .precision import MainParams, cast_model
 
     init_parallel(model_cfg.tensor_parallel_size)
     if tcfg.threads:
@@ -246,10 +247,11 @@ def train(
         raise ConfigError("data.seq_len", f"{seq_len} exceeds model.max_seq_len")
     torch.manual_seed(seed)
     random.seed(seed)
-    model = AlcotModel(model_cfg).to(device)
+    model = cast_model(AlcotModel(model_cfg), param_dtype(tcfg, device)).to(device)
+    main = MainParams(list(model.parameters()))  # fp32 main copies of bf16 parameters
     decay, no_decay = [], []
     for n, p in model.named_parameters():  # matrices decay; norms, biases, embeddings do not
-        (decay if p.dim() >= 2 and "embedding" not in n else no_decay).append(p)
+        (decay if p.dim() >= 2 and "embedding" not in n else no_decay).append(main.main_of(p))
     opt = torch.optim.AdamW(
         [
             {"params": decay, "weight_decay": tcfg.weight_decay},
@@ -260,7 +262,13 @@ def train(
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tcfg))
     loader = PackedLoader(data.train_path, data.dtype, seq_len, micro, seed, dp_rank, dp_world)
-    counters = {"tokens": 0, "flops_nominal": 0.0, "flops_realised": 0.0, "flops_paper": 0.0}
+    counters = {
+        "tokens": 0,
+        "flops_nominal": 0.0,
+        "flops_realised": 0.0,
+        "flops_paper": 0.0,
+        "flops_kernel": 0.0,
+    }
     ckpt_dir = Path(out_dir) / "checkpoints"
     start, resumed_from, last_ckpt_path = 0, None, None
     if tcfg.resume == "auto":
@@ -268,6 +276,7 @@ def train(
         if info is not None:
             payload = checkpoints.load_payload(info, device)
             model.load_state_dict(payload["model"])
+            main.load_state_dict(payload.get("main_params"))
             opt.load_state_dict(payload["optimizer"])
             sched.load_state_dict(payload["scheduler"])
             loader.load_state_dict(payload["data"])
@@ -279,18 +288,20 @@ def train(
                 log(f"resumed from {info.path} (step {info.step})")
 
     ddp_model = model
-    if dp_world > 1:
+    # bf16: gradients are averaged over data-parallel ranks in fp32 on the main copies instead
+    if dp_world > 1 and not main.reduced:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model,
             process_group=ps.get_data_parallel_group(),
             find_unused_parameters=model.router is not None or model.mor_router is not None,
         )
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in main.params() if p.requires_grad]
 
     def checkpoint(step: int) -> Path:
         payload = {
             "model": model.state_dict(),
             "optimizer": opt.state_dict(),
+            "main_params": main.state_dict() or None,
             "scheduler": sched.state_dict(),
             "data": loader.state_dict(),
             "counters": dict(counters),
@@ -311,7 +322,7 @@ def train(
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             sums = torch.zeros(5, dtype=torch.float64)  # loss, ce, adapt, depth*tokens, tokens
-            flops = [0.0, 0.0, 0.0]  # nominal, realised, paper
+            flops = [0.0, 0.0, 0.0, 0.0]  # nominal, realised, paper, kernel
             for i in range(tcfg.grad_accum):
                 x, y = loader.next_batch()
                 x, y = x.to(device), y.to(device)
@@ -321,11 +332,11 @@ def train(
                     else nullcontext()
                 )
                 with sync:
-                    with _autocast(tcfg, device):
-                        out = ddp_model(x, y)
+                    out = ddp_model(x, y)
                     if not torch.isfinite(out.loss):
                         raise NonFiniteLoss(f"non-finite loss ({out.loss.item()}) at step {step}")
                     (out.loss / tcfg.grad_accum).backward()
+                main.accumulate()
                 n = y.numel()
                 sums += torch.tensor(
                     [
@@ -340,11 +351,15 @@ def train(
                 flops[0] += out.flops["nominal"]
                 flops[1] += out.flops["realised"]
                 flops[2] += out.flops["paper"]
+                flops[3] += out.flops["kernel"]
+            if dp_world > 1 and main.reduced:
+                main.all_reduce_mean(ps.get_data_parallel_group(), dp_world)
             grad_norm = clip_grad_norm(params, tcfg.grad_clip)
             if not torch.isfinite(grad_norm):
                 raise NonFiniteLoss(f"non-finite gradient norm at step {step}")
             lr = sched.get_last_lr()[0]
             opt.step()
+            main.copy_to_model()
             sched.step()
             if dp_world > 1:
                 agg = torch.tensor(list(sums) + flops, dtype=torch.float64, device=device)
@@ -356,6 +371,7 @@ def train(
             counters["flops_nominal"] += flops[0]
             counters["flops_realised"] += flops[1]
             counters["flops_paper"] += flops[2]
+            counters["flops_kernel"] += flops[3]
             dt = time.perf_counter() - t0
             metrics = {
                 "train/loss": float(sums[0] / tok),
@@ -368,6 +384,8 @@ def train(
                 "flops/nominal": counters["flops_nominal"],
                 "flops/realised": counters["flops_realised"],
                 "flops/paper": counters["flops_paper"],
+                # the work the attention kernel executed, masked pairs included (flops.py)
+                "flops/kernel": counters["flops_kernel"],
                 "throughput/tokens_per_s": tok / dt,
                 "time/step_s": dt,
             }

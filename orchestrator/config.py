@@ -155,7 +155,13 @@ _LOCATION_KEYS = {("out_dir",), ("tracking",), ("data", "cache_dir"), ("train", 
 
 # Fields added after runs were recorded, at the value that reproduces the older behaviour: left
 # out of the identity at that value, so existing trials keep their hashes (and are not re-run).
-_LATER_FIELDS = {("data", "encoding"): "utf-8"}
+_LATER_FIELDS = {
+    ("data", "encoding"): "utf-8",
+    ("model", "attention_kernel"): "auto",
+    ("model", "recompute"): "none",
+    ("model", "recompute_method"): "uniform",
+    ("model", "recompute_num_layers"): 1,
+}
 
 
 def identity_dict(cfg: RunConfig) -> dict[str, Any]:

@@ -1,0 +1,100 @@
+"""Activation memory of vanilla, fixed-depth and adaptive latent CoT at one size, side by side.
+
+Counts the bytes autograd saves for backward during one training forward, with
+``torch.autograd.graph.saved_tensors_hooks``: every saved tensor's storage once (views of one
+buffer, like the latent KV caches' per-step prefixes or the attention mask every layer shares,
+count once, at the storage's full size), parameters excluded. Deterministic on CPU.
+
+Prints one JSON line:
+  vanilla_bytes, fixed_bytes, adaptive_bytes   saved for backward, one forward
+  executed_fraction   executed token-steps / (tokens x (1 + l_max)) of the adaptive model
+  memory_ratio        adaptive_bytes / fixed_bytes
+  recompute_bytes     fixed with model.recompute = full (one layer per checkpoint)
+Targets: memory_ratio <= executed_fraction + 0.10; fixed_bytes <= 1.15 x (1 + l_max) x vanilla.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+warnings.filterwarnings("ignore")
+
+
+def saved_bytes(model, x, y) -> int:
+    """Bytes of distinct storages saved for backward by one forward of ``model`` (not the
+    parameters); runs the backward too, so the graph is released."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        ptr = st.data_ptr()
+        if ptr not in params:
+            storages[ptr] = max(storages.get(ptr, 0), st.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x, y)
+    out.loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(storages.values())
+
+
+def main() -> None:
+    from model_speed import add_model_args, make
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_args(p)
+    args = p.parse_args()
+
+    from alcot.model import init_parallel
+
+    init_parallel(1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
+    y = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
+    got = {
+        "vanilla": saved_bytes(make("vanilla", args), x, y),
+        "fixed": saved_bytes(make("fixed", args), x, y),
+    }
+    adaptive = make("adaptive", args, tau=args.tau, **{"lambda": 0.01})
+    got["adaptive"] = saved_bytes(adaptive, x, y)
+    with torch.no_grad():
+        depth = adaptive(x, y).depth
+    executed = float((1 + depth.float()).mean()) / (1 + args.l_max)
+    recompute = saved_bytes(make("fixed", args, recompute="full"), x, y)
+    ratio = got["adaptive"] / got["fixed"]
+    per_pass = got["fixed"] / ((1 + args.l_max) * got["vanilla"])
+    for name, v in got.items():
+        print(f"{name:10s} {v / 2**20:10.1f} MiB saved for backward")
+    print(f"fixed, full recompute: {recompute / 2**20:.1f} MiB")
+    print(
+        f"memory_ratio {ratio:.3f} vs executed_fraction {executed:.3f} "
+        f"(target <= {executed + 0.10:.3f}); fixed / ((1 + l_max) vanilla) = {per_pass:.3f} "
+        "(target <= 1.15)"
+    )
+    print(
+        json.dumps(
+            {
+                "vanilla_bytes": got["vanilla"],
+                "fixed_bytes": got["fixed"],
+                "adaptive_bytes": got["adaptive"],
+                "executed_fraction": round(executed, 4),
+                "memory_ratio": round(ratio, 4),
+                "fixed_per_pass": round(per_pass, 4),
+                "recompute_bytes": recompute,
+                "l_max": args.l_max,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

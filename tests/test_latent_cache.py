@@ -1,0 +1,116 @@
+"""The latent caches and the attention kernel behind them (model/layers.py).
+
+Efficient == naive (tests/test_model.py) already pins the numbers; these pin the structure the
+GPU path relies on: one kernel call per layer per latent step for the whole batch, caches that
+are written in place and not kept after a training forward, decoding that never reallocates
+them, and the FlexAttention kernel agreeing with SDPA.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import spread_router
+
+from alcot.model import layers
+from alcot.model.generate import generate
+
+V = 128
+
+
+def batch(b=3, s=20, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, V, (b, s), generator=g), torch.randint(0, V, (b, s), generator=g)
+
+
+@pytest.mark.parametrize("method", ["fixed", "adaptive", "mor"])
+def test_one_kernel_call_per_layer_per_step(build, method, monkeypatch):
+    model = build(method=method, halting={"tau": 0.3})
+    if model.router is not None:
+        spread_router(model)
+    calls = []
+    real = F.scaled_dot_product_attention
+
+    def counting(q, k, v, **kw):
+        calls.append((q.shape[0], q.shape[2], k.shape[2]))
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(layers.F, "scaled_dot_product_attention", counting)
+    x, y = batch(b=4)
+    out = model(x, y)
+    out.loss.backward()
+    steps = int(out.depth.max()) + 1
+    if method != "fixed":
+        assert len(torch.unique(out.depth)) >= 2
+    assert len(calls) == model.cfg.num_layers * steps  # forward; backward recomputes nothing
+    assert all(b == 4 for b, _, _ in calls)  # every row in one call
+
+
+def test_training_forward_keeps_no_cache(build):
+    model = build(method="adaptive", halting={"tau": 0.3})
+    spread_router(model)
+    x, y = batch()
+    out = model(x, y)
+    assert model.kv is None
+    out.loss.backward()
+    assert model.kv is None
+
+
+def test_cache_slots_hold_what_each_pass_wrote(build):
+    """Each pass appends max(active per row) slots; a slot's (position, step) is that of the
+    token whose keys it holds, and a token's keys are written once."""
+    model = build(method="adaptive", halting={"tau": 0.3})
+    spread_router(model)
+    x, y = batch()
+    with torch.no_grad():
+        out, trace = model.latent_forward(x, y, keep_cache=0 + 1)
+    kv = model.kv
+    model.kv = None
+    widths = [int(r.sum(1).max()) for r in trace.ran]
+    assert kv.used == sum(widths)
+    filled = kv.slot_step >= 0
+    assert int(filled.sum()) == int(sum(r.sum() for r in trace.ran))
+    for k, ran in enumerate(trace.ran):
+        for row in range(x.shape[0]):
+            got = kv.slot_pos[row][kv.slot_step[row] == k].sort().values
+            assert torch.equal(got, ran[row].nonzero()[:, 0])
+    layer0 = next(iter(kv.keys))
+    assert kv.keys[layer0].shape[2] == kv.capacity == (1 + model.cfg.l_max) * (x.shape[1] + 1)
+
+
+def test_decoding_writes_into_the_preallocated_cache(build, monkeypatch):
+    model = build(method="adaptive", halting={"tau": 0.3})
+    spread_router(model)
+    buffers = set()
+    real = layers.LatentKV.write
+
+    def watching(self, layer, p, key, value):
+        kb, vb = real(self, layer, p, key, value)
+        buffers.add((layer, kb.data_ptr(), vb.data_ptr()))
+        return kb, vb
+
+    monkeypatch.setattr(layers.LatentKV, "write", watching)
+    x, _ = batch(b=2, s=8)
+    gen = generate(model, x, 12)
+    assert gen.tokens.shape == (2, 20)
+    assert len(buffers) == model.cfg.num_layers  # one buffer pair per layer, never reallocated
+    assert model.kv is None  # released when generation ends
+
+
+@pytest.mark.parametrize("method", ["fixed", "adaptive", "mor"])
+def test_flex_kernel_agrees_with_sdpa(build, method):
+    """FlexAttention has no CPU backward in torch 2.13: compared in evaluation here."""
+    sdpa = build(method=method, halting={"tau": 0.3})
+    flex = build(method=method, halting={"tau": 0.3}, attention_kernel="flex")
+    if sdpa.router is not None:
+        spread_router(sdpa)
+    flex.load_state_dict(sdpa.state_dict())
+    sdpa.eval()
+    flex.eval()
+    x, y = batch()
+    with torch.no_grad():
+        a = sdpa(x, y, return_logits=True)
+        b = flex(x, y, return_logits=True)
+    assert torch.equal(a.depth, b.depth)
+    torch.testing.assert_close(b.logits, a.logits, atol=1e-4, rtol=1e-4)
+    assert a.flops["realised"] == b.flops["realised"]
+    assert b.flops["kernel"] >= b.flops["realised"]
