@@ -51,6 +51,7 @@ def named_state(opt_state: dict, names: list[str]) -> dict[str, dict]:
 def load_resharded(
     info: CheckpointInfo,
     params: dict,
+    keys: list[str],
     opt_template: dict,
     opt_names: list[str],
     main_names: list[str],
@@ -60,7 +61,8 @@ def load_resharded(
 ) -> dict:
     """The payload this rank would have written at its layout, rebuilt from a checkpoint
     written at another. ``params``: this rank's parameters by global name (their
-    tensor-parallel attributes say how to cut); ``opt_template``: this rank's optimizer
+    tensor-parallel attributes say how to cut); ``keys``: its state dict's global names;
+    ``opt_template``: this rank's optimizer
     ``state_dict()`` (its param groups and indices)."""
     old_tp, old_pp, files = saved_layout(info.path)
     loaded = {
@@ -101,8 +103,11 @@ def load_resharded(
     # buffers and extra state (rotary frequencies, Megatron's _extra_state) from any stage
     for shards in stages:
         for name, t in shards[0]["model"].items():
-            if name not in params and name not in model:
+            if name in keys and name not in model:
                 model[name] = t
+    missing = sorted(set(keys) - set(model))
+    if missing:
+        raise KeyError(f"{info.path}: no entries for {missing[:5]}")
     payload["model"] = model
 
     def opt_entry(key):

@@ -220,9 +220,11 @@ def _load_checkpoint(info, model, opt, opt_names, main_names, device) -> dict:
     if (old_tp, old_pp) == (tp, pp):
         path = info.path / rank_file(tp_rank(), pp_rank(), pp)
         return torch.load(path, map_location=device, weights_only=True)
-    params = {global_name(n, _layer_offset(model)): p for n, p in model.named_parameters()}
+    offset = _layer_offset(model)
+    params = {global_name(n, offset): p for n, p in model.named_parameters()}
+    keys = [global_name(n, offset) for n in model.state_dict()]
     return load_resharded(
-        info, params, opt.state_dict(), opt_names, main_names, tp_rank(), tp, device
+        info, params, keys, opt.state_dict(), opt_names, main_names, tp_rank(), tp, device
     )
 
 
