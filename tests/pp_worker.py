@@ -2,7 +2,8 @@
 
 ``pp_worker.py WORK TP PP``: for each case in WORK/cases.json, build the model at (TP, PP),
 load the full checkpoint the test wrote, and run three optimizer steps (AdamW) over the
-micro-batches in WORK/batch.pt with the pipeline schedule (forward and backward). Rank 0 saves
+micro-batches in WORK/batch.pt with the pipeline schedule (forward and backward), after a short
+greedy generation from the loaded weights. Rank 0 saves
 the first step's outputs (loss, logits and depth of every micro-batch, gathered gradients) and
 every step's losses and the final full weights."""
 
@@ -17,6 +18,7 @@ warnings.filterwarnings("ignore")
 
 def main(work: str, tp: int, pp: int) -> None:
     from alcot.model import AlcotModel, ModelConfig, init_parallel
+    from alcot.model.generate import generate
     from alcot.model.pipeline import Timeline, broadcast_outputs, run_pipeline
     from alcot.model.tp_reshard import full_state_dict, load_full_state_dict
 
@@ -33,6 +35,8 @@ def main(work: str, tp: int, pp: int) -> None:
         torch.manual_seed(1000 + rank)  # deliberately different: weights must come from the file
         model = AlcotModel(cfg)
         load_full_state_dict(model, torch.load(f"{work}/ckpt{i}.pt", weights_only=True))
+        prompt = batches[0][0][:, :5]
+        gen = generate(model, prompt, 4)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         losses, first = [], None
         for step in range(3):
@@ -55,6 +59,7 @@ def main(work: str, tp: int, pp: int) -> None:
                     "depth": [o.depth for o in outs],
                     "grads": full_grads,
                     "events": len(tl.events),
+                    "generated": (gen.tokens, gen.depth, gen.logits),
                 }
             opt.step()
         final = full_state_dict(model)

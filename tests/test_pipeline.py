@@ -1,6 +1,6 @@
 """Pipeline parallelism: P = 2 stages over gloo equal one process from the same weights, in
-logits, loss, every gradient and after three optimizer steps, for every method; TP = 2 x PP = 2
-(four processes) equals one process for adaptive latent CoT."""
+logits, loss, every gradient and after three optimizer steps, and in greedy generation, for
+every method; TP = 2 x PP = 2 (four processes) equals one process for adaptive latent CoT."""
 
 import json
 import os
@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import spread_router, tiny_config
 
+from alcot.model.generate import generate
 from alcot.model.pipeline import bubble_fraction
 from alcot.model.tp_reshard import full_state_dict
 
@@ -71,6 +72,7 @@ def _reference(build, tmp_path: Path, cases: list[dict]) -> list[dict]:
         if model.router is not None:
             spread_router(model)
         torch.save(full_state_dict(model), tmp_path / f"ckpt{i}.pt")
+        gen = generate(model, batches[0][0][:, :5], 4)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         losses, first = [], None
         for step in range(3):
@@ -88,6 +90,7 @@ def _reference(build, tmp_path: Path, cases: list[dict]) -> list[dict]:
                     "grads": {
                         n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
                     },
+                    "generated": (gen.tokens, gen.depth, gen.logits),
                 }
             opt.step()
         refs.append({**first, "losses": losses, "final": full_state_dict(model)})
@@ -96,6 +99,10 @@ def _reference(build, tmp_path: Path, cases: list[dict]) -> list[dict]:
 
 
 def _compare(ref: dict, got: dict, label) -> None:
+    # generation through the stages (full forwards) equals the one-process (cached) decoder
+    (rt, rd, rl), (gt, gd, gl) = ref["generated"], got["generated"]
+    assert torch.equal(rt, gt) and torch.equal(rd, gd), label
+    torch.testing.assert_close(gl, rl, atol=1e-4, rtol=0)
     for a, b in zip(ref["depth"], got["depth"], strict=True):
         assert torch.equal(a, b), label
     for a, b in zip(ref["logits"], got["logits"], strict=True):
