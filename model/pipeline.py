@@ -70,6 +70,49 @@ def bubble_fraction(stages: int, microbatches: int, traversals: int) -> float:
     return 1.0 - s * m / span
 
 
+def simulate_bubble(stages: int, costs: list[list[float]], backward: float = 2.0) -> float:
+    """Idle share of the stages when the schedule runs slots of the given costs.
+
+    ``costs[i][k]``: the cost of micro-batch i's step k on one stage (e.g. its executed tokens;
+    0 for a step it did not run); a backward slot costs ``backward`` times its forward. Every
+    slot waits for its input (previous stage, or for step k > 0 at the first stage the last
+    stage's step k - 1) and for its stage; backward runs the mirror order with the mirror
+    edges, each stage starting once its forwards are done. With equal costs this is
+    :func:`bubble_fraction` (forward and backward have the same idle share)."""
+    p_n, m = stages, len(costs)
+    steps = max(len(c) for c in costs)
+    cost = [[c[k] if k < len(c) else 0.0 for k in range(steps)] for c in costs]
+    end = {}
+    free = [0.0] * p_n
+    busy = [0.0] * p_n
+    for k in range(steps):
+        for i in range(m):
+            if cost[i][k] <= 0:
+                continue
+            for p in range(p_n):
+                ready = end[(p - 1, i, k)] if p else (end[(p_n - 1, i, k - 1)] if k else 0.0)
+                start = max(free[p], ready)
+                end[(p, i, k)] = free[p] = start + cost[i][k]
+                busy[p] += cost[i][k]
+    bend = {}
+    for k in reversed(range(steps)):
+        for i in range(m):
+            if cost[i][k] <= 0:
+                continue
+            for p in reversed(range(p_n)):
+                if p < p_n - 1:
+                    ready = bend[(p + 1, i, k)]
+                elif k + 1 < steps and cost[i][k + 1] > 0:
+                    ready = bend[(0, i, k + 1)]
+                else:
+                    ready = 0.0
+                start = max(free[p], ready)
+                bend[(p, i, k)] = free[p] = start + backward * cost[i][k]
+                busy[p] += backward * cost[i][k]
+    span = max(free)
+    return 1.0 - sum(busy) / (p_n * span)
+
+
 @dataclass
 class _Slot:
     req: PassRequest | None = None  # None: the micro-batch had halted (empty slot)

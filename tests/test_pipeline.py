@@ -14,7 +14,7 @@ import torch
 from conftest import spread_router, tiny_config
 
 from alcot.model.generate import generate
-from alcot.model.pipeline import bubble_fraction
+from alcot.model.pipeline import bubble_fraction, simulate_bubble
 from alcot.model.tp_reshard import full_state_dict
 
 CASES = [
@@ -150,3 +150,11 @@ def test_bubble_fraction():
     assert bubble_fraction(4, 8, 1) == pytest.approx(3 / 11)  # plain GPipe when S = 1
     # M < P: each step waits for the ring: (S - 1) P + M + P - 1 slots
     assert bubble_fraction(4, 2, 2) == pytest.approx(1 - 4 / 9)
+
+
+def test_simulated_schedule_matches_the_closed_form():
+    for p, m, s in [(2, 4, 3), (2, 1, 4), (4, 8, 2), (4, 2, 3), (3, 3, 1)]:
+        sim = simulate_bubble(p, [[1.0] * s for _ in range(m)])
+        assert sim == pytest.approx(bubble_fraction(p, m, s)), (p, m, s)
+    # halting: cheaper later steps make the fill/drain of step 0 weigh more
+    assert simulate_bubble(2, [[4.0, 2.0, 1.0]] * 4) > bubble_fraction(2, 4, 3)
