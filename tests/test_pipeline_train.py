@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import SMALL_RUN
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,3 +54,10 @@ def test_checkpoint_resumes_at_another_layout(alcot_home, tmp_path, written, res
     assert [s for s, _ in again] == [4, 5]
     for step, loss in again:
         assert abs(loss - first[step]) < 1e-5, (step, loss, first[step])
+    # evaluation loads the final checkpoint (written at `resumed`) as one process
+    from alcot.orchestrator.evaluate import load_run
+
+    loaded = load_run(out)
+    assert loaded.checkpoint.step == 5
+    out1 = loaded.model(torch.randint(0, 64, (1, 8)))
+    assert out1.depth.shape == (1, 8)
