@@ -233,20 +233,20 @@ def _schedule(model, batches, backward, loss_scale, return_logits, timeline, kee
     grad = backward and torch.is_grad_enabled()
     dtype = model.compute_dtype
     m = len(batches)
-    micros = [model.micro(ids) for ids, _, _ in batches]
     programs = [None] * m
     outs: list[ModelOutput | None] = [None] * m
     traces = [None] * m
-    if last:
-        for i, (_, labels, mask) in enumerate(batches):
-            programs[i] = model.program(micros[i], labels, mask, return_logits, keep_states)
-            next(programs[i])  # its step-0 request is first_request's
     slots = [[_Slot() for _ in range(steps)] for _ in range(m)]
 
     def clock():
         return time.perf_counter()
 
     with torch.set_grad_enabled(grad):
+        micros = [model.micro(ids) for ids, _, _ in batches]
+        if last:
+            for i, (_, labels, mask) in enumerate(batches):
+                programs[i] = model.program(micros[i], labels, mask, return_logits, keep_states)
+                next(programs[i])  # its step-0 request is first_request's
         for k in range(steps):
             for i in range(m):
                 slot, mb = slots[i][k], micros[i]
