@@ -317,8 +317,8 @@ def log_model(
     payload = {"model": {}}
     for p in range(pp):  # pipeline stages hold disjoint entries under one-process names
         stage = torch.load(files[(0, p)], map_location="cpu", weights_only=True)["model"]
-        for name, t in stage.items():
-            payload["model"].setdefault(name, t)
+        for key, t in stage.items():
+            payload["model"].setdefault(key, t)
     reqs = [f"torch=={torch.__version__.split('+')[0]}", "megatron-core", "pyyaml"]
     version = _installed_version()
     if version:

@@ -21,14 +21,14 @@ def losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["metrics"]["train/loss"]) for r in rows]
 
 
-def _train(out: Path, tp: int, pp: int) -> None:
+def _train(out: Path, tp: int, pp: int, dp: int = 1) -> None:
     sets = [a for s in SMALL_RUN for a in ("--set", s)]
     sets += ["--set", "train.steps=5", "--set", "train.checkpoint_every=3"]
     sets += ["--set", "train.grad_accum=2", "--set", "train.eval_every=100", "--no-progress"]
     sets += ["--set", "tracking.log_model=false", "--set", f"model.tensor_parallel_size={tp}"]
     sets += ["--set", f"model.pipeline_parallel_size={pp}", "--set", f"out_dir={out}"]
     cmd = ["train", "configs/train_adaptive.yaml", *sets]
-    world = tp * pp
+    world = tp * pp * dp
     if world == 1:
         argv = [str(BIN / "alcot"), *cmd]
     else:
@@ -61,3 +61,14 @@ def test_checkpoint_resumes_at_another_layout(alcot_home, tmp_path, written, res
     assert loaded.checkpoint.step == 5
     out1 = loaded.model(torch.randint(0, 64, (1, 8)))
     assert out1.depth.shape == (1, 8)
+
+
+@pytest.mark.slow
+def test_pipeline_with_data_parallel_matches_one_replica(alcot_home, tmp_path):
+    """PP 2 x DP 2 (gradients averaged on the main copies) trains like PP 2 alone."""
+    _train(tmp_path / "one", 1, 2)
+    _train(tmp_path / "two", 1, 2, dp=2)
+    a, b = dict(losses(tmp_path / "one")), dict(losses(tmp_path / "two"))
+    assert set(a) == set(b) == set(range(1, 6))
+    for step in a:
+        assert abs(a[step] - b[step]) < 1e-4, (step, a[step], b[step])
