@@ -173,12 +173,12 @@ def figure(path: Path, stages: list[list[tuple]], l_max: int, m: int) -> None:
     for p, ev in enumerate(stages):
         for kind, i, k, a, b in ev:
             a, b = (a - t0) * 1e3, (b - t0) * 1e3
-            face = colours(i) if kind != "L" else "0.6"
+            face = colours(i) if kind in "FB" else ("0.6" if kind == "L" else "0.85")
             ax.barh(
                 p, b - a, left=a, color=face, edgecolor="black", linewidth=0.4,
                 alpha=1.0 if kind == "F" else 0.55, hatch=None if kind == "F" else "//",
             )  # fmt: skip
-            label = "loss" if kind == "L" else f"{kind}{i},{k}"
+            label = {"L": "loss", "P": "p"}.get(kind, f"{kind}{i},{k}")
             if b - a > 1.2:
                 ax.text((a + b) / 2, p, label, ha="center", va="center", fontsize=6)
     ax.set_yticks(range(len(stages)), [f"stage {p}" for p in range(len(stages))])
@@ -187,7 +187,7 @@ def figure(path: Path, stages: list[list[tuple]], l_max: int, m: int) -> None:
     ax.set_title(
         f"One training step, P = {len(stages)}, l_max = {l_max}, M = {m} micro-batches: "
         "F i,k = forward of micro-batch i, latent step k (colour = micro-batch); "
-        "hatched B = backward; grey = loss backward",
+        "hatched B = backward; light grey p = last stage's program; grey = loss backward",
         fontsize=8,
     )
     fig.tight_layout()

@@ -126,7 +126,9 @@ class _Slot:
 
 @dataclass
 class Timeline:
-    """Compute intervals per stage: (kind 'F' / 'B' / 'L', micro-batch, step, start, end)."""
+    """Compute intervals per stage: (kind, micro-batch, step, start, end); kind 'F' the stack's
+    forward, 'P' the last stage's program after a traversal (router, halting, mixing, and the
+    head and loss after the last one), 'L' the loss backward, 'B' a slot's backward."""
 
     events: list[tuple[str, int, int, float, float]] = field(default_factory=list)
 
@@ -281,14 +283,17 @@ def _schedule(model, batches, backward, loss_scale, return_logits, timeline, kee
                         timeline.add("F", i, k, t0)
                     ring.send_request(PassRequest(k, req.kind, req.rows, req.pos), y, True)
                     continue
+                if timeline is not None:
+                    timeline.add("F", i, k, t0)
+                    t0 = clock()
                 slot.d = y.detach().requires_grad_(grad)
                 try:
                     nxt = programs[i].send((slot.d, plan))
                 except StopIteration as stop:
                     outs[i], traces[i] = stop.value
                     nxt = None
-                if timeline is not None:
-                    timeline.add("F", i, k, t0)
+                if timeline is not None:  # the program: router, halting, mixing, head, loss
+                    timeline.add("P", i, k, t0)
                 if k + 1 < steps:
                     ring.send_request(nxt, None if nxt is None else nxt.feed, to_next=True)
                     slot.sent = None if nxt is None else nxt.feed
