@@ -486,6 +486,7 @@ class AlcotModel(nn.Module):
         self.state.start_causal()
         cap = (1 + self.cfg.l_max) * (s + spare)
         self.kv = LatentKV(b, cap, device, attention_kernel(self.cfg), same_step)
+        self.kv.keep = spare > 0
 
     def _packed_pass(
         self, u: Tensor, rows: Tensor, pos: Tensor, counts: list[int], step: int, rope: Tensor
@@ -495,7 +496,8 @@ class AlcotModel(nn.Module):
         Returns the outputs [N, 1, h] and the pass's :class:`LatentPass` (its ``pairs`` are the
         (query, key) pairs attended to, ``kernel_pairs`` those the kernel computes).
         """
-        p = self.kv.plan(rows, pos, counts, step)
+        last = step == self.cfg.l_max and not self.kv.keep
+        p = self.kv.plan(rows, pos, counts, step, last)
         freqs = rope[pos][:, None, None, :]  # [N, 1, 1, d]
         return self._pass(u, freqs, p), p
 
