@@ -38,11 +38,13 @@ def main() -> None:
     from alcot.model import init_parallel
 
     init_parallel(1)
+    vanilla = make("vanilla", args)
+    vocab = vanilla.cfg.vocab_size
     g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
-    y = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
+    x = torch.randint(0, vocab, (args.batch, args.seq), generator=g).to(args.device)
+    y = torch.randint(0, vocab, (args.batch, args.seq), generator=g).to(args.device)
     got = {
-        "vanilla": saved_bytes(make("vanilla", args), x, y),
+        "vanilla": saved_bytes(vanilla, x, y),
         "fixed": saved_bytes(make("fixed", args), x, y),
     }
     adaptive = make("adaptive", args, tau=args.tau, **{"lambda": 0.01})

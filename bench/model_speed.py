@@ -94,6 +94,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spec", choices=("auto", "local", "te"), default="auto")
     p.add_argument("--kernel", choices=("auto", "sdpa", "flex"), default="auto")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (0: torch's default); 1 keeps a loaded machine's thread "
+        "contention out of small per-token ops",
+    )
 
 
 def make(method: str, args, l_max: int | None = None, recompute: str = "none", **halting):
@@ -122,6 +129,8 @@ def make(method: str, args, l_max: int | None = None, recompute: str = "none", *
             **{k: v for k, v in shape.items() if v},
         )
     )
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model = AlcotModel(cfg)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     model = cast_model(model, dtype).to(args.device)
