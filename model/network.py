@@ -193,7 +193,9 @@ class AlcotModel(nn.Module):
     ) -> ModelOutput:
         """Run the configured method. ``input_ids`` and ``labels`` are [b, s]."""
         method = self.cfg.method
-        if method in ("adaptive", "fixed", "mor"):
+        # adaptive with l_max = 0 has no decision to make (w(0) = 1): it is vanilla, and runs
+        # vanilla's pass rather than the latent machinery (test_l_max_zero_equals_vanilla)
+        if method in ("adaptive", "fixed", "mor") and self.cfg.l_max > 0:
             out, _ = self.latent_forward(input_ids, labels, loss_mask, return_logits)
             return out
         tally = FlopTally(self.cfg, grad=torch.is_grad_enabled())
