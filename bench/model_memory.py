@@ -1,9 +1,8 @@
 """Activation memory of vanilla, fixed-depth and adaptive latent CoT at one size, side by side.
 
-Counts the bytes autograd saves for backward during one training forward, with
-``torch.autograd.graph.saved_tensors_hooks``: every saved tensor's storage once (views of one
-buffer, like the latent KV caches' per-step prefixes or the attention mask every layer shares,
-count once, at the storage's full size), parameters excluded. Deterministic on CPU.
+Counts the bytes autograd saves for backward during one training forward
+(``alcot.model.memory.saved_bytes``: every saved tensor's storage once, at its full size,
+parameters excluded). Deterministic on CPU.
 
 Prints one JSON line:
   vanilla_bytes, fixed_bytes, adaptive_bytes   saved for backward, one forward
@@ -27,28 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 warnings.filterwarnings("ignore")
 
 
-def saved_bytes(model, x, y) -> int:
-    """Bytes of distinct storages saved for backward by one forward of ``model`` (not the
-    parameters); runs the backward too, so the graph is released."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        ptr = st.data_ptr()
-        if ptr not in params:
-            storages[ptr] = max(storages.get(ptr, 0), st.nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(x, y)
-    out.loss.backward()
-    model.zero_grad(set_to_none=True)
-    return sum(storages.values())
-
-
 def main() -> None:
     from model_speed import add_model_args, make
+
+    from alcot.model.memory import saved_bytes
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_args(p)
@@ -57,11 +38,13 @@ def main() -> None:
     from alcot.model import init_parallel
 
     init_parallel(1)
+    vanilla = make("vanilla", args)
+    vocab = vanilla.cfg.vocab_size
     g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
-    y = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
+    x = torch.randint(0, vocab, (args.batch, args.seq), generator=g).to(args.device)
+    y = torch.randint(0, vocab, (args.batch, args.seq), generator=g).to(args.device)
     got = {
-        "vanilla": saved_bytes(make("vanilla", args), x, y),
+        "vanilla": saved_bytes(vanilla, x, y),
         "fixed": saved_bytes(make("fixed", args), x, y),
     }
     adaptive = make("adaptive", args, tau=args.tau, **{"lambda": 0.01})

@@ -27,13 +27,33 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import sys
 import time
 import warnings
 
 import torch
 
 warnings.filterwarnings("ignore")
+
+
+# glibc hands large freed blocks back to the OS, and the next step faults them in again; on the
+# VMs this was measured on that cost up to 3x a training step, differently per model (a step's
+# time depended on which model ran before it). Keeping freed memory in the heap makes the
+# variants comparable. Applied by re-executing the script once with these set.
+ALLOCATOR_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),
+    "MALLOC_TRIM_THRESHOLD_": str(64 * 2**30),
+    "MALLOC_TOP_PAD_": str(2**30),
+}
+
+
+def pin_allocator() -> None:
+    """Re-execute this process with :data:`ALLOCATOR_ENV` unless it is already set."""
+    if all(os.environ.get(k) == v for k, v in ALLOCATOR_ENV.items()):
+        return
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **ALLOCATOR_ENV})
 
 
 def gemm_flops_per_s(device="cpu", dtype=torch.float32, n: int = 1024, reps: int = 20) -> float:
@@ -74,6 +94,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spec", choices=("auto", "local", "te"), default="auto")
     p.add_argument("--kernel", choices=("auto", "sdpa", "flex"), default="auto")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (0: torch's default); 1 keeps a loaded machine's thread "
+        "contention out of small per-token ops",
+    )
 
 
 def make(method: str, args, l_max: int | None = None, recompute: str = "none", **halting):
@@ -102,6 +129,8 @@ def make(method: str, args, l_max: int | None = None, recompute: str = "none", *
             **{k: v for k, v in shape.items() if v},
         )
     )
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model = AlcotModel(cfg)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     model = cast_model(model, dtype).to(args.device)
@@ -141,6 +170,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds; medians of all")
     args = p.parse_args()
+    pin_allocator()
 
     from alcot.model import init_parallel
 

@@ -58,11 +58,26 @@ class LatentPass:
     slots: Tensor
     width: int
     end: int
-    allowed: Tensor
-    pairs: int  # (query, key) pairs the method attends to
-    kernel_pairs: int  # pairs the chosen kernel computes, masked ones included
+    q_pos: Tensor  # [b, width] position of each padded query (-1: padding)
+    # the first pass of a forward runs every token in order into slots 0..s-1: plain causal
+    # attention, which the kernels run without a mask (and skipping the upper triangle)
+    causal: bool = False
+    # no later pass reads this pass's keys (the last step of a forward whose cache is dropped)
+    last: bool = False
+    pairs: int = 0  # (query, key) pairs the method attends to
+    kernel_pairs: int = 0  # pairs the chosen kernel computes, masked ones included
     qkv_format: str = "alcot-latent"
     _masks: dict = field(default_factory=dict)
+
+    @property
+    def allowed(self) -> Tensor:
+        """[b, width, end] bool: who may attend to whom. A padded query attends to every slot
+        (all finite: the buffers start at zero); its output is dropped and its gradient is
+        zero, so it changes nothing, and no row of the kernel is empty."""
+        if "allowed" not in self._masks:
+            visible = self.kv.visible(self.q_pos, self.step, self.end)
+            self._masks["allowed"] = visible | (self.q_pos < 0)[:, :, None]
+        return self._masks["allowed"]
 
     def additive_mask(self, dtype: torch.dtype) -> Tensor:
         """[b, 1, width, end]: 0 where allowed, -inf elsewhere; built once per pass and dtype
@@ -102,6 +117,7 @@ class LatentKV:
     ):
         self.batch, self.capacity = batch, capacity
         self.kernel, self.same_step = kernel, same_step
+        self.keep = False  # kept for decoding after the forward
         self.slot_pos = torch.full((batch, capacity), _EMPTY, dtype=torch.long, device=device)
         self.slot_step = torch.full((batch, capacity), -1, dtype=torch.long, device=device)
         self.used = 0
@@ -110,8 +126,18 @@ class LatentKV:
         self.values: dict[int, Tensor] = {}
         self.grads: dict[int, tuple[Tensor, Tensor]] = {}
 
-    def plan(self, rows: Tensor, pos: Tensor, counts: list[int], step: int) -> LatentPass:
-        """Place a pass's packed tokens (``rows``/``pos``, row-major, ``counts`` per row)."""
+    def visible(self, q_pos: Tensor, step: int, end: int) -> Tensor:
+        """[b, width, end] bool: slot visible to query (2-D causality; same step only under
+        ``same_step``). A query at position -1 (padding) sees nothing."""
+        kp, ks = self.slot_pos[:, :end], self.slot_step[:, :end]
+        seen = (ks == step) if self.same_step else (ks >= 0) & (ks <= step)
+        return (kp[:, None, :] <= q_pos[:, :, None]) & seen[:, None, :]
+
+    def plan(
+        self, rows: Tensor, pos: Tensor, counts: list[int], step: int, last: bool = False
+    ) -> LatentPass:
+        """Place a pass's packed tokens (``rows``/``pos``, row-major, ``counts`` per row);
+        ``last``: no later pass will read their keys."""
         b, dev = self.batch, self.slot_pos.device
         width = max(counts)
         start, end = self.used, self.used + width
@@ -127,15 +153,13 @@ class LatentKV:
         self.used = end
         q_pos = torch.full((b, width), -1, dtype=torch.long, device=dev)
         q_pos[rows, rank] = pos
-        is_q = q_pos >= 0
-        kp, ks = self.slot_pos[:, :end], self.slot_step[:, :end]
-        seen = (ks == step) if self.same_step else (ks >= 0) & (ks <= step)
-        visible = (kp[:, None, :] <= q_pos[:, :, None]) & seen[:, None, :]
-        pairs = int(visible.sum())  # padded queries (position -1) see nothing
-        # A padded query attends to every slot (all finite: the buffers start at zero); its
-        # output is dropped and its gradient is zero, so it changes nothing.
-        allowed = visible | ~is_q[:, :, None]
-        p = LatentPass(self, step, self.passes, rows, rank, slots, width, end, allowed, pairs, 0)
+        p = LatentPass(self, step, self.passes, rows, rank, slots, width, end, q_pos, last=last)
+        full = self.passes == 0 and all(c == width for c in counts)
+        p.causal = full and bool((pos == rank).all())
+        if p.causal:
+            p.pairs = b * width * (width + 1) // 2
+        else:
+            p.pairs = int(self.visible(q_pos, step, end).sum())
         p.kernel_pairs = self._kernel_pairs(p)
         self.passes += 1
         return p
@@ -145,6 +169,8 @@ class LatentKV:
             bm = p.block_mask()
             qb, kb = bm.BLOCK_SIZE
             return int(bm.kv_num_blocks.sum()) * qb * kb
+        if p.causal:
+            return p.pairs
         return self.batch * p.width * p.end
 
     def buffers(self, layer: int, like: Tensor) -> tuple[Tensor, Tensor]:
@@ -187,6 +213,8 @@ def _kernel(kind: str, q: Tensor, k: Tensor, v: Tensor, p: LatentPass, scale) ->
     if kind == "flex":
         fn = _compiled_flex() if q.is_cuda else _eager_flex()
         return fn(q, k, v, block_mask=p.block_mask(), scale=scale, enable_gqa=gqa)
+    if p.causal:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=p.additive_mask(q.dtype), scale=scale, enable_gqa=gqa
     )
@@ -329,16 +357,25 @@ class LatentCoreAttention(torch.nn.Module):
         return out.permute(2, 0, 1, 3).reshape(sq, b, n_heads * hn)
 
     def _latent(self, query: Tensor, key: Tensor, value: Tensor, p: LatentPass) -> Tensor:
-        n_heads, hn = query.shape[2], query.shape[3]
-        q = query.new_zeros(p.kv.batch, p.width, n_heads, hn)
-        q = q.index_put((p.rows, p.rank), query[:, 0]).transpose(1, 2)  # [b, np, width, hn]
+        b, n_heads, hn = p.kv.batch, query.shape[2], query.shape[3]
         k, v = key[:, 0], value[:, 0]  # [N, ng, hn]
-        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        if p.causal:  # every token in order: the packed rows are the padded grid already
+            q = query[:, 0].view(b, p.width, n_heads, hn).transpose(1, 2)
+        else:
+            q = query.new_zeros(b, p.width, n_heads, hn)
+            q = q.index_put((p.rows, p.rank), query[:, 0]).transpose(1, 2)  # [b, np, width, hn]
+        if p.causal and p.last:  # nothing else reads these keys: no cache at all
+            kt, vt = (t.view(b, p.width, -1, hn).transpose(1, 2) for t in (k, v))
+            o = _kernel(p.kv.kernel, q, kt, vt, p, self.scale)
+        elif torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
             o = _LatentAttention.apply(q, k, v, p, self.layer, self.scale)
         else:  # evaluation, decoding, or the no-grad first pass of a recomputed layer
             kb, vb = p.kv.write(self.layer, p, k, v)
             o = _kernel(p.kv.kernel, q, kb[:, :, : p.end], vb[:, :, : p.end], p, self.scale)
-        return o.transpose(1, 2)[p.rows, p.rank].reshape(-1, 1, n_heads * hn)
+        o = o.transpose(1, 2)
+        if p.causal:
+            return o.reshape(-1, 1, n_heads * hn)
+        return o[p.rows, p.rank].reshape(-1, 1, n_heads * hn)
 
 
 def use_transformer_engine(cfg: ModelConfig) -> bool:

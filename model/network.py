@@ -322,6 +322,7 @@ class AlcotModel(nn.Module):
             cap = (1 + self.cfg.l_max) * (s + keep_cache)
             kernel = attention_kernel(self.cfg)
             mb.kv = LatentKV(b, cap, input_ids.device, kernel, self.cfg.method == "mor")
+            mb.kv.keep = keep_cache > 0
         if self.first:
             mb.emb = self._embed(input_ids)
         return mb
@@ -331,13 +332,15 @@ class AlcotModel(nn.Module):
         method = self.cfg.method
         if method == "mor":
             return self._mor_program(mb, labels, loss_mask, return_logits, keep_states)
-        if method in ("adaptive", "fixed") or latent:
+        # adaptive with l_max = 0 has no decision to make (w(0) = 1): it is vanilla, and runs
+        # vanilla's pass rather than the latent machinery (test_l_max_zero_equals_vanilla)
+        if (method in ("adaptive", "fixed") and self.cfg.l_max > 0) or latent:
             return self._latent_program(mb, labels, loss_mask, return_logits, keep_states)
         return self._causal_program(mb, labels, loss_mask, return_logits)
 
     def first_request(self, mb: Micro) -> PassRequest:
         """Step 0 of every method: all tokens (the program yields the same request)."""
-        if self.cfg.method in ("adaptive", "fixed", "mor"):
+        if self.cfg.method in ("adaptive", "fixed", "mor") and self.cfg.l_max > 0:
             rows, pos = torch.ones(mb.b, mb.s, dtype=torch.bool, device=mb.device).nonzero(
                 as_tuple=True
             )
@@ -366,7 +369,8 @@ class AlcotModel(nn.Module):
         """This stage's layers over one traversal's input; returns (output, LatentPass)."""
         if req.kind == "packed":
             counts = torch.bincount(req.rows, minlength=mb.b).tolist()
-            p = mb.kv.plan(req.rows, req.pos, counts, req.step)
+            last = req.step == self.cfg.l_max and not mb.kv.keep  # nothing reads its keys
+            p = mb.kv.plan(req.rows, req.pos, counts, req.step, last)
             return self._pass(x, mb.rope[req.pos][:, None, None, :], p), p
         if req.kind == "pause":
             pos = torch.arange(mb.s, device=mb.device).repeat_interleave(self.cfg.l_max + 1)
@@ -630,7 +634,8 @@ class AlcotModel(nn.Module):
         Returns the outputs [N, 1, h] and the pass's :class:`LatentPass` (its ``pairs`` are the
         (query, key) pairs attended to, ``kernel_pairs`` those the kernel computes).
         """
-        p = self.kv.plan(rows, pos, counts, step)
+        last = step == self.cfg.l_max and not self.kv.keep
+        p = self.kv.plan(rows, pos, counts, step, last)
         freqs = rope[pos][:, None, None, :]  # [N, 1, 1, d]
         return self._pass(u, freqs, p), p
 

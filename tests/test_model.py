@@ -103,6 +103,12 @@ def test_l_max_zero_equals_vanilla(build):
     torch.testing.assert_close(a.loss, b.loss, atol=1e-6, rtol=0)
     assert b.mean_depth == 0
     assert a.flops["realised"] == pytest.approx(b.flops["realised"])
+    # forward() hands l_max = 0 to vanilla's pass; the latent machinery agrees with it
+    c, _ = latent.latent_forward(x, y, return_logits=True)
+    torch.testing.assert_close(a.logits, c.logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(a.loss, c.loss, atol=1e-6, rtol=0)
+    assert c.mean_depth == 0
+    assert a.flops["realised"] == pytest.approx(c.flops["realised"])
 
 
 def test_pruning_lowers_depth_and_realised_flops(build):

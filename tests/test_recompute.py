@@ -48,7 +48,7 @@ def test_recompute_gives_equal_loss_and_gradients(build, method, recompute):
 
 def test_recompute_saves_memory(build):
     """Full recompute of every layer keeps only each layer's input for backward."""
-    from bench.model_memory import saved_bytes
+    from alcot.model.memory import saved_bytes
 
     def saved(**kw):
         model = build(method="fixed", num_layers=3, **kw)
