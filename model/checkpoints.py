@@ -1,6 +1,7 @@
 """Training checkpoints: atomic, checksummed, the last N kept, corrupt ones skipped.
 
-``<out>/checkpoints/step_00000100/`` holds one ``tp<r>.pt`` per tensor-parallel rank (model,
+``<out>/checkpoints/step_00000100/`` holds one ``tp<r>.pt`` per tensor-parallel rank
+(``tp<r>_pp<p>.pt`` under pipeline parallelism) (model,
 optimizer, scheduler, data position, RNG states, counters) and ``meta.json`` (step, checksums,
 the caller's metadata such as the MLflow run id), written last. A checkpoint is first written to
 a hidden temporary folder and renamed into place, so a crash or SIGKILL at any moment leaves
@@ -47,18 +48,24 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _ranks() -> tuple[int, int, int]:
-    """(global rank, tensor-parallel rank, data-parallel rank)."""
+def _ranks() -> tuple[int, int, int, int, int]:
+    """(global rank, tensor-parallel rank, data-parallel rank, pipeline rank, pipeline size)."""
     from megatron.core import parallel_state as ps
 
     if not dist.is_initialized():
-        return 0, 0, 0
-    return dist.get_rank(), ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank()
+        return 0, 0, 0, 0, 1
+    return (
+        dist.get_rank(),
+        ps.get_tensor_model_parallel_rank(),
+        ps.get_data_parallel_rank(),
+        ps.get_pipeline_model_parallel_rank(),
+        ps.get_pipeline_model_parallel_world_size(),
+    )
 
 
 def save(ckpt_dir: Path, step: int, payload: dict, meta: dict, keep: int) -> Path:
     """Write this rank's ``payload``; data-parallel replicas other than rank 0 write nothing."""
-    rank, tp_rank, dp_rank = _ranks()
+    rank, tp_rank, dp_rank, pp_rank, pp_size = _ranks()
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     name = f"{PREFIX}{step:08d}"
     tmp = ckpt_dir / f".{name}.tmp"
@@ -69,7 +76,7 @@ def save(ckpt_dir: Path, step: int, payload: dict, meta: dict, keep: int) -> Pat
         dist.barrier()
     if dp_rank == 0:
         tmp.mkdir(parents=True, exist_ok=True)
-        target = tmp / f"tp{tp_rank}.pt"
+        target = tmp / (f"tp{tp_rank}.pt" if pp_size == 1 else f"tp{tp_rank}_pp{pp_rank}.pt")
         with open(target, "wb") as f:
             torch.save(payload, f)
             f.flush()
@@ -143,5 +150,7 @@ def latest_valid(ckpt_dir: Path) -> CheckpointInfo | None:
 
 
 def load_payload(info: CheckpointInfo, device: torch.device) -> dict:
-    _, tp_rank, _ = _ranks()
-    return torch.load(info.path / f"tp{tp_rank}.pt", map_location=device, weights_only=True)
+    """This rank's file (the trainer reshards checkpoints of another layout: reshard.py)."""
+    _, tp_rank, _, pp_rank, pp_size = _ranks()
+    name = f"tp{tp_rank}.pt" if pp_size == 1 else f"tp{tp_rank}_pp{pp_rank}.pt"
+    return torch.load(info.path / name, map_location=device, weights_only=True)

@@ -17,7 +17,8 @@ The patches (see ``shared/STACK_NOTES.md`` for how each assumption was found):
    but a stock Megatron attention module in a test or a future spec must not crash.)
 
 What is *not* patched, because this project does not use it on CPU: Megatron's pipeline
-schedules, its optimizer and grad clipping, and the distributed optimizer (whose checkpoints are
+schedules (pipeline parallelism runs its own schedule on Megatron's p2p ops, ``pipeline.py``),
+its optimizer and grad clipping, and the distributed optimizer (whose checkpoints are
 broken without apex/TE in 0.16.1). The trainer uses torch's AdamW and clipping instead.
 """
 

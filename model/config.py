@@ -258,10 +258,11 @@ class ModelConfig:
                     f"{p}.tensor_parallel_size",
                     f"{tp} does not divide {name} = {getattr(self, name)}",
                 )
-        if self.pipeline_parallel_size != 1:
+        if self.num_layers % self.pipeline_parallel_size:
             raise ConfigError(
                 f"{p}.pipeline_parallel_size",
-                "pipeline parallelism is not implemented yet (see docs/architecture.md); use 1",
+                f"{self.pipeline_parallel_size} does not divide num_layers = {self.num_layers} "
+                "(every stage holds the same number of layers)",
             )
         if self.mix not in MIXES:
             raise ConfigError(f"{p}.mix", f"must be one of {MIXES}, got {self.mix!r}")

@@ -28,6 +28,12 @@ def token_depth(model, input_ids: torch.Tensor, labels: torch.Tensor):
     """(step-0 cross-entropy [b, s], executed depth [b, s]) for one batch."""
     was_training = model.training
     model.eval()
+    if model.pp > 1:
+        from .pipeline import step0_loss_and_depth
+
+        ce0, depth = step0_loss_and_depth(model, input_ids, labels)
+        model.train(was_training)
+        return ce0, depth
     out, trace = model.latent_forward(input_ids, labels, keep_states=True)
     h0 = trace.hidden[0]  # [s, b, h]: every token runs step 0
     ce0 = model._ce(model._logits(h0), labels.t()).t()
@@ -37,7 +43,7 @@ def token_depth(model, input_ids: torch.Tensor, labels: torch.Tensor):
 
 def write_token_depth(model, batches, path: Path, max_tokens: int = 4096, write: bool = True):
     """Run ``batches`` of (input_ids, labels) and write up to ``max_tokens`` rows of
-    ``step0_loss,depth`` to ``path`` (atomically). Every tensor-parallel rank must call this
+    ``step0_loss,depth`` to ``path`` (atomically). Every model-parallel rank must call this
     (the forward has collectives); only callers with ``write`` set write the file."""
     rows: list[tuple[float, int]] = []
     device = next(model.parameters()).device

@@ -71,6 +71,10 @@ def generate(
     was_training = model.training
     model.eval()
     try:
+        if model.pp > 1:
+            return _generate_pipeline(
+                model, prompt, max_new_tokens, temperature, top_k, generator, stop
+            )
         if cfg.method in ("adaptive", "fixed", "vanilla", "mor"):
             fn = _generate_cached
         else:
@@ -91,6 +95,35 @@ def _generate_recompute(model, prompt, n, temperature, top_k, generator, stop=No
         if stop is not None and stop(tokens):
             break
     depth = torch.full(tokens.shape, model.cfg.l_max, dtype=torch.long, device=tokens.device)
+    return Generation(tokens, depth, _stack_logits(steps, prompt, model))
+
+
+def _generate_pipeline(model, prompt, n, temperature, top_k, generator, stop=None):
+    """Pipeline stages (every stage calls :func:`generate` with the same prompt): each new
+    token runs the whole forward of the text so far through the stages, without caches.
+
+    Correct because every method's forward is causal in eval mode (halting and MoR's threshold
+    rule read a token's own states), so the full forward's last logits and depths are those of
+    cached decoding. What it costs: token t re-runs all 1 + K passes over t positions (O(n^2)
+    work for n tokens instead of O(n)), and with one micro-batch in flight P - 1 of the P stages
+    wait at any moment. The last stage picks each token and sends it to every stage."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    src = ps.get_pipeline_model_parallel_last_rank()
+    group = ps.get_pipeline_model_parallel_group()
+    tokens, steps = prompt, []
+    out = None
+    for _ in range(n):
+        out = model(tokens, return_logits=True)
+        nxt_logits = out.logits[:, -1]
+        steps.append(nxt_logits)
+        tok = _pick(nxt_logits, temperature, top_k, generator)
+        dist.broadcast(tok, src=src, group=group)
+        tokens = torch.cat([tokens, tok[:, None]], 1)
+        if stop is not None and stop(tokens):
+            break
+    depth = model(tokens).depth  # the depths the last token's decoding would have executed
     return Generation(tokens, depth, _stack_logits(steps, prompt, model))
 
 

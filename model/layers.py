@@ -395,8 +395,9 @@ def use_transformer_engine(cfg: ModelConfig) -> bool:
     return have_te and torch.cuda.is_available()
 
 
-def build_block_spec(cfg: ModelConfig, state: AttentionState):
-    """Megatron ``TransformerBlockSubmodules`` for a Llama block with our core attention.
+def build_block_spec(cfg: ModelConfig, state: AttentionState, num_layers: int | None = None):
+    """Megatron ``TransformerBlockSubmodules`` for a Llama block with our core attention
+    (``num_layers``: this pipeline stage's share, from Megatron's ``get_num_layers_to_build``).
 
     Local spec (CPU, or GPU without TransformerEngine): Megatron's Column/RowParallelLinear and
     torch RMSNorm. TE spec: TE's fused norm+linear layers and TE RMSNorm. The final norm is set
@@ -464,7 +465,8 @@ def build_block_spec(cfg: ModelConfig, state: AttentionState):
             mlp_bda=get_bias_dropout_add,
         ),
     )
-    return TransformerBlockSubmodules(layer_specs=[layer] * cfg.num_layers, layer_norm=final_norm)
+    n = cfg.num_layers if num_layers is None else num_layers
+    return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=final_norm)
 
 
 def transformer_config(cfg: ModelConfig, params_dtype: torch.dtype = torch.float32):
@@ -501,6 +503,8 @@ def transformer_config(cfg: ModelConfig, params_dtype: torch.dtype = torch.float
         gradient_accumulation_fusion=False,
         cross_entropy_loss_fusion=False,
         tensor_model_parallel_size=cfg.tensor_parallel_size,
+        pipeline_model_parallel_size=cfg.pipeline_parallel_size,
+        pipeline_dtype=params_dtype,
         sequence_parallel=False,
         use_cpu_initialization=True,
         perform_initialization=True,

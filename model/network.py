@@ -60,6 +60,37 @@ class LatentTrace:
     hidden: list[Tensor] = field(default_factory=list)
 
 
+@dataclass
+class PassRequest:
+    """One traversal of the stack that a method's program asks for.
+
+    ``kind``: ``packed`` (a latent step over the tokens at (``rows``, ``pos``), row after row),
+    ``causal`` (every token, causal attention) or ``pause`` (every token followed by its pause
+    tokens). ``feed`` is what the first stage builds the input from (None at step 0, where the
+    input is the embedding): the previous step's states for the latent methods and looped,
+    the next-token distribution for PonderLM."""
+
+    step: int
+    kind: str
+    rows: Tensor | None = None
+    pos: Tensor | None = None
+    feed: Tensor | None = None
+
+
+@dataclass
+class Micro:
+    """One micro-batch's forward on one stage (see :meth:`AlcotModel.micro`)."""
+
+    b: int
+    s: int
+    device: torch.device
+    rope: Tensor
+    ids: Tensor
+    kv: LatentKV | None = None
+    emb: Tensor | None = None  # first stage: s * E[x], [s, b, h]
+    u: Tensor | None = None  # first stage, PonderLM: the input of the latest pass
+
+
 class AlcotModel(nn.Module):
     """All methods of ``ModelConfig.method`` in one module (they share every weight name)."""
 
@@ -75,44 +106,65 @@ class AlcotModel(nn.Module):
                 f"model.tensor_parallel_size={cfg.tensor_parallel_size} but the process group "
                 f"has {ps.get_tensor_model_parallel_world_size()} tensor-parallel ranks"
             )
+        if ps.get_pipeline_model_parallel_world_size() != cfg.pipeline_parallel_size:
+            raise RuntimeError(
+                f"model.pipeline_parallel_size={cfg.pipeline_parallel_size} but the process group "
+                f"has {ps.get_pipeline_model_parallel_world_size()} pipeline stages"
+            )
         from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
         from megatron.core.tensor_parallel.layers import (
             ColumnParallelLinear,
             VocabParallelEmbedding,
         )
-        from megatron.core.transformer.transformer_block import TransformerBlock
+        from megatron.core.transformer.transformer_block import (
+            TransformerBlock,
+            get_num_layers_to_build,
+        )
 
         self.cfg = cfg
         self.tcfg = transformer_config(cfg, params_dtype)
         self.state = AttentionState()
         self.kv: LatentKV | None = None  # the latent caches, between prefill and decoding
-        self.embedding = VocabParallelEmbedding(
-            cfg.vocab_size, cfg.hidden_size, init_method=self.tcfg.init_method, config=self.tcfg
-        )
+        # Pipeline stage: Megatron's TransformerBlock builds this stage's contiguous layers
+        # (get_num_layers_to_build / get_transformer_layer_offset; layer numbers stay global, so
+        # each layer's latent cache is keyed as in one process). Embeddings (and pause vectors)
+        # live on the first stage; the final norm, head and routers on the last.
+        self.pp = cfg.pipeline_parallel_size
+        self.stage = ps.get_pipeline_model_parallel_rank()
+        self.first, self.last = self.stage == 0, self.stage == self.pp - 1
+        self.embedding = None
+        if self.first:
+            self.embedding = VocabParallelEmbedding(
+                cfg.vocab_size, cfg.hidden_size, init_method=self.tcfg.init_method, config=self.tcfg
+            )
+        # pre_process=True on every stage: we hand each stage its input directly instead of
+        # through Megatron's set_input_tensor; post_process builds the final norm (last stage).
         self.block = TransformerBlock(
             self.tcfg,
-            build_block_spec(cfg, self.state),
+            build_block_spec(cfg, self.state, get_num_layers_to_build(self.tcfg)),
             post_layer_norm=True,
             pre_process=True,
-            post_process=True,
+            post_process=self.last,
         )
-        self.head = ColumnParallelLinear(
-            cfg.hidden_size,
-            cfg.vocab_size,
-            config=self.tcfg,
-            init_method=self.tcfg.init_method,
-            bias=False,
-            gather_output=False,
-        )
+        self.head = None
+        if self.last:
+            self.head = ColumnParallelLinear(
+                cfg.hidden_size,
+                cfg.vocab_size,
+                config=self.tcfg,
+                init_method=self.tcfg.init_method,
+                bias=False,
+                gather_output=False,
+            )
         self.rotary = RotaryEmbedding(
             kv_channels=cfg.head_dim,
             rotary_percent=1.0,
             rotary_base=cfg.rotary_base,
             use_cpu_initialization=True,
         )
-        self.router = Router(cfg) if cfg.uses_router else None
-        self.mor_router = MoRRouter(cfg) if cfg.method == "mor" else None
-        if cfg.method == "pause":
+        self.router = Router(cfg) if cfg.uses_router and self.last else None
+        self.mor_router = MoRRouter(cfg) if cfg.method == "mor" and self.last else None
+        if cfg.method == "pause" and self.first:
             self.pause = nn.Parameter(torch.randn(cfg.l_max, cfg.hidden_size) * cfg.init_std)
         else:
             self.pause = None
@@ -120,7 +172,7 @@ class AlcotModel(nn.Module):
     # ------------------------------------------------------------------ helpers
     @property
     def device(self) -> torch.device:
-        return self.embedding.weight.device
+        return next(self.block.parameters()).device
 
     def num_parameters(self) -> dict[str, int]:
         return count_parameters(self.cfg)
@@ -175,7 +227,7 @@ class AlcotModel(nn.Module):
     @property
     def compute_dtype(self) -> torch.dtype:
         """The dtype activations flow in: that of the (non-router) parameters."""
-        return self.embedding.weight.dtype
+        return next(self.block.parameters()).dtype
 
     def _pass(self, u: Tensor, freqs: Tensor, latent=None) -> Tensor:
         """One pass of the shared stack; ``freqs`` broadcastable to [s, b, 1, head_dim];
@@ -191,37 +243,166 @@ class AlcotModel(nn.Module):
         loss_mask: Tensor | None = None,
         return_logits: bool = False,
     ) -> ModelOutput:
-        """Run the configured method. ``input_ids`` and ``labels`` are [b, s]."""
+        """Run the configured method. ``input_ids`` and ``labels`` are [b, s].
+
+        Pipeline parallel (``model.pipeline_parallel_size > 1``): every stage calls this with the
+        same batch; it runs the forward through the stages (``model/pipeline.py``) and every
+        stage gets the last stage's results (detached: train through
+        :func:`alcot.model.pipeline.run_pipeline`)."""
+        if self.pp > 1:
+            from .pipeline import forward_only
+
+            return forward_only(self, input_ids, labels, loss_mask, return_logits)
+        out, _ = self._run_local(input_ids, labels, loss_mask, return_logits)
+        return out
+
+    def latent_forward(
+        self,
+        input_ids: Tensor,
+        labels: Tensor | None = None,
+        loss_mask: Tensor | None = None,
+        return_logits: bool = False,
+        keep_states: bool = False,
+        keep_cache: int = 0,
+    ) -> tuple[ModelOutput, LatentTrace]:
+        """Adaptive / fixed latent CoT with pruning (also vanilla when ``l_max == 0``), or
+        Mixture-of-Recursions with its own routing.
+
+        ``keep_states`` returns every step's hidden states in the trace (for diagnostics).
+        ``keep_cache = n`` keeps the KV caches in ``self.kv`` afterwards, with room for ``n``
+        more tokens to decode. One process only (pipeline stages run through ``pipeline.py``).
+        """
+        if self.pp > 1:
+            raise RuntimeError("latent_forward runs in one pipeline stage; use model(...)")
+        cfg = self.cfg
+        if cfg.method not in ("adaptive", "fixed", "mor", "vanilla"):
+            raise ValueError(f"latent_forward does not run method {cfg.method!r}")
+        return self._run_local(
+            input_ids, labels, loss_mask, return_logits, keep_states, keep_cache, latent=True
+        )
+
+    # The forward of every method is written once, as a *program*: a generator that runs where
+    # the head is (the last pipeline stage, or the only process) and yields one
+    # :class:`PassRequest` per traversal of the stack (which tokens, which step, and what the
+    # first stage should feed in), receiving the traversal's output. In one process
+    # :meth:`_run_local` answers each request at once; under pipeline parallelism
+    # ``pipeline.py`` carries the request and the activations through the stages. Both run the
+    # same arithmetic, which is what lets the tests require P = 2 to equal P = 1.
+
+    def _run_local(
+        self,
+        input_ids: Tensor,
+        labels: Tensor | None,
+        loss_mask: Tensor | None,
+        return_logits: bool,
+        keep_states: bool = False,
+        keep_cache: int = 0,
+        latent: bool = False,
+    ) -> tuple[ModelOutput, LatentTrace | None]:
+        mb = self.micro(input_ids, keep_cache)
+        program = self.program(mb, labels, loss_mask, return_logits, keep_states, latent)
+        req = next(program)
+        try:
+            while True:
+                x = self.stage_input(mb, req)
+                req = program.send(self.stage_pass(mb, req, x))
+        except StopIteration as stop:
+            result = stop.value
+        finally:
+            self.kv = mb.kv if keep_cache else None  # autograd holds what backward needs
+        return result
+
+    def micro(self, input_ids: Tensor, keep_cache: int = 0) -> Micro:
+        """The per-forward context of one micro-batch on this stage: rotary angles, the latent
+        caches of this stage's layers, and (first stage) the scaled token embeddings."""
+        b, s = input_ids.shape
+        self.state.start_causal()
+        mb = Micro(b, s, input_ids.device, self._rope(s), input_ids)
+        if self.cfg.method in ("adaptive", "fixed", "mor", "vanilla"):
+            cap = (1 + self.cfg.l_max) * (s + keep_cache)
+            kernel = attention_kernel(self.cfg)
+            mb.kv = LatentKV(b, cap, input_ids.device, kernel, self.cfg.method == "mor")
+            mb.kv.keep = keep_cache > 0
+        if self.first:
+            mb.emb = self._embed(input_ids)
+        return mb
+
+    def program(self, mb, labels, loss_mask, return_logits, keep_states=False, latent=False):
+        """The method's program (see above); it returns ``(ModelOutput, LatentTrace | None)``."""
         method = self.cfg.method
+        if method == "mor":
+            return self._mor_program(mb, labels, loss_mask, return_logits, keep_states)
         # adaptive with l_max = 0 has no decision to make (w(0) = 1): it is vanilla, and runs
         # vanilla's pass rather than the latent machinery (test_l_max_zero_equals_vanilla)
-        if method in ("adaptive", "fixed", "mor") and self.cfg.l_max > 0:
-            out, _ = self.latent_forward(input_ids, labels, loss_mask, return_logits)
-            return out
+        if (method in ("adaptive", "fixed") and self.cfg.l_max > 0) or latent:
+            return self._latent_program(mb, labels, loss_mask, return_logits, keep_states)
+        return self._causal_program(mb, labels, loss_mask, return_logits)
+
+    def first_request(self, mb: Micro) -> PassRequest:
+        """Step 0 of every method: all tokens (the program yields the same request)."""
+        if self.cfg.method in ("adaptive", "fixed", "mor") and self.cfg.l_max > 0:
+            rows, pos = torch.ones(mb.b, mb.s, dtype=torch.bool, device=mb.device).nonzero(
+                as_tuple=True
+            )
+            return PassRequest(0, "packed", rows, pos)
+        return PassRequest(0, "pause" if self.cfg.method == "pause" else "causal")
+
+    def stage_input(self, mb: Micro, req: PassRequest) -> Tensor:
+        """First stage: the input of a traversal from the request's feed (the embeddings at
+        step 0; PonderLM adds the expected embedding of the fed distribution)."""
+        if req.kind == "packed":
+            return mb.emb[req.pos, req.rows][:, None] if req.feed is None else req.feed
+        if req.kind == "pause":
+            return self._pause_sequence(mb.emb)
+        if req.step == 0:
+            mb.u = mb.emb
+            return mb.emb
+        if self.cfg.method == "ponder":
+            # the published recurrence accumulates: u <- u + E[p]; "reset" adds only the latest
+            # expected embedding to the token's own
+            base = mb.u if self.cfg.ponder_update == "accumulate" else mb.emb
+            mb.u = base + self._embed_distribution(req.feed)
+            return mb.u
+        return req.feed
+
+    def stage_pass(self, mb: Micro, req: PassRequest, x: Tensor):
+        """This stage's layers over one traversal's input; returns (output, LatentPass)."""
+        if req.kind == "packed":
+            counts = torch.bincount(req.rows, minlength=mb.b).tolist()
+            last = req.step == self.cfg.l_max and not mb.kv.keep  # nothing reads its keys
+            p = mb.kv.plan(req.rows, req.pos, counts, req.step, last)
+            return self._pass(x, mb.rope[req.pos][:, None, None, :], p), p
+        if req.kind == "pause":
+            pos = torch.arange(mb.s, device=mb.device).repeat_interleave(self.cfg.l_max + 1)
+            return self._pass(x, mb.rope[pos][:, None, None, :]), None
+        return self._pass(x, mb.rope[:, None, None, :]), None
+
+    def _pause_sequence(self, emb: Tensor) -> Tensor:
+        """K pause tokens after every token, same position id: [s (K + 1), b, h]."""
+        s, b, h = emb.shape
+        k = self.cfg.l_max
+        pauses = self._scale(self.pause.to(emb.dtype))[None, :, None, :].expand(s, k, b, h)
+        return torch.cat([emb[:, None], pauses], dim=1).reshape(s * (k + 1), b, h)
+
+    def _causal_program(self, mb, labels, loss_mask, return_logits):
+        """Vanilla, looped, pause and PonderLM: full causal passes over every token."""
+        method = self.cfg.method
         tally = FlopTally(self.cfg, grad=torch.is_grad_enabled())
-        b, s = input_ids.shape
-        rope = self._rope(s)
-        self.state.start_causal()
-        emb = self._embed(input_ids)
+        b, s = mb.b, mb.s
         passes = 1 + self.cfg.l_max
         if method == "pause":
-            h = self._pause_forward(emb, rope, tally)
+            k = self.cfg.l_max
+            out, _ = yield PassRequest(0, "pause")
+            tally.block(s * (k + 1) * b, causal_pairs(s * (k + 1), b))
+            h = out.reshape(s, k + 1, b, out.shape[-1])[:, k]  # predict from the last pause
         else:
-            freqs = rope[:, None, None, :]
-            h = self._pass(emb, freqs)
+            h, _ = yield PassRequest(0, "causal")
             tally.block(b * s, causal_pairs(s, b))
-            u = emb
-            for _ in range(self.cfg.l_max):  # looped / ponder (vanilla has l_max = 0)
-                if method == "ponder":
-                    # the published recurrence accumulates: u <- u + E[p]; "reset" adds only the
-                    # latest expected embedding to the token's own
-                    base = u if self.cfg.ponder_update == "accumulate" else emb
-                    u = base + self._expected_embedding(h, tally)
-                else:
-                    u = h
-                h = self._pass(u, freqs)
+            for step in range(1, self.cfg.l_max + 1):  # looped / ponder (vanilla: l_max = 0)
+                feed = self._distribution(h, tally) if method == "ponder" else h
+                h, _ = yield PassRequest(step, "causal", feed=feed)
                 tally.block(b * s, causal_pairs(s, b))
-        depth = torch.full((b, s), self.cfg.l_max, dtype=torch.long, device=input_ids.device)
+        depth = torch.full((b, s), self.cfg.l_max, dtype=torch.long, device=mb.device)
         logits = self._logits(h)
         tally.head(b * s)
         ce = adapt = loss = None
@@ -233,31 +414,30 @@ class AlcotModel(nn.Module):
             loss = ce
         flops = self._flops(tally, float(b * s * passes), b * s)
         lg = self._gather_vocab(logits).transpose(0, 1) if return_logits else None
-        return ModelOutput(loss, ce, adapt, lg, depth, flops)
+        return ModelOutput(loss, ce, adapt, lg, depth, flops), None
 
-    def _pause_forward(self, emb: Tensor, rope: Tensor, tally: FlopTally) -> Tensor:
-        """K pause tokens after every token, same position id; predict from the last pause."""
-        s, b, h = emb.shape
-        k = self.cfg.l_max
-        pauses = self._scale(self.pause.to(emb.dtype))[None, :, None, :].expand(s, k, b, h)
-        seq = torch.cat([emb[:, None], pauses], dim=1).reshape(s * (k + 1), b, h)
-        pos = torch.arange(s, device=emb.device).repeat_interleave(k + 1)
-        out = self._pass(seq, rope[pos][:, None, None, :])
-        tally.block(s * (k + 1) * b, causal_pairs(s * (k + 1), b))
-        return out.reshape(s, k + 1, b, h)[:, k]
-
-    def _expected_embedding(self, h: Tensor, tally: FlopTally) -> Tensor:
-        """PonderLM: sum_v softmax(W h)_v E_v (vocab split across tensor-parallel ranks)."""
-        from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
-
+    def _distribution(self, h: Tensor, tally: FlopTally) -> Tensor:
+        """PonderLM, last stage: softmax(W h) over the (tensor-parallel) vocab, in the
+        embedding's dtype, for the first stage to turn into an expected embedding."""
         s, b, _ = h.shape
         probs = self._vocab_log_softmax(self._logits(h)).exp()
         tally.head(s * b)
-        e = probs.to(self.embedding.weight.dtype) @ self.embedding.weight
         tally.expected_embedding(s * b)
+        return probs.to(self.compute_dtype)
+
+    def _embed_distribution(self, probs: Tensor) -> Tensor:
+        """PonderLM, first stage: s * sum_v p_v E_v (vocab split across tensor-parallel
+        ranks)."""
+        from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
+
+        e = probs @ self.embedding.weight
         if self.cfg.tensor_parallel_size > 1:
             e = reduce_from_tensor_model_parallel_region(e)
         return self._scale(e)
+
+    def _expected_embedding(self, h: Tensor, tally: FlopTally) -> Tensor:
+        """PonderLM: sum_v softmax(W h)_v E_v (vocab split across tensor-parallel ranks)."""
+        return self._embed_distribution(self._distribution(h, tally))
 
     def _flops(self, tally: FlopTally, executed_passes: float, tokens: int) -> dict[str, float]:
         return {
@@ -274,32 +454,12 @@ class AlcotModel(nn.Module):
         }
 
     # ------------------------------------------------------------------ latent steps
-    def latent_forward(
-        self,
-        input_ids: Tensor,
-        labels: Tensor | None = None,
-        loss_mask: Tensor | None = None,
-        return_logits: bool = False,
-        keep_states: bool = False,
-        keep_cache: int = 0,
-    ) -> tuple[ModelOutput, LatentTrace]:
-        """Adaptive / fixed latent CoT with pruning (also vanilla when ``l_max == 0``).
-
-        ``keep_states`` returns every step's hidden states in the trace (for diagnostics).
-        ``keep_cache = n`` keeps the KV caches in ``self.kv`` afterwards, with room for ``n``
-        more tokens to decode. Mixture-of-Recursions (``method: mor``) runs here too, with its
-        own routing.
-        """
-        if self.cfg.method == "mor":
-            return self._mor_forward(
-                input_ids, labels, loss_mask, return_logits, keep_states, keep_cache
-            )
+    def _latent_program(self, mb, labels, loss_mask, return_logits, keep_states):
+        """Adaptive / fixed latent CoT with pruning: step k runs the tokens still active,
+        packed; the router, halting, mixing and losses run here (the last stage)."""
         cfg = self.cfg
-        b, s = input_ids.shape
-        dev = input_ids.device
+        b, s, dev = mb.b, mb.s, mb.device
         tally = FlopTally(cfg, grad=torch.is_grad_enabled())
-        rope = self._rope(s)
-        self._open_cache(b, s, keep_cache, dev)
         want_q = (
             labels is not None and self.router is not None and cfg.halting.loss in ("gate", "reach")
         )
@@ -307,7 +467,7 @@ class AlcotModel(nn.Module):
         dist_logits = cfg.mix == "distribution" and return_logits
         token_mask = _token_mask(labels, loss_mask) if labels is not None else None
 
-        h_in = self._embed(input_ids)  # [s, b, h]: input of the next pass, valid where active
+        h_in = None  # the previous step's states [s, b, h] (step 0's input is the embedding)
         active = torch.ones(b, s, dtype=torch.bool, device=dev)
         r = torch.ones(b, s, device=dev)
         ran: list[Tensor] = []
@@ -321,8 +481,8 @@ class AlcotModel(nn.Module):
             rows, pos = active.nonzero(as_tuple=True)  # row-major: packed row after row
             executed += rows.numel()
             ran.append(active)
-            u = h_in[pos, rows][:, None]  # [N, 1, h]
-            out, lp_ = self._packed_pass(u, rows, pos, active.sum(1).tolist(), k, rope)
+            feed = None if k == 0 else h_in[pos, rows][:, None]  # [N, 1, h]
+            out, lp_ = yield PassRequest(k, "packed", rows, pos, feed)
             out = out[:, 0]  # [N, h]
             tally.block(rows.numel(), lp_.pairs, lp_.kernel_pairs)
             h_k = out.new_zeros(s, b, out.shape[-1]).index_put((pos, rows), out)
@@ -362,8 +522,6 @@ class AlcotModel(nn.Module):
             if len(ran) > 1
             else (torch.zeros(b, s, dtype=torch.long, device=dev))
         )
-        if not keep_cache:
-            self.kv = None  # autograd holds what backward needs; nothing else stays referenced
         ce = adapt = loss = logits = None
         if cfg.mix == "state":
             lg = self._logits(mixed.to(self.compute_dtype))
@@ -389,28 +547,17 @@ class AlcotModel(nn.Module):
         flops = self._flops(tally, float(executed), b * s)
         return ModelOutput(loss, ce, adapt, logits, depth, flops), LatentTrace(ran, states)
 
-    def _mor_forward(
-        self,
-        input_ids: Tensor,
-        labels: Tensor | None,
-        loss_mask: Tensor | None,
-        return_logits: bool,
-        keep_states: bool,
-        keep_cache: int = 0,
-    ) -> tuple[ModelOutput, LatentTrace]:
+    def _mor_program(self, mb, labels, loss_mask, return_logits, keep_states):
         """Mixture-of-Recursions (``model/mor.py``): step 0 for every token, then recursion k
         for the tokens its router keeps among those that ran step k-1, each pass packed like a
         latent step, attending to its own step's cache only (recursion-wise KV caching).
         Training routes by expert choice (top-k per sequence); ``eval()`` by the causal
-        threshold rule."""
+        threshold rule. The routers and the state H live here (the last stage)."""
         cfg, mc = self.cfg, self.cfg.mor
-        b, s = input_ids.shape
-        dev = input_ids.device
+        b, s, dev = mb.b, mb.s, mb.device
         tally = FlopTally(cfg, grad=torch.is_grad_enabled())
-        rope = self._rope(s)
-        self._open_cache(b, s, keep_cache, dev, same_step=True)
         caps = mc.capacities(cfg.l_max)
-        state = self._embed(input_ids)  # [s, b, h]: H(k) of every token
+        state = None  # [s, b, h]: H(k) of every token (H(0) = f(embedding), all tokens run)
         active = torch.ones(b, s, dtype=torch.bool, device=dev)
         ran: list[Tensor] = []
         states: list[Tensor] = []
@@ -432,13 +579,14 @@ class AlcotModel(nn.Module):
             rows, pos = active.nonzero(as_tuple=True)
             executed += rows.numel()
             ran.append(active)
-            u = state[pos, rows]  # [N, h]
-            out, lp_ = self._packed_pass(u[:, None], rows, pos, active.sum(1).tolist(), k, rope)
+            u = None if k == 0 else state[pos, rows]  # [N, h]
+            out, lp_ = yield PassRequest(k, "packed", rows, pos, None if k == 0 else u[:, None])
             tally.block(rows.numel(), lp_.pairs, lp_.kernel_pairs)
-            new = (
-                out[:, 0] if k == 0 else recursion_update(u, out[:, 0], logit[rows, pos], mc.alpha)
-            )
-            state = state.index_put((pos, rows), new.to(state.dtype))
+            if k == 0:
+                state = out.new_zeros(s, b, out.shape[-1]).index_put((pos, rows), out[:, 0])
+            else:
+                new = recursion_update(u, out[:, 0], logit[rows, pos], mc.alpha)
+                state = state.index_put((pos, rows), new.to(state.dtype))
             if keep_states:
                 states.append(state)
 
@@ -447,8 +595,6 @@ class AlcotModel(nn.Module):
             if len(ran) > 1
             else torch.zeros_like(ran[0], dtype=torch.long)
         )
-        if not keep_cache:
-            self.kv = None
         lg = self._logits(state)
         tally.head(b * s)
         ce = adapt = loss = logits = None
@@ -479,16 +625,6 @@ class AlcotModel(nn.Module):
             tally.head(rows.numel(), grad=False)
             ce = ce.index_put((rows, pos), ce_n[:, 0].float())
         return (-ce).exp()
-
-    def _open_cache(self, b: int, s: int, spare: int, device, same_step: bool = False) -> None:
-        """Fresh latent caches for ``b`` rows of ``s`` tokens, plus ``spare`` tokens to decode.
-
-        Every pass appends at most one slot per row and active token, so (1 + l_max) slots per
-        token bound them."""
-        self.state.start_causal()
-        cap = (1 + self.cfg.l_max) * (s + spare)
-        self.kv = LatentKV(b, cap, device, attention_kernel(self.cfg), same_step)
-        self.kv.keep = spare > 0
 
     def _packed_pass(
         self, u: Tensor, rows: Tensor, pos: Tensor, counts: list[int], step: int, rope: Tensor

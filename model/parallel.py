@@ -23,8 +23,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_parallel(tensor_parallel_size: int = 1, backend: str | None = None) -> None:
-    """Initialise torch.distributed (if needed) and Megatron's model-parallel groups."""
+def init_parallel(
+    tensor_parallel_size: int = 1, backend: str | None = None, pipeline_parallel_size: int = 1
+) -> None:
+    """Initialise torch.distributed (if needed) and Megatron's model-parallel groups
+    (tensor x pipeline; the remaining factor of the world is data parallel)."""
     ensure_cpu_compat()
     from megatron.core import parallel_state as ps
 
@@ -42,12 +45,24 @@ def init_parallel(tensor_parallel_size: int = 1, backend: str | None = None) -> 
             )
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    world = dist.get_world_size()
+    if world % (tensor_parallel_size * pipeline_parallel_size):
+        raise ValueError(
+            f"{world} processes cannot hold tensor_parallel_size={tensor_parallel_size} x "
+            f"pipeline_parallel_size={pipeline_parallel_size}"
+        )
     if ps.model_parallel_is_initialized():
-        current = ps.get_tensor_model_parallel_world_size()
-        if current == tensor_parallel_size:
+        current = (
+            ps.get_tensor_model_parallel_world_size(),
+            ps.get_pipeline_model_parallel_world_size(),
+        )
+        if current == (tensor_parallel_size, pipeline_parallel_size):
             return
         ps.destroy_model_parallel()
-    ps.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size)
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_parallel_size,
+        pipeline_model_parallel_size=pipeline_parallel_size,
+    )
 
 
 def tp_group():
@@ -60,6 +75,24 @@ def tp_world_size() -> int:
     from megatron.core import parallel_state as ps
 
     return ps.get_tensor_model_parallel_world_size()
+
+
+def pp_world_size() -> int:
+    from megatron.core import parallel_state as ps
+
+    return ps.get_pipeline_model_parallel_world_size()
+
+
+def pp_rank() -> int:
+    from megatron.core import parallel_state as ps
+
+    return ps.get_pipeline_model_parallel_rank()
+
+
+def pp_group():
+    from megatron.core import parallel_state as ps
+
+    return ps.get_pipeline_model_parallel_group()
 
 
 def tp_rank() -> int:

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from . import checkpoints
 from .config import ModelConfig, count_parameters
 from .diagnostics import has_token_depth, write_token_depth
+from .tp_reshard import _layer_offset, global_name, local_name
 from .typed import ConfigError, build
 
 FIND = object()  # train(resume_from=FIND): look for the newest valid checkpoint
@@ -126,8 +127,9 @@ def lr_lambda(tcfg: TrainerConfig):
 
 
 def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
-    """Global grad norm across tensor-parallel shards (replicated parameters counted once)."""
-    from .parallel import tp_group, tp_world_size
+    """Global grad norm across tensor-parallel shards (replicated parameters counted once) and
+    pipeline stages (each holds its own parameters)."""
+    from .parallel import pp_group, pp_world_size, tp_group, tp_world_size
 
     sharded = [
         p.grad for p in params if p.grad is not None and getattr(p, "tensor_model_parallel", False)
@@ -137,11 +139,13 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.T
         for p in params
         if p.grad is not None and not getattr(p, "tensor_model_parallel", False)
     ]
-    dev = (sharded or replicated)[0].device
+    dev = (sharded or replicated)[0].device if (sharded or replicated) else torch.device("cpu")
     sq_sharded = sum((g.float().pow(2).sum() for g in sharded), torch.zeros((), device=dev))
     if tp_world_size() > 1:
         dist.all_reduce(sq_sharded, group=tp_group())
     sq = sq_sharded + sum((g.float().pow(2).sum() for g in replicated), torch.zeros((), device=dev))
+    if dist.is_initialized() and pp_world_size() > 1:
+        dist.all_reduce(sq, group=pp_group())
     norm = sq.sqrt()
     if max_norm > 0:
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
@@ -205,6 +209,66 @@ def evaluate(model, data, tcfg: TrainerConfig, seq_len: int, batch: int, device)
     return metrics
 
 
+def _load_checkpoint(info, model, opt, opt_names, main_names, device) -> dict:
+    """This rank's payload of a checkpoint: its own file when the checkpoint was written at the
+    current (tensor, pipeline) layout, else rebuilt from every rank's file (``reshard.py``)."""
+    from .parallel import pp_rank, pp_world_size, tp_rank, tp_world_size
+    from .reshard import load_resharded, rank_file, saved_layout
+
+    tp, pp = tp_world_size(), pp_world_size()
+    old_tp, old_pp, _ = saved_layout(info.path)
+    if (old_tp, old_pp) == (tp, pp):
+        path = info.path / rank_file(tp_rank(), pp_rank(), pp)
+        return torch.load(path, map_location=device, weights_only=True)
+    offset = _layer_offset(model)
+    params = {global_name(n, offset): p for n, p in model.named_parameters()}
+    keys = [global_name(n, offset) for n in model.state_dict()]
+    return load_resharded(
+        info, params, keys, opt.state_dict(), opt_names, main_names, tp_rank(), tp, device
+    )
+
+
+def _pipeline_step(model, loader, tcfg: TrainerConfig, device, step: int):
+    """One optimizer step's forward and backward under pipeline parallelism: the step's
+    ``grad_accum`` micro-batches go through the stages together (``model/pipeline.py``); the
+    last stage's loss sums reach every stage (rank 0, a first stage, logs them)."""
+    from megatron.core import parallel_state as ps
+
+    from .pipeline import run_pipeline
+
+    batches = []
+    for _ in range(tcfg.grad_accum):
+        x, y = loader.next_batch()
+        batches.append((x.to(device), y.to(device), None))
+    outs = run_pipeline(model, batches, True, 1.0 / tcfg.grad_accum)
+    stats = torch.zeros(9, dtype=torch.float64)  # the 5 sums, then the 4 FLOPs counters
+    if model.last:
+        for (_, y, _), out in zip(batches, outs, strict=True):
+            n = y.numel()
+            stats += torch.tensor(
+                [
+                    out.loss.item() * n,
+                    out.ce_loss.item() * n,
+                    out.adapt_loss.item() * n,
+                    out.depth.float().sum().item(),
+                    n,
+                    out.flops["nominal"],
+                    out.flops["realised"],
+                    out.flops["paper"],
+                    out.flops["kernel"],
+                ],
+                dtype=torch.float64,
+            )
+    dist.broadcast(
+        stats,
+        src=ps.get_pipeline_model_parallel_last_rank(),
+        group=ps.get_pipeline_model_parallel_group(),
+    )
+    if not torch.isfinite(stats[0]):
+        raise NonFiniteLoss(f"non-finite loss at step {step}")
+    return stats[:5], stats[5:].tolist()
+
+
 def train(
     model_cfg: ModelConfig,
     data,
@@ -231,7 +295,9 @@ def train(
     from .parallel import init_parallel
     from .precision import MainParams, cast_model
 
-    init_parallel(model_cfg.tensor_parallel_size)
+    init_parallel(
+        model_cfg.tensor_parallel_size, pipeline_parallel_size=model_cfg.pipeline_parallel_size
+    )
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
     device = _device()
@@ -249,9 +315,15 @@ def train(
     random.seed(seed)
     model = cast_model(AlcotModel(model_cfg), param_dtype(tcfg, device)).to(device)
     main = MainParams(list(model.parameters()))  # fp32 main copies of bf16 parameters
-    decay, no_decay = [], []
+    offset = _layer_offset(model)
+    gname = {n: global_name(n, offset) for n, _ in model.named_parameters()}
+    decay, no_decay, decay_names, no_decay_names = [], [], [], []
     for n, p in model.named_parameters():  # matrices decay; norms, biases, embeddings do not
-        (decay if p.dim() >= 2 and "embedding" not in n else no_decay).append(main.main_of(p))
+        is_decay = p.dim() >= 2 and "embedding" not in n
+        (decay if is_decay else no_decay).append(main.main_of(p))
+        (decay_names if is_decay else no_decay_names).append(gname[n])
+    opt_names = decay_names + no_decay_names  # the optimizer's parameter indices, by name
+    main_names = [gname[n] for n, p in model.named_parameters() if main.main_of(p) is not p]
     opt = torch.optim.AdamW(
         [
             {"params": decay, "weight_decay": tcfg.weight_decay},
@@ -274,8 +346,8 @@ def train(
     if tcfg.resume == "auto":
         info = checkpoints.latest_valid(ckpt_dir) if resume_from is FIND else resume_from
         if info is not None:
-            payload = checkpoints.load_payload(info, device)
-            model.load_state_dict(payload["model"])
+            payload = _load_checkpoint(info, model, opt, opt_names, main_names, device)
+            model.load_state_dict({local_name(n, offset): t for n, t in payload["model"].items()})
             main.load_state_dict(payload.get("main_params"))
             opt.load_state_dict(payload["optimizer"])
             sched.load_state_dict(payload["scheduler"])
@@ -288,8 +360,11 @@ def train(
                 log(f"resumed from {info.path} (step {info.step})")
 
     ddp_model = model
-    # bf16: gradients are averaged over data-parallel ranks in fp32 on the main copies instead
-    if dp_world > 1 and not main.reduced:
+    pp = model_cfg.pipeline_parallel_size
+    # bf16 or pipeline stages (whose backward is several calls per micro-batch, which DDP's
+    # hooks do not follow): gradients are averaged over data-parallel ranks on the main copies
+    manual_dp = main.reduced or pp > 1
+    if dp_world > 1 and not manual_dp:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model,
             process_group=ps.get_data_parallel_group(),
@@ -299,9 +374,13 @@ def train(
 
     def checkpoint(step: int) -> Path:
         payload = {
-            "model": model.state_dict(),
+            # global names and named optimizer entries: any layout can resume it (reshard.py)
+            "model": {global_name(n, offset): t for n, t in model.state_dict().items()},
+            "layout": {"tp": model_cfg.tensor_parallel_size, "pp": pp},
             "optimizer": opt.state_dict(),
+            "opt_names": opt_names,
             "main_params": main.state_dict() or None,
+            "main_names": main_names,
             "scheduler": sched.state_dict(),
             "data": loader.state_dict(),
             "counters": dict(counters),
@@ -323,7 +402,10 @@ def train(
             opt.zero_grad(set_to_none=True)
             sums = torch.zeros(5, dtype=torch.float64)  # loss, ce, adapt, depth*tokens, tokens
             flops = [0.0, 0.0, 0.0, 0.0]  # nominal, realised, paper, kernel
-            for i in range(tcfg.grad_accum):
+            if pp > 1:
+                sums, flops = _pipeline_step(model, loader, tcfg, device, step)
+                main.accumulate()
+            for i in range(tcfg.grad_accum if pp == 1 else 0):
                 x, y = loader.next_batch()
                 x, y = x.to(device), y.to(device)
                 sync = (
@@ -352,7 +434,7 @@ def train(
                 flops[1] += out.flops["realised"]
                 flops[2] += out.flops["paper"]
                 flops[3] += out.flops["kernel"]
-            if dp_world > 1 and main.reduced:
+            if dp_world > 1 and manual_dp:
                 main.all_reduce_mean(ps.get_data_parallel_group(), dp_world)
             grad_norm = clip_grad_norm(params, tcfg.grad_clip)
             if not torch.isfinite(grad_norm):

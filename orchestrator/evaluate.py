@@ -135,24 +135,14 @@ def find_tokenizer(run_dir: Path, cfg: RunConfig) -> Path:
 
 
 def _load_weights(info: checkpoints.CheckpointInfo, model) -> dict:
-    """The checkpoint's model state with tensor-parallel shards gathered into full tensors."""
-    from alcot.model.tp_reshard import _is_sharded, _unshard
+    """The checkpoint's model state with tensor-parallel shards gathered into full tensors and
+    pipeline stages joined (one-process names)."""
+    from alcot.model.reshard import full_model_state
 
-    files = sorted(info.path.glob("tp*.pt"), key=lambda p: int(p.stem[2:]))
-    if not files:
-        raise ConfigError("RUN", f"{info.path} has no tp0.pt")
-    states = [torch.load(f, map_location="cpu", weights_only=True)["model"] for f in files]
-    if len(states) == 1:
-        return states[0]
-    params = dict(model.named_parameters())
-    full = {}
-    for name, t in states[0].items():
-        p = params.get(name)
-        if isinstance(t, torch.Tensor) and p is not None and _is_sharded(p):
-            full[name] = _unshard([s[name] for s in states], p.partition_dim, p.partition_stride)
-        else:
-            full[name] = t
-    return full
+    try:
+        return full_model_state(info.path, model)
+    except ValueError as err:
+        raise ConfigError("RUN", str(err)) from None
 
 
 def load_run(target: str | Path, config: str | Path | None = None, threads: int = 0) -> LoadedRun:
@@ -166,7 +156,11 @@ def load_run(target: str | Path, config: str | Path | None = None, threads: int 
         raise ConfigError("RUN", f"{cfg_path} does not exist (the run's config)")
     cfg = read_run_config(cfg_path)
     trained_tp = cfg.model.tensor_parallel_size
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tensor_parallel_size=1))
+    trained_pp = cfg.model.pipeline_parallel_size
+    cfg = dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, tensor_parallel_size=1, pipeline_parallel_size=1),
+    )
     tok_path = find_tokenizer(run_dir, cfg)
     from alcot.data.tokenizer import EOS, load_tokenizer
 
@@ -190,12 +184,15 @@ def load_run(target: str | Path, config: str | Path | None = None, threads: int 
     torch.manual_seed(0)
     model = AlcotModel(cfg.model)
     state = _load_weights(info, model)
-    n_files = len(list(info.path.glob("tp*.pt")))
-    if n_files != trained_tp:
+    from alcot.model.reshard import saved_layout
+
+    saved_tp, saved_pp, _ = saved_layout(info.path)
+    if (saved_tp, saved_pp) != (trained_tp, trained_pp):
         raise ConfigError(
             "RUN",
-            f"{info.path} has {n_files} tensor-parallel shards but {cfg_path} says "
-            f"model.tensor_parallel_size={trained_tp}",
+            f"{info.path} has {saved_tp} tensor-parallel x {saved_pp} pipeline shards but "
+            f"{cfg_path} says model.tensor_parallel_size={trained_tp}, "
+            f"model.pipeline_parallel_size={trained_pp}",
         )
     try:
         model.load_state_dict(state)

@@ -300,19 +300,25 @@ class AlcotLM(mlflow.pyfunc.PythonModel):
 def log_model(
     tracking_uri: str, run_id: str, checkpoint: Path, settings: dict, name: str = MODEL_NAME
 ) -> str:
-    """Log the weights in ``checkpoint`` (an alcot checkpoint folder of one tensor-parallel
-    shard) with the resolved run ``settings`` as an MLflow pyfunc model on ``run_id``; returns
-    its ``models:/<model id>`` URI (load it with ``mlflow.pyfunc.load_model``, register it with
-    ``mlflow.register_model``)."""
+    """Log the weights in ``checkpoint`` (an alcot checkpoint folder without tensor-parallel
+    shards; pipeline stages are joined) with the resolved run ``settings`` as an MLflow pyfunc
+    model on ``run_id``; returns its ``models:/<model id>`` URI (load it with
+    ``mlflow.pyfunc.load_model``, register it with ``mlflow.register_model``)."""
     import torch
 
-    shards = sorted(Path(checkpoint).glob("tp*.pt"))
-    if len(shards) != 1:
+    from alcot.model.reshard import saved_layout
+
+    tp, pp, files = saved_layout(Path(checkpoint))
+    if tp != 1:
         raise ValueError(
-            f"{checkpoint} holds {len(shards)} tensor-parallel shards; only single-shard "
-            "checkpoints are logged as MLflow models"
+            f"{checkpoint} holds {tp} tensor-parallel shards; only checkpoints without "
+            "tensor-parallel shards are logged as MLflow models"
         )
-    payload = torch.load(shards[0], map_location="cpu", weights_only=True)
+    payload = {"model": {}}
+    for p in range(pp):  # pipeline stages hold disjoint entries under one-process names
+        stage = torch.load(files[(0, p)], map_location="cpu", weights_only=True)["model"]
+        for key, t in stage.items():
+            payload["model"].setdefault(key, t)
     reqs = [f"torch=={torch.__version__.split('+')[0]}", "megatron-core", "pyyaml"]
     version = _installed_version()
     if version:

@@ -15,7 +15,7 @@ A sweep file::
       - when: {model.method: vanilla}  # the trial's value of a field (swept, base or default)
         set: {train.lr: 2.0e-3}
     budget: {tokens: 200000}          # or {flops: 1.0e13} (isoFLOP: tokens derived per size)
-    resources: {cpus: 1, gpus: 0, tensor_parallel: 1, data_parallel: 1}
+    resources: {cpus: 1, gpus: 0, tensor_parallel: 1, pipeline_parallel: 1, data_parallel: 1}
     max_concurrent: 2
     retries: 1
     max_trials: 10000                 # refuse a grid that expands to more (a typo's 10^6)
@@ -133,17 +133,20 @@ class Resources:
     cpus: float = 1.0
     gpus: float = 0.0
     tensor_parallel: int = 1
+    pipeline_parallel: int = 1
     data_parallel: int = 1
 
     def __post_init__(self):
         if self.cpus <= 0 or self.gpus < 0:
             raise ConfigError("cpus", "cpus must be > 0 and gpus >= 0")
-        if self.tensor_parallel < 1 or self.data_parallel < 1:
-            raise ConfigError("tensor_parallel", "parallel sizes must be >= 1")
+        for name in ("tensor_parallel", "pipeline_parallel", "data_parallel"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
 
     @property
     def workers(self) -> int:
-        return self.tensor_parallel * self.data_parallel
+        """A trial's gang: tensor x pipeline x data-parallel processes."""
+        return self.tensor_parallel * self.pipeline_parallel * self.data_parallel
 
 
 @dataclass
@@ -508,19 +511,20 @@ def make_trial(
             cfg.tracking, experiment=spec.study, uri=spec.tracking_uri or cfg.tracking.uri
         ),
     )
-    if spec.resources.tensor_parallel != cfg.model.tensor_parallel_size:
+    for key, field_name in (
+        ("tensor_parallel", "tensor_parallel_size"),
+        ("pipeline_parallel", "pipeline_parallel_size"),
+    ):
+        want = getattr(spec.resources, key)
+        if want == getattr(cfg.model, field_name):
+            continue
         try:
             cfg = dataclasses.replace(
-                cfg,
-                model=dataclasses.replace(
-                    cfg.model, tensor_parallel_size=spec.resources.tensor_parallel
-                ),
+                cfg, model=dataclasses.replace(cfg.model, **{field_name: want})
             )
         except ConfigError as err:
             raise SweepError(
-                _where(path, lines, "resources.tensor_parallel"),
-                "resources.tensor_parallel",
-                err.message,
+                _where(path, lines, f"resources.{key}"), f"resources.{key}", err.message
             ) from None
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     passes = cfg.model.planned_passes

@@ -46,6 +46,21 @@ def git_commit() -> str:
         return "unknown"
 
 
+def layout_params(m) -> dict[str, object]:
+    """The process layout as MLflow params: tensor x pipeline x data parallel."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+    tp, pp = m.tensor_parallel_size, m.pipeline_parallel_size
+    dp = max(1, world // (tp * pp))
+    return {
+        "parallel.tensor": tp,
+        "parallel.pipeline": pp,
+        "parallel.data": dp,
+        "parallel.layout": f"tp{tp} x pp{pp} x dp{dp}",
+    }
+
+
 def resolve(cfg: RunConfig, vocab_size: int) -> RunConfig:
     """The config as trained: the model's vocabulary padded from the tokenizer's."""
     multiple = 64 * cfg.model.tensor_parallel_size
@@ -139,6 +154,7 @@ def _train_claimed(cfg, resolved, data, h, out_dir, is_rank0, progress, log, ext
         params = flatten(settings)
         counts = count_parameters(resolved.model)
         params.update({f"params.{k}": v for k, v in counts.items()})
+        params.update(layout_params(m))
         tracker = Tracker(
             uri,
             cfg.tracking.experiment,

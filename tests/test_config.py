@@ -21,7 +21,7 @@ from alcot.model import LADDER, ConfigError, ModelConfig, count_parameters
         (dict(halting={"lambda": -1.0}), "model.halting.lambda"),
         (dict(mix="average"), "model.mix"),
         (dict(num_query_groups=3), "model.num_query_groups"),
-        (dict(pipeline_parallel_size=2), "model.pipeline_parallel_size"),
+        (dict(pipeline_parallel_size=3), "model.pipeline_parallel_size"),
         (dict(l_max=1.5), "model.l_max"),
         (dict(method="looped", l_max=0), "model.l_max"),
         (dict(widht=3), "model.widht"),

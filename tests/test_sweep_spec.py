@@ -146,6 +146,16 @@ MALFORMED = {
         "resources.tensor_parallel",
         4,
     ),
+    "pp_not_dividing_layers": (
+        "study: s\ngrid: {model.size: [micro]}\nresources:\n  pipeline_parallel: 3\n",
+        "resources.pipeline_parallel",
+        4,
+    ),
+    "pp_zero": (
+        "study: s\ngrid: {model.size: [micro]}\nresources:\n  pipeline_parallel: 0\n",
+        "resources.pipeline_parallel",
+        4,
+    ),
     "negative_budget": (
         "study: s\ngrid: {model.size: [micro]}\nbudget:\n  tokens: -5\n",
         "budget.tokens",
