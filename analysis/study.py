@@ -38,6 +38,7 @@ EXPORT_VERSION = 1
 DEPTH_ARTIFACT = "diagnostics/token_depth.csv"
 DEEP = "vanilla-deep"  # vanilla with more layers than its ladder size: the larger vanilla
 OTHERS = ["vanilla", DEEP, "looped", "pause", "ponder", "fixed", "mor"]
+GRAD_KEYS = ["router_ratio", "router_cosine", "backbone_ratio", "backbone_cosine"]
 
 
 # ------------------------------------------------------------------------------ export/import
@@ -518,6 +519,15 @@ def claims(
             }
         ).sort_values(["size", "beta", "lambda", "lr", "seed"], ignore_index=True)
         out.tables["diag_adaptive_loss"] = diag
+    grad = [f"final/diag/grad/{k}" for k in GRAD_KEYS]
+    with_grad = lat[lat[grad[0]].notna()] if grad[0] in lat else lat.iloc[:0]
+    if not with_grad.empty:
+        diag = with_grad[["size", "lambda", "beta", "seed", "lr"]].copy()
+        for k, c in zip(GRAD_KEYS, grad, strict=True):
+            diag[k.replace("_", " ")] = with_grad.get(c)
+        out.tables["diag_gradient_share"] = diag.sort_values(
+            ["size", "beta", "lambda", "lr", "seed"], ignore_index=True
+        )
     if r["lr"].nunique() > 1:
         lrs = r.groupby(["method", "size", "lr"], as_index=False).agg(
             runs=("run_id", "size"), score_ppl=("log_score", lambda v: math.exp(v.mean()))

@@ -274,6 +274,25 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from alcot.model.typed import ConfigError
+
+    from .evaluate import load_run
+    from .gradshare import gradient_share, record
+
+    try:
+        loaded = load_run(args.run, threads=args.threads)
+        result = gradient_share(loaded, Path(args.text), args.batches, args.batch_size)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for key, value in result["metrics"].items():
+        print(f"{key:20s} {value:.6g}")
+    if not args.no_log:
+        record(loaded, result, log=lambda m: print(m, file=sys.stderr))
+    return 0
+
+
 def cmd_study_export(args: argparse.Namespace) -> int:
     from alcot.analysis.load import AnalysisError
     from alcot.analysis.study import export_runs
@@ -401,6 +420,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=None, help="MLflow store (default: ALCOT_HOME's)")
     p.add_argument("--no-log", action="store_true", help="do not log the report to MLflow")
     p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser(
+        "diagnose", help="the adaptive loss's share of a trained run's gradient (diag/grad/...)"
+    )
+    p.add_argument("run", help="run folder, checkpoint folder (step_*), or MLflow run id")
+    p.add_argument("--text", required=True, help="UTF-8 text or jsonl file to take batches from")
+    p.add_argument("--batches", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    p.add_argument("--no-log", action="store_true", help="print only; record nothing")
+    p.set_defaults(func=cmd_diagnose)
 
     p = sub.add_parser("study", help="the study's claims report, and its portable export")
     ssub = p.add_subparsers(dest="study_command", metavar="COMMAND")

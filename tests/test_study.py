@@ -119,3 +119,38 @@ def test_committed_export_rebuilds_the_committed_tables_exactly(tmp_path):
     for name in committed:
         assert (out / "tables" / name).read_text() == (STUDY / "tables" / name).read_text(), name
     assert (out / "claims.md").read_text() == (STUDY / "claims.md").read_text()
+
+
+def test_diagnose_splits_the_gradient_and_logs_it_to_the_run(alcot_home, tmp_path, capsys):
+    from conftest import small_run
+
+    from alcot.orchestrator.tracking import open_client
+    from alcot.orchestrator.train import run_training
+
+    run_dir = tmp_path / "run"
+    cfg = small_run(run_dir, "model.halting.lambda=0.5", "tracking.experiment=diag-tests")
+    out = run_training(cfg, progress=False, log=lambda *a: None)
+    text = tmp_path / "held_out.txt"
+    text.write_text(" ".join(f"Tom had {i} apples and ate {i % 3} of them." for i in range(200)))
+    assert main(["diagnose", str(run_dir), "--text", str(text), "--batches", "2"]) == 0
+    printed = dict(line.split() for line in capsys.readouterr().out.splitlines())
+    assert float(printed["router_adapt_norm"]) > 0 and float(printed["router_ce_norm"]) > 0
+    ratio = float(printed["router_adapt_norm"]) / float(printed["router_ce_norm"])
+    assert float(printed["router_ratio"]) == pytest.approx(ratio, rel=0.6)  # mean of ratios
+    assert -1.0 <= float(printed["backbone_cosine"]) <= 1.0
+    import time
+
+    for _ in range(100):  # the journal delivers in the background
+        run = open_client(out.tracking_uri).get_run(out.run_id)
+        if "diag/grad/router_ratio" in run.data.metrics:
+            break
+        time.sleep(0.1)
+    assert run.data.metrics["diag/grad/router_ratio"] == pytest.approx(
+        float(printed["router_ratio"]), rel=1e-4
+    )
+    assert list((run_dir / "diag").glob("*-grad.json"))
+
+    van = tmp_path / "vanilla"
+    run_training(small_run(van, "model.method=vanilla"), progress=False, log=lambda *a: None)
+    assert main(["diagnose", str(van), "--text", str(text), "--no-log"]) == 2
+    assert "no router" in capsys.readouterr().err
