@@ -1,5 +1,6 @@
 """Sweep files: expansion, identities, budgets, the dry-run plan, and malformed files."""
 
+import itertools
 import textwrap
 from pathlib import Path
 
@@ -351,6 +352,21 @@ def test_every_shipped_sweep_is_valid(path, monkeypatch, tmp_path):
             (tmp_path / rel).touch()
     monkeypatch.setenv("ALCOT_EVAL_DATA", str(tmp_path))
     sweep = load_sweep(path)
-    assert sweep.trials and len({t.hash for t in sweep.trials}) == len(sweep.trials)
+    trials = sweep.trials
+    if sweep.spec.search is not None:  # a search draws its trials: check every grid corner
+        from alcot.orchestrator.sweep import make_trial
+
+        space = sweep.spec.search.space
+        values = {
+            k: d["choices"] if "choices" in d else [d["low"], d["high"]] for k, d in space.items()
+        }
+        keys = list(values)
+        trials = [
+            make_trial(
+                sweep.spec, sweep.base, dict(zip(keys, combo, strict=True)), path, sweep.lines
+            )
+            for combo in itertools.product(*values.values())
+        ]
+    assert trials and len({t.hash for t in trials}) == len(trials)
     # every trial evaluates more than once, so analysis has curves to compare at matched compute
-    assert all(t.config.train.steps >= 2 * t.config.train.eval_every for t in sweep.trials)
+    assert all(t.config.train.steps >= 2 * t.config.train.eval_every for t in trials)
