@@ -313,7 +313,12 @@ def cmd_study_report(args: argparse.Namespace) -> int:
     from alcot.analysis.load import AnalysisError, Study
     from alcot.analysis.study import build, rebuild
 
-    opts = {"n_boot": args.bootstrap, "level": args.level, "seed": args.seed}
+    opts = {
+        "n_boot": args.bootstrap,
+        "level": args.level,
+        "seed": args.seed,
+        "points": args.points,
+    }
     try:
         if args.from_export:
             report, claims = rebuild(args.from_export, Path(args.out), **opts)
@@ -448,6 +453,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--from", dest="from_export", help="rebuild from an export (a fresh temporary store)"
     )
     q.add_argument("--out", required=True, help="folder for the report, tables and plots")
+    q.add_argument(
+        "--points",
+        choices=["envelope", "final", "all"],
+        default="envelope",
+        help="which evaluations L(C) is fitted to (as alcot analyze)",
+    )
     q.add_argument("--bootstrap", type=int, default=200, help="bootstrap replicates of fits")
     q.add_argument("--level", type=float, default=0.9, help="confidence level of intervals")
     q.add_argument("--seed", type=int, default=0)
