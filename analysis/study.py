@@ -291,10 +291,15 @@ def claims(
     col = f"final/eval/{corpus}/ppl" if corpus else None
     r["ppl"] = np.exp(r["final/val/loss"].clip(upper=50.0))
     r["test_ppl"] = r[col] if col else np.nan
-    r["score"] = r["test_ppl"].fillna(r["ppl"])
+    r["score"] = r["test_ppl"] if col else r["ppl"]
     r["log_score"] = np.log(r["score"])
+    missing = r.loc[r["score"].isna(), "trial"].tolist()
+    if missing:
+        out.notes.append(
+            f"left out of the comparisons, not evaluated on {corpus}: {', '.join(missing)}"
+        )
     lr = _mode(r["lr"])
-    main = r[(r["lr"] == lr) | r["lr"].isna()]
+    main = r[((r["lr"] == lr) | r["lr"].isna()) & r["score"].notna()]
     sizes = [
         s for s in ("micro", "tiny", "mini", "70m", "160m", "410m", "1.4b") if s in set(r["size"])
     ]
@@ -384,7 +389,7 @@ def claims(
         runs=("run_id", "size"),
         mean_depth=("final/val/mean_depth", "mean"),
         val_ce=("final/val/loss", "mean"),
-        score_ppl=("log_score", lambda v: math.exp(v.mean())),
+        test_ppl=("log_score", lambda v: math.exp(v.mean())),
     )
     pen = pen.sort_values(["size", "beta", "lambda"], ignore_index=True)
     out.tables["r3_penalties"] = pen
@@ -496,6 +501,15 @@ def claims(
         if scaling.power:
             out.tables["r5_power_law"] = params_table(scaling.power, ["E", "A", "alpha"])
         out.tables["r5_compute_ratio"] = ratio_table(scaling)
+        if scaling.power and "vanilla" in scaling.power:  # the level every fit reached
+            import dataclasses
+
+            from .scaling import _ratios, fit_points
+
+            reached = dataclasses.replace(scaling, ratios={}, ratio_note="", target_loss=None)
+            pts = fit_points(study, scaling.flops, scaling.points)
+            _ratios(reached, pts, None, "vanilla", level)
+            out.tables["r5_compute_ratio_reached"] = ratio_table(reached)
         if scaling.ratio_note:
             out.notes.append(scaling.ratio_note)
         for (law, method), why in sorted(scaling.refused.items()):
@@ -528,9 +542,23 @@ def claims(
         out.tables["diag_gradient_share"] = diag.sort_values(
             ["size", "beta", "lambda", "lr", "seed"], ignore_index=True
         )
-    if r["lr"].nunique() > 1:
-        lrs = r.groupby(["method", "size", "lr"], as_index=False).agg(
-            runs=("run_id", "size"), score_ppl=("log_score", lambda v: math.exp(v.mean()))
+    if r["lr"].nunique() > 1:  # vanilla at its size's budget, adaptive at the default penalty
+        scored = r[r["score"].notna()]
+        top = scored[scored["method"] == "vanilla"].groupby("size")["final/tokens_seen"].max()
+        van = scored[
+            (scored["method"] == "vanilla")
+            & np.isclose(scored["final/tokens_seen"], scored["size"].map(top))
+        ]
+        ada = scored[
+            (scored["method"] == "adaptive")
+            & np.isclose(scored["lambda"], default_lambda)
+            & np.isclose(scored["beta"], default_beta)
+        ]
+        both = pd.concat([van, ada])
+        lrs = both.groupby(["method", "size", "lr"], as_index=False).agg(
+            runs=("run_id", "size"),
+            test_ppl=("log_score", lambda v: math.exp(v.mean())),
+            mean_depth=("final/val/mean_depth", "mean"),
         )
         swept = lrs.groupby(["method", "size"])["lr"].transform("nunique") > 1
         out.tables["diag_learning_rate"] = lrs[swept].reset_index(drop=True)
@@ -587,10 +615,12 @@ def curves_figure(study: Study, flops: str = "realised"):
             ax.set_xlabel(f"training {x}")
             ax.set_ylabel("validation loss")
             ax.set_title(size, fontsize=10)
-    handles, labels = axes[0][-1].get_legend_handles_labels()
-    uniq = dict(zip(labels, handles, strict=True))
-    axes[0][-1].legend(uniq.values(), uniq.keys(), fontsize=7, loc="upper right")
-    fig.tight_layout()
+    uniq = {}
+    for ax in axes[0]:
+        for h, name in zip(*ax.get_legend_handles_labels(), strict=True):
+            uniq.setdefault(name, h)
+    fig.legend(list(uniq.values()), list(uniq.keys()), fontsize=8, loc="center right")
+    fig.tight_layout(rect=(0, 0, 0.88, 1))
     return fig
 
 
