@@ -566,8 +566,10 @@ def claims(
 
 
 def write_claims(c: Claims, out_dir: Path) -> list[Path]:
-    """Each table as ``tables/<name>.csv`` (fixed float format, so a rebuild compares
-    byte for byte) and all of them in ``claims.md``."""
+    """Each table as ``tables/<name>.csv`` and all of them in ``claims.md``, with four
+    significant digits (what the report shows), so a rebuild compares byte for byte: the
+    bootstrap's refits on another machine or thread count differ past that (seen in the 5th
+    digit of an interval's bound)."""
     from .report import _Doc
 
     folder = Path(out_dir) / "tables"
@@ -580,7 +582,7 @@ def write_claims(c: Claims, out_dir: Path) -> list[Path]:
     doc.items(c.notes)
     for name, df in c.tables.items():
         path = folder / f"{name}.csv"
-        df.to_csv(path, index=False, float_format="%.6g", lineterminator="\n")
+        df.to_csv(path, index=False, float_format="%.4g", lineterminator="\n")
         written.append(path)
         doc.h(2, name)
         doc.table(df)
