@@ -38,6 +38,8 @@ _DISAMBIGUATE = [
     ("beta", "β={:g}"),
     ("tau", "τ={:g}"),
     ("seed", "seed {:g}"),
+    ("lr", "lr={:g}"),
+    ("final/tokens_seen", "D={:.3g}"),
 ]
 
 
@@ -67,7 +69,8 @@ def final_points(study: Study, flops: str = "realised") -> pd.DataFrame:
     flops_column(flops)
     if col not in r:
         raise AnalysisError(f"no run logged flops/{flops}")
-    out = r[["run_id", "method", "size", "params", "l_max", "lambda", "beta", "tau", "seed"]].copy()
+    cols = ["run_id", "trial", "method", "size", "params", "l_max", "lambda", "beta", "tau", "seed"]
+    out = r.reindex(columns=cols).copy()
     out["flops"] = r[col]
     out["val_loss"] = r["final/val/loss"]
     out["val_ppl"] = np.exp(out["val_loss"].clip(upper=50.0))

@@ -65,7 +65,7 @@ def eval_points(runs: pd.DataFrame) -> pd.DataFrame:
 def _label(r) -> str:
     lam = r.get("lambda")
     pen = f" λ={lam:g}" if r["method"] == "adaptive" and pd.notna(lam) else ""
-    return f"{r['method']} {r['size']}{pen} ({str(r['run_id'])[:6]})"
+    return f"{r['method']} {r['size']}{pen} ({str(r.get('trial') or r['run_id'])[:6]})"
 
 
 def accuracy_table(points: pd.DataFrame) -> pd.DataFrame:

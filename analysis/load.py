@@ -80,6 +80,8 @@ def load_runs(experiment: str, sweep_id: str | None = None, uri: str | None = No
             "beta": _number(p.get("model.halting.beta")),
             "tau": _number(p.get("model.halting.tau")),
             "seed": _number(p.get("seed")),
+            "layers": _number(p.get("model.num_layers")),
+            "lr": _number(p.get("train.lr")),
         }
         row.update({f"final/{k}": v for k, v in r.data.metrics.items()})
         rows.append(row)

@@ -185,8 +185,7 @@ def build_report(
     # -- runs
     pts = cv.final_points(study, flops)
     doc.h(2, "Runs")
-    show = pts[["label", "params", "tokens", "flops", "val_ppl", "mean_depth", "run_id"]].copy()
-    show["run_id"] = show["run_id"].str[:8]
+    show = pts[["label", "params", "tokens", "flops", "val_ppl", "mean_depth", "trial"]].copy()
     doc.table(show.rename(columns={"flops": f"{flops} FLOPs", "params": "non-emb params"}))
     doc.h(3, "At a glance: each method's best run per size against vanilla")
     doc.table(glance(pts))

@@ -274,6 +274,65 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from alcot.model.typed import ConfigError
+
+    from .evaluate import load_run
+    from .gradshare import gradient_share, record
+
+    try:
+        loaded = load_run(args.run, threads=args.threads)
+        result = gradient_share(loaded, Path(args.text), args.batches, args.batch_size)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for key, value in result["metrics"].items():
+        print(f"{key:20s} {value:.6g}")
+    if not args.no_log:
+        record(loaded, result, log=lambda m: print(m, file=sys.stderr))
+    return 0
+
+
+def cmd_study_export(args: argparse.Namespace) -> int:
+    from alcot.analysis.load import AnalysisError
+    from alcot.analysis.study import export_runs
+
+    try:
+        info = export_runs(args.experiment, args.out, args.tracking_uri)
+    except AnalysisError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(
+        f"exported {info['runs']} runs ({info['points']} metric points, {info['artifacts']} "
+        f"depth samples) to {args.out} ({info['bytes'] / 1e6:.2f} MB)"
+    )
+    return 0
+
+
+def cmd_study_report(args: argparse.Namespace) -> int:
+    from alcot.analysis.load import AnalysisError, Study
+    from alcot.analysis.study import build, rebuild
+
+    opts = {
+        "n_boot": args.bootstrap,
+        "level": args.level,
+        "seed": args.seed,
+        "points": args.points,
+    }
+    try:
+        if args.from_export:
+            report, claims = rebuild(args.from_export, Path(args.out), **opts)
+        else:
+            study = Study.load(args.experiment, None, args.tracking_uri)
+            report, claims = build(study, Path(args.out), **opts)
+    except AnalysisError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"report: {report.markdown}")
+    print(f"claims: {Path(args.out) / 'claims.md'} ({len(claims.tables)} tables in tables/)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="alcot",
@@ -366,6 +425,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=None, help="MLflow store (default: ALCOT_HOME's)")
     p.add_argument("--no-log", action="store_true", help="do not log the report to MLflow")
     p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser(
+        "diagnose", help="the adaptive loss's share of a trained run's gradient (diag/grad/...)"
+    )
+    p.add_argument("run", help="run folder, checkpoint folder (step_*), or MLflow run id")
+    p.add_argument("--text", required=True, help="UTF-8 text or jsonl file to take batches from")
+    p.add_argument("--batches", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    p.add_argument("--no-log", action="store_true", help="print only; record nothing")
+    p.set_defaults(func=cmd_diagnose)
+
+    p = sub.add_parser("study", help="the study's claims report, and its portable export")
+    ssub = p.add_subparsers(dest="study_command", metavar="COMMAND")
+    q = ssub.add_parser("export", help="an experiment's runs as one gzipped JSON file")
+    q.add_argument("--experiment", required=True)
+    q.add_argument("--out", required=True, help="the file to write (.json.gz)")
+    q.add_argument("--tracking-uri", default=None, help="MLflow store (default: ALCOT_HOME's)")
+    q.set_defaults(func=cmd_study_export)
+    q = ssub.add_parser(
+        "report", help="analysis report plus the R1-R5 tables, from MLflow or an export"
+    )
+    src = q.add_mutually_exclusive_group(required=True)
+    src.add_argument("--experiment", help="read this experiment from the MLflow store")
+    src.add_argument(
+        "--from", dest="from_export", help="rebuild from an export (a fresh temporary store)"
+    )
+    q.add_argument("--out", required=True, help="folder for the report, tables and plots")
+    q.add_argument(
+        "--points",
+        choices=["envelope", "final", "all"],
+        default="envelope",
+        help="which evaluations L(C) is fitted to (as alcot analyze)",
+    )
+    q.add_argument("--bootstrap", type=int, default=200, help="bootstrap replicates of fits")
+    q.add_argument("--level", type=float, default=0.9, help="confidence level of intervals")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--tracking-uri", default=None, help="MLflow store (default: ALCOT_HOME's)")
+    q.set_defaults(func=cmd_study_report)
 
     p = sub.add_parser("ui", help="start the MLflow UI on the local tracking store")
     p.add_argument("--host", default="127.0.0.1")

@@ -129,9 +129,17 @@ def _clean(metrics: dict) -> dict:
 def evaluate_tasks(loaded, spec):
     """Run ``spec.tasks`` on the loaded run at its current budget. Returns (task -> metrics
     with lm-eval's standard errors, the forwards' :class:`Stats`)."""
+    import os
+
     import lm_eval
 
     from .lmeval_model import AlcotLM
+
+    # lm-eval bootstraps stderrs (perplexity's) in a fork-based multiprocessing pool: forked
+    # from a multi-threaded process (a Ray worker, torch's threads) its workers can hang for
+    # good, and the evaluation with them. The in-process bootstrap of 1000 draws takes
+    # milliseconds.
+    os.environ.setdefault("DISABLE_MULTIPROC", "1")
 
     names = check_tasks(spec.tasks, spec.data_dir)
     lm = AlcotLM(loaded=loaded, batch_size=spec.batch_size)

@@ -11,10 +11,15 @@ A sweep file::
     zip:                              # axes that move together (equal lengths), crossed with grid
       train.lr: [3.0e-3, 2.0e-3]
       train.batch_size: [8, 16]
+    include:                          # extra trials after the grid, each a mapping of fields
+      - {model.size: tiny, model.method: vanilla, model.num_layers: 16}
     overrides:                        # extra settings for the trials that match `when`
       - when: {model.method: vanilla}  # the trial's value of a field (swept, base or default)
         set: {train.lr: 2.0e-3}
     budget: {tokens: 200000}          # or {flops: 1.0e13} (isoFLOP: tokens derived per size)
+                                      # budget.tokens / budget.flops may also be a grid or zip
+                                      # axis, an include key or an override's setting (a budget
+                                      # per size: zip it with model.size)
     resources: {cpus: 1, gpus: 0, tensor_parallel: 1, pipeline_parallel: 1, data_parallel: 1}
     max_concurrent: 2
     retries: 1
@@ -32,7 +37,9 @@ A sweep file::
       objectives: [{metric: val/ppl, direction: minimize}]
       space: {model.halting.lambda: {low: 0.001, high: 1.0, log: true}}
 
-Trials whose canonical configs coincide (vanilla crossed with several halting penalties) are
+Axes and overrides apply in order: the trial's axes (grid x zip, or one ``include`` entry), then
+every matching override; a ``budget.*`` key among them replaces the sweep's ``budget`` for that
+trial. Trials whose canonical configs coincide (vanilla crossed with several halting penalties) are
 one trial: a trial's identity is the hash of its canonical resolved config, without paths or
 tracking settings. Every error names the field and its line in the file, before anything runs.
 The study name is also a folder under ``$ALCOT_HOME/runs``: names that could leave it are refused.
@@ -184,6 +191,7 @@ class SweepSpec:
     base: Any = None  # a path (relative to the sweep file) or an inline run config
     grid: dict[str, Any] = field(default_factory=dict)
     zip: dict[str, Any] = field(default_factory=dict)
+    include: list[dict[str, Any]] = field(default_factory=list)  # extra points after the grid
     overrides: list[Override] = field(default_factory=list)
     search: SearchSpec | None = None
     budget: Budget | None = None
@@ -330,9 +338,17 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
     if len(lengths) > 1:
         key = f"zip.{next(iter(spec.zip))}"
         raise SweepError(_where(path, lines, key), "zip", f"axes have different lengths {lengths}")
-    if not spec.grid and not spec.zip and spec.search is None:
+    for i, point in enumerate(spec.include):
+        key = f"include[{i}]"
+        if not isinstance(point, dict) or not point:
+            raise SweepError(_where(path, lines, key), key, "must be a non-empty mapping of fields")
+    if not spec.grid and not spec.zip and not spec.include and spec.search is None:
         raise SweepError(_where(path, lines, "grid"), "grid", "is empty and there is no search")
-    count = math.prod(len(v) for v in spec.grid.values()) * (lengths.pop() if lengths else 1)
+    count = (
+        math.prod(len(v) for v in spec.grid.values()) * (lengths.pop() if lengths else 1)
+        if spec.grid or spec.zip
+        else 0
+    ) + len(spec.include)
     if count > spec.max_trials:
         raise SweepError(
             _where(path, lines, "grid"),
@@ -404,6 +420,7 @@ def _check_when(spec: SweepSpec, path: Path, lines: dict[str, int]) -> None:
     """Every ``overrides[].when`` key names a swept axis or a config field: a typo would make
     the override match nothing, silently."""
     axes = set(spec.grid) | set(spec.zip) | set(spec.search.space if spec.search else ())
+    axes |= {key for point in spec.include for key in point}
     defaults = _defaults()
     for i, ov in enumerate(spec.overrides):
         for key in ov.when:
@@ -436,6 +453,9 @@ def _matches(when: dict[str, Any], raw: dict, defaults: dict) -> bool:
 
 
 def _grid_points(spec: SweepSpec) -> list[dict[str, Any]]:
+    """grid x zip, then the ``include`` entries."""
+    if not spec.grid and not spec.zip:
+        return [dict(p) for p in spec.include]
     grid_axes = list(spec.grid)
     grid = [
         dict(zip(grid_axes, combo, strict=True))
@@ -446,7 +466,27 @@ def _grid_points(spec: SweepSpec) -> list[dict[str, Any]]:
         zipped = [{a: spec.zip[a][i] for a in spec.zip} for i in range(n)]
     else:
         zipped = [{}]
-    return [{**g, **z} for g in grid for z in zipped]
+    return [{**g, **z} for g in grid for z in zipped] + [dict(p) for p in spec.include]
+
+
+BUDGET_KEYS = ("budget.tokens", "budget.flops")
+
+
+def _split_budget(values: dict[str, Any], budget: dict[str, Any]) -> dict[str, Any]:
+    """``values`` without its ``budget.*`` keys, which update ``budget`` (in place)."""
+    rest = {}
+    for key, value in values.items():
+        if key == "budget" or key.startswith("budget."):
+            if key not in BUDGET_KEYS:
+                raise ConfigError(key, f"a per-trial budget is one of {list(BUDGET_KEYS)}")
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise ConfigError(key, f"must be a number > 0, got {value!r}")
+            name = key.split(".", 1)[1]
+            budget[name] = value
+            budget.pop("flops" if name == "tokens" else "tokens", None)
+        else:
+            rest[key] = value
+    return rest
 
 
 def _set_items(axes: dict[str, Any]) -> list[tuple[list[str], Any]]:
@@ -457,15 +497,19 @@ def make_trial(
     spec: SweepSpec, base: dict, axes: dict[str, Any], path: Path, lines: dict[str, int]
 ) -> Trial:
     """The trial for one point: base + axes + matching overrides + budget, validated."""
+    budget: dict[str, Any] = {}
+    if spec.budget is not None:
+        budget = {k: v for k, v in dataclasses.asdict(spec.budget).items() if v is not None}
     try:
-        raw = set_values(base, _set_items(axes))
+        fields = _split_budget(axes, budget)
+        raw = set_values(base, _set_items(fields))
         extra: dict[str, Any] = {}
         defaults = _defaults() if spec.overrides else {}
         for ov in spec.overrides:
-            if _matches(ov.when, raw, defaults):
+            if _matches(ov.when, {**raw, "budget": dict(budget)}, defaults):
                 extra.update(ov.set)
         if extra:
-            raw = set_values(raw, _set_items(extra))
+            raw = set_values(raw, _set_items(_split_budget(extra, budget)))
         cfg = RunConfig.from_dict(raw)
     except ConfigError as err:
         key = next(
@@ -477,6 +521,17 @@ def make_trial(
             ),
             None,
         )
+        if key is None:
+            key = next(
+                (
+                    f"include[{i}].{a}"
+                    for i, p in enumerate(spec.include)
+                    if p == axes
+                    for a in p
+                    if a == err.field or err.field.startswith(a + ".")
+                ),
+                None,
+            )
         if key is None:
             key = next(
                 (
@@ -529,10 +584,10 @@ def make_trial(
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     passes = cfg.model.planned_passes
     n = count_parameters(cfg.model)["non_embedding"]
-    if spec.budget is not None:
-        tokens = spec.budget.tokens
+    if budget:
+        tokens = budget.get("tokens")
         if tokens is None:
-            tokens = int(spec.budget.flops / (6.0 * n * passes))
+            tokens = int(budget["flops"] / (6.0 * n * passes))
         steps = max(1, math.ceil(tokens / tokens_per_step))
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
     tokens = cfg.train.steps * tokens_per_step

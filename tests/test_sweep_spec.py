@@ -1,5 +1,6 @@
 """Sweep files: expansion, identities, budgets, the dry-run plan, and malformed files."""
 
+import itertools
 import textwrap
 from pathlib import Path
 
@@ -109,6 +110,59 @@ def test_isoflop_budget_plans_mixture_of_recursions_by_its_capacities(tmp_path):
     trials = {t.config.model.method: t for t in load_sweep(path).trials}
     assert trials["mor"].config.model.planned_passes == 2.5
     assert trials["mor"].tokens == pytest.approx(trials["fixed"].tokens * 4 / 2.5, rel=0.05)
+
+
+def test_budget_per_trial_from_zip_include_and_overrides(tmp_path):
+    """A budget per size (zipped with model.size), extra points by ``include`` with their own
+    budget, and an override's budget: each replaces the sweep's ``budget`` for its trials."""
+    path = write(
+        tmp_path,
+        """
+        study: s
+        grid: {model.method: [vanilla, fixed]}
+        zip: {model.size: [micro, tiny], budget.flops: [1.0e+11, 1.0e+12]}
+        include:
+          - {model.size: micro, model.method: vanilla, model.num_layers: 8, budget.flops: 1.0e+11}
+          - {model.size: micro, model.method: vanilla, budget.tokens: 4096}
+          - {model.size: micro, model.method: fixed, seed: 3}
+        overrides:
+          - when: {seed: 3}
+            set: {budget.flops: 2.0e+11}
+        budget: {flops: 5.0e+12}
+    """,
+    )
+    trials = load_sweep(path).trials
+    assert len(trials) == 7
+    by_tokens = [t for t in trials if t.tokens == 4096]
+    assert len(by_tokens) == 1 and by_tokens[0].config.model.method == "vanilla"
+    got = {}
+    for t in trials:
+        if t is by_tokens[0]:
+            continue
+        m = t.config.model
+        got[(m.size, m.method, m.num_layers, t.config.seed)] = t
+        want = 2.0e11 if t.config.seed == 3 else 1.0e11 if m.size == "micro" else 1.0e12
+        assert t.est_flops == pytest.approx(want, rel=0.05), (m.size, m.method, t.config.seed)
+    assert len(got) == 6
+    deep = got[("micro", "vanilla", 8, 0)]
+    four_pass = got[("micro", "fixed", 2, 0)]
+    assert deep.tokens == pytest.approx(four_pass.tokens, rel=0.05)  # 4x layers = 4 passes
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ("grid: {model.size: [micro]}\ninclude:\n  - {budget.steps: 3}\n", "budget.steps"),
+        ("grid: {model.size: [micro]}\ninclude:\n  - {budget.flops: -1.0}\n", "budget.flops"),
+        ("grid: {model.size: [micro]}\ninclude:\n  - {}\n", "include[0]"),
+        ("include:\n  - {model.sise: micro}\n", "include[0].model.sise"),
+    ],
+)
+def test_bad_include_entries_and_budgets_are_rejected(body, field, tmp_path):
+    path = write(tmp_path, "study: s\n" + body)
+    with pytest.raises(SweepError) as err:
+        load_sweep(path)
+    assert field in str(err.value), err.value
 
 
 def test_zip_and_overrides(tmp_path):
@@ -298,13 +352,31 @@ def test_the_trial_cap_says_how_many_and_how_to_raise_it(tmp_path, capsys):
 def test_every_shipped_sweep_is_valid(path, monkeypatch, tmp_path):
     from alcot.orchestrator.lmeval_tasks import data_files, shipped
 
-    monkeypatch.setenv("ALCOT_WIKITEXT2", "/data/wikitext-2")  # referenced, not read, here
+    wikitext = tmp_path / "wikitext-2"  # the training corpus is referenced, not read, here;
+    wikitext.mkdir()  # an eval: section checks that its test file exists
+    (wikitext / "wiki.test.tokens").write_text("test\n")
+    monkeypatch.setenv("ALCOT_WIKITEXT2", str(wikitext))
     for template in shipped().values():  # eval: sections check that their task files exist
         for rel in data_files(template):
             (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
             (tmp_path / rel).touch()
     monkeypatch.setenv("ALCOT_EVAL_DATA", str(tmp_path))
     sweep = load_sweep(path)
-    assert sweep.trials and len({t.hash for t in sweep.trials}) == len(sweep.trials)
+    trials = sweep.trials
+    if sweep.spec.search is not None:  # a search draws its trials: check every grid corner
+        from alcot.orchestrator.sweep import make_trial
+
+        space = sweep.spec.search.space
+        values = {
+            k: d["choices"] if "choices" in d else [d["low"], d["high"]] for k, d in space.items()
+        }
+        keys = list(values)
+        trials = [
+            make_trial(
+                sweep.spec, sweep.base, dict(zip(keys, combo, strict=True)), path, sweep.lines
+            )
+            for combo in itertools.product(*values.values())
+        ]
+    assert trials and len({t.hash for t in trials}) == len(trials)
     # every trial evaluates more than once, so analysis has curves to compare at matched compute
-    assert all(t.config.train.steps >= 2 * t.config.train.eval_every for t in sweep.trials)
+    assert all(t.config.train.steps >= 2 * t.config.train.eval_every for t in trials)
