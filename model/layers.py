@@ -249,15 +249,16 @@ class _LatentAttention(torch.autograd.Function):
             kd = kb[:, :, : p.end].detach().requires_grad_()
             vd = vb[:, :, : p.end].detach().requires_grad_()
             out = _kernel(p.kv.kernel, qd, kd, vd, p, scale)
-        ctx.inner = (qd, kd, vd, out)
+        # saved, not kept as attributes: autograd frees them after backward (and keeps them
+        # for a second backward under retain_graph)
+        ctx.save_for_backward(qd, kd, vd, out)
         ctx.p, ctx.layer, ctx.kdtype = p, layer, key.dtype
         return out.detach()
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        qd, kd, vd, out = ctx.inner
-        ctx.inner = None
-        dq, dk, dv = torch.autograd.grad(out, (qd, kd, vd), grad)
+        qd, kd, vd, out = ctx.saved_tensors
+        dq, dk, dv = torch.autograd.grad(out, (qd, kd, vd), grad, retain_graph=True)
         dkey, dvalue = ctx.p.kv.grad_slots(ctx.layer, ctx.p, dk, dv)
         return dq, dkey.to(ctx.kdtype), dvalue.to(ctx.kdtype), None, None, None
 
