@@ -53,7 +53,7 @@ def decode_times(model, prompt, new: int) -> tuple[list[float], object]:
 
 
 def main() -> None:
-    from model_speed import add_model_args, make, pin_allocator
+    from model_speed import add_model_args, compared_models, pin_allocator
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_args(p)
@@ -67,11 +67,7 @@ def main() -> None:
     from alcot.model import init_parallel
 
     init_parallel(1)
-    models = {
-        "vanilla": make("vanilla", args),
-        "fixed": make("fixed", args),
-        "adaptive": make("adaptive", args, tau=args.tau, **{"lambda": 0.01}),
-    }
+    models = compared_models(args)
     for m in models.values():
         m.eval()
     vocab = models["vanilla"].cfg.vocab_size

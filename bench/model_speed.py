@@ -142,6 +142,16 @@ def make(method: str, args, l_max: int | None = None, recompute: str = "none", *
     return model
 
 
+def compared_models(args) -> dict:
+    """vanilla, fixed-depth and adaptive at the benchmark's shape, the adaptive router spread
+    so that tokens halt at different depths (``--tau``, ``--router-std``)."""
+    return {
+        "vanilla": make("vanilla", args),
+        "fixed": make("fixed", args),
+        "adaptive": make("adaptive", args, tau=args.tau, **{"lambda": 0.01}),
+    }
+
+
 def time_steps(model, x, y, warmup: int, steps: int):
     # lr = 0: the optimizer does all its work, but the weights (and so the router's depth) stay
     # put, so every timed step runs the same depth and mean_depth describes all of them.
@@ -175,12 +185,7 @@ def main() -> None:
     from alcot.model import init_parallel
 
     init_parallel(1)
-    models = {
-        "vanilla": make("vanilla", args),
-        "fixed": make("fixed", args),
-        "adaptive": make("adaptive", args, tau=args.tau, **{"lambda": 0.01}),
-        "adaptive_l0": make("adaptive", args, l_max=0),
-    }
+    models = {**compared_models(args), "adaptive_l0": make("adaptive", args, l_max=0)}
     vocab = models["vanilla"].cfg.vocab_size
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, vocab, (args.batch, args.seq), generator=g).to(args.device)
