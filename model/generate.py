@@ -147,7 +147,6 @@ def _generate_cached(model, prompt, n, temperature, top_k, generator, stop=None)
         next_logits = out.logits[:, -1]
         steps = []
         decode = _decode_one_mor if model.cfg.method == "mor" else _decode_one
-        t = s0
         for t in range(s0, s0 + n):
             steps.append(next_logits)
             tok = _pick(next_logits, temperature, top_k, generator)
@@ -155,13 +154,11 @@ def _generate_cached(model, prompt, n, temperature, top_k, generator, stop=None)
             # Also run the last token, so every returned depth is one that was really executed.
             next_logits, depths[:, t] = decode(model, tok, t, rope)
             if stop is not None and stop(tokens[:, : t + 1]):
-                t += 1
                 break
-        else:
-            t = s0 + n
     finally:
         model.kv = None
-    return Generation(tokens[:, :t], depths[:, :t], _stack_logits(steps, prompt, model))
+    end = s0 + len(steps)  # one new token per step taken
+    return Generation(tokens[:, :end], depths[:, :end], _stack_logits(steps, prompt, model))
 
 
 def _decode_one(model: AlcotModel, tok: Tensor, t: int, rope: Tensor):

@@ -113,11 +113,17 @@ class LatentKV:
     """
 
     def __init__(
-        self, batch: int, capacity: int, device, kernel: str = "sdpa", same_step: bool = False
+        self,
+        batch: int,
+        capacity: int,
+        device,
+        kernel: str = "sdpa",
+        same_step: bool = False,
+        keep: bool = False,
     ):
         self.batch, self.capacity = batch, capacity
         self.kernel, self.same_step = kernel, same_step
-        self.keep = False  # kept for decoding after the forward
+        self.keep = keep  # kept for decoding after the forward
         self.slot_pos = torch.full((batch, capacity), _EMPTY, dtype=torch.long, device=device)
         self.slot_step = torch.full((batch, capacity), -1, dtype=torch.long, device=device)
         self.used = 0

@@ -321,8 +321,9 @@ class AlcotModel(nn.Module):
         if self.cfg.method in ("adaptive", "fixed", "mor", "vanilla"):
             cap = (1 + self.cfg.l_max) * (s + keep_cache)
             kernel = attention_kernel(self.cfg)
-            mb.kv = LatentKV(b, cap, input_ids.device, kernel, self.cfg.method == "mor")
-            mb.kv.keep = keep_cache > 0
+            mb.kv = LatentKV(
+                b, cap, input_ids.device, kernel, self.cfg.method == "mor", keep=keep_cache > 0
+            )
         if self.first:
             mb.emb = self._embed(input_ids)
         return mb
