@@ -7,6 +7,7 @@ JSON line:
   mean_depth       executed latent steps per generated token of the adaptive model (batch 1)
   speedup          adaptive_tps / fixed_tps
   ideal            (1 + l_max) / (1 + mean_depth): the speedup if only executed steps cost
+and, on the line before it ("also:"):
   flat             at batch 1, the adaptive model's mean decode time of the last 64 tokens /
                    that of the first 64 (attention grows with the text; nothing else should)
   *_b8             the same at batch --batch (tokens per second over all rows), and
@@ -113,6 +114,17 @@ def main() -> None:
         f"batch {B}: mean depth {depth[B]:.2f}, deepest row per position {deepest[B]:.2f}; "
         f"speedup {speedup_b:.3f} vs ideal {ideal_b:.3f}, ideal by passes {ideal_passes:.3f}"
     )
+    extra = {
+        "flat": round(flat, 4),
+        "vanilla_tps_b8": round(med[("vanilla", B)], 2),
+        "fixed_tps_b8": round(med[("fixed", B)], 2),
+        "adaptive_tps_b8": round(med[("adaptive", B)], 2),
+        "mean_depth_b8": round(depth[B], 4),
+        "speedup_b8": round(speedup_b, 4),
+        "ideal_b8": round(ideal_b, 4),
+        "ideal_passes_b8": round(ideal_passes, 4),
+    }
+    print("also: " + ", ".join(f"{k} {v}" for k, v in extra.items()))
     print(
         json.dumps(
             {
@@ -122,17 +134,6 @@ def main() -> None:
                 "mean_depth": round(depth[1], 4),
                 "speedup": round(speedup, 4),
                 "ideal": round(ideal, 4),
-                "flat": round(flat, 4),
-                "vanilla_tps_b8": round(med[("vanilla", B)], 2),
-                "fixed_tps_b8": round(med[("fixed", B)], 2),
-                "adaptive_tps_b8": round(med[("adaptive", B)], 2),
-                "mean_depth_b8": round(depth[B], 4),
-                "speedup_b8": round(speedup_b, 4),
-                "ideal_b8": round(ideal_b, 4),
-                "ideal_passes_b8": round(ideal_passes, 4),
-                "batch": B,
-                "new_tokens": args.new,
-                "l_max": args.l_max,
             }
         )
     )

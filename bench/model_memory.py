@@ -8,7 +8,8 @@ Prints one JSON line:
   vanilla_bytes, fixed_bytes, adaptive_bytes   saved for backward, one forward
   executed_fraction   executed token-steps / (tokens x (1 + l_max)) of the adaptive model
   memory_ratio        adaptive_bytes / fixed_bytes
-  recompute_bytes     fixed with model.recompute = full (one layer per checkpoint)
+and before it, as text: fixed / ((1 + l_max) vanilla), and fixed's bytes under
+model.recompute = full (one layer per checkpoint).
 Targets: memory_ratio <= executed_fraction + 0.10; fixed_bytes <= 1.15 x (1 + l_max) x vanilla.
 """
 
@@ -57,7 +58,7 @@ def main() -> None:
     per_pass = got["fixed"] / ((1 + args.l_max) * got["vanilla"])
     for name, v in got.items():
         print(f"{name:10s} {v / 2**20:10.1f} MiB saved for backward")
-    print(f"fixed, full recompute: {recompute / 2**20:.1f} MiB")
+    print(f"fixed, full recompute: {recompute / 2**20:.1f} MiB ({recompute} bytes)")
     print(
         f"memory_ratio {ratio:.3f} vs executed_fraction {executed:.3f} "
         f"(target <= {executed + 0.10:.3f}); fixed / ((1 + l_max) vanilla) = {per_pass:.3f} "
@@ -71,9 +72,6 @@ def main() -> None:
                 "adaptive_bytes": got["adaptive"],
                 "executed_fraction": round(executed, 4),
                 "memory_ratio": round(ratio, 4),
-                "fixed_per_pass": round(per_pass, 4),
-                "recompute_bytes": recompute,
-                "l_max": args.l_max,
             }
         )
     )
