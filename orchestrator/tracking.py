@@ -14,6 +14,11 @@ while the store is unreachable. The run is created in the store when the store f
 does not know its run (another store, a deleted run), a new run is created and the journal,
 params and artifacts are imported into it.
 
+Creating a run is made idempotent: each folder has an id (``folder_id`` in ``tracking.json``,
+written before the first attempt) that its runs carry as the tag ``alcot.folder``. A store can
+commit a run and go away before its answer arrives (a server stopped or restarted mid-request);
+the next attempt finds that run by the tag and takes it over instead of creating a second one.
+
 A run is marked FINISHED (or FAILED) in MLflow only once every journalled metric, tag, param and
 artifact is there. What could not be delivered before ``finish`` gave up stays in the folder and
 is delivered by :func:`deliver` (``alcot tracking sync RUN_DIR``, or a resubmitted sweep, which
@@ -28,6 +33,7 @@ import json
 import os
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +44,7 @@ from alcot.model.typed import ConfigError
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
+FOLDER_TAG = "alcot.folder"  # the run folder's id on each of its runs (idempotent creation)
 MAX_BACKOFF = 30.0  # seconds between delivery attempts at most, while the store is away
 
 
@@ -257,6 +264,7 @@ class Tracker:
         self.client = open_client(uri)
         record = read_record(self.run_dir) or {}
         self._stores: dict[str, str] = dict(record.get("stores", {}))
+        self.folder_id: str = record.get("folder_id") or uuid.uuid4().hex
         self._base_tags = {**record.get("tags", {}), **(tags or {})}
         self._new_tags = dict(tags or {}) if retag else {}
         self.run_id: str | None = None
@@ -315,6 +323,7 @@ class Tracker:
                 "run_name": self.run_name,
                 "tags": self._base_tags,
                 "stores": self._stores,
+                "folder_id": self.folder_id,
             },
         )
 
@@ -344,14 +353,17 @@ class Tracker:
                 )
             if run is None:
                 exp_id = ensure_experiment(self.client, self.experiment, self.artifact_root)
-                run = self.client.create_run(exp_id, run_name=self.run_name, tags=self._base_tags)
+                run = self._created_earlier(exp_id)
+            if run is None:
+                tags = {**self._base_tags, FOLDER_TAG: self.folder_id}
+                run = self.client.create_run(exp_id, run_name=self.run_name, tags=tags)
             else:
                 self.resumed = True
                 self.client.update_run(run.info.run_id, status="RUNNING")
                 for key, value in self._new_tags.items():
                     self.client.set_tag(run.info.run_id, key, value)
             rid = run.info.run_id
-            self._params_sent = bool(run.data.params) if self.resumed else False
+            self._params_sent = self.resumed and set(self._params) <= set(run.data.params)
             with self._lock:
                 keys = {k for row in self._rows for k in row["metrics"]}
             have = {}
@@ -371,6 +383,21 @@ class Tracker:
             self.run_id = rid
         self._stores[self.uri] = rid
         self._write_record()
+
+    def _created_earlier(self, exp_id: str):
+        """The run an earlier attempt created for this folder in this store although its answer
+        never arrived (None if there is none): found by the folder's tag."""
+        runs = self.client.search_runs(
+            [exp_id], filter_string=f"tags.`{FOLDER_TAG}` = '{self.folder_id}'", max_results=2
+        )
+        if not runs:
+            return None
+        run = runs[0]
+        self.log(
+            f"{self.run_dir}: run {run.info.run_id} was created in {self.uri} by an earlier "
+            "attempt whose answer was lost; taking it over"
+        )
+        return run
 
     def _artifact_paths(self, run_id: str) -> set[str]:
         out: set[str] = set()

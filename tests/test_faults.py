@@ -208,6 +208,64 @@ def test_run_started_during_an_outage_trains_and_is_created_later(tmp_path, serv
     assert steps_of(server.uri, runs[0].info.run_id, "train/loss") == list(range(1, 21))
 
 
+class _LostAnswer:
+    """A client whose first ``create_run`` reaches the store but whose answer is lost, as when
+    the server is stopped between committing the run and replying."""
+
+    def __init__(self, client):
+        self._client, self.lost = client, 0
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+    def create_run(self, *args, **kwargs):
+        run = self._client.create_run(*args, **kwargs)
+        if not self.lost:
+            self.lost += 1
+            raise ConnectionError("connection reset (the run was committed)")
+        return run
+
+
+def test_a_run_created_but_unanswered_is_taken_over_not_duplicated(tmp_path, monkeypatch):
+    """The store commits the run and the answer never arrives: the next delivery attempt finds
+    that run by the folder's tag and delivers into it; the store ends with exactly one run,
+    FINISHED, holding every step."""
+    import alcot.orchestrator.tracking as tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    real_open = tracking.open_client
+    clients: list[_LostAnswer] = []
+
+    def lossy_open(u):
+        clients.append(_LostAnswer(real_open(u)))
+        return clients[-1]
+
+    monkeypatch.setattr(tracking, "open_client", lossy_open)
+    logs: list[str] = []
+    tracker = tracking.Tracker(
+        uri,
+        "tests",
+        tmp_path / "run",
+        "lossy",
+        flush_seconds=0.05,
+        log=logs.append,
+        params={"model.method": "adaptive"},
+    )
+    assert clients[0].lost == 1 and tracker.run_id is None  # the first answer was lost
+    for step in range(1, 6):
+        tracker.on_metrics(step, {"train/loss": 1.0 / step})
+    assert tracker.finish("FINISHED", timeout=30)
+    runs = experiment_runs(uri)
+    assert [r.info.run_id for r in runs] == [tracker.run_id], logs
+    assert runs[0].info.status == "FINISHED"
+    assert runs[0].data.tags[tracking.FOLDER_TAG] == tracker.folder_id
+    assert runs[0].data.params == {"model.method": "adaptive"}
+    assert steps_of(uri, tracker.run_id, "train/loss") == [1, 2, 3, 4, 5]
+    assert any("taking it over" in line for line in logs), logs
+    record = json.loads((tmp_path / "run" / "tracking.json").read_text())
+    assert record["folder_id"] == tracker.folder_id and record["run_id"] == tracker.run_id
+
+
 # ---------------------------------------------------------------------------- names, data
 @pytest.mark.parametrize(
     "name", ["../../../escape", "/abs/path", "a/b/.", "a/../b", "a//b", "..", "a\\b", ""]
