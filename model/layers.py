@@ -402,9 +402,42 @@ def use_transformer_engine(cfg: ModelConfig) -> bool:
     return have_te and torch.cuda.is_available()
 
 
-def build_block_spec(cfg: ModelConfig, state: AttentionState, num_layers: int | None = None):
+def init_seed(base: int, part: int) -> int:
+    """The seed a part of the model draws its initial weights from: part 0 the embeddings,
+    n in 1..L transformer layer n (global numbering), L + 1 onwards the head and routers."""
+    return (base * 1_000_003 + part) % (2**63 - 1)
+
+
+def _seeded_layer():
+    """Megatron's ``TransformerLayer`` that seeds the CPU generator from (the model's init seed,
+    its global layer number) before building its weights.
+
+    Why: Megatron initialises on CPU from the default generator (``use_cpu_initialization``), so
+    a layer's weights would depend on how many weights were drawn before it, i.e. on which
+    pipeline stage builds it. Seeded per layer, a run starts from the same weights at any
+    pipeline (and tensor) layout, so a study may change layouts without changing its models."""
+    from megatron.core.transformer.transformer_layer import (
+        TransformerLayer,
+        get_transformer_layer_offset,
+    )
+
+    class SeededTransformerLayer(TransformerLayer):
+        def __init__(self, config, *args, init_seed_base: int, layer_number: int = 1, **kwargs):
+            # the block numbers its layers per stage; Megatron's offset makes it global
+            offset = get_transformer_layer_offset(config, kwargs.get("vp_stage"))
+            seed = init_seed(init_seed_base, layer_number + offset)
+            torch.random.default_generator.manual_seed(seed)
+            super().__init__(config, *args, layer_number=layer_number, **kwargs)
+
+    return SeededTransformerLayer
+
+
+def build_block_spec(
+    cfg: ModelConfig, state: AttentionState, num_layers: int | None = None, seed: int = 0
+):
     """Megatron ``TransformerBlockSubmodules`` for a Llama block with our core attention
-    (``num_layers``: this pipeline stage's share, from Megatron's ``get_num_layers_to_build``).
+    (``num_layers``: this pipeline stage's share, from Megatron's ``get_num_layers_to_build``;
+    ``seed``: the model's init seed, from which each layer seeds its weights).
 
     Local spec (CPU, or GPU without TransformerEngine): Megatron's Column/RowParallelLinear and
     torch RMSNorm. TE spec: TE's fused norm+linear layers and TE RMSNorm. The final norm is set
@@ -418,10 +451,7 @@ def build_block_spec(cfg: ModelConfig, state: AttentionState, num_layers: int | 
     from megatron.core.transformer.mlp import MLP, MLPSubmodules
     from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
-    from megatron.core.transformer.transformer_layer import (
-        TransformerLayer,
-        TransformerLayerSubmodules,
-    )
+    from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
     core = ModuleSpec(module=LatentCoreAttention, params={"state": state})
     if use_transformer_engine(cfg):
@@ -452,7 +482,8 @@ def build_block_spec(cfg: ModelConfig, state: AttentionState, num_layers: int | 
         )
 
     layer = ModuleSpec(
-        module=TransformerLayer,
+        module=_seeded_layer(),
+        params={"init_seed_base": seed},
         submodules=TransformerLayerSubmodules(
             input_layernorm=input_norm,
             self_attention=ModuleSpec(

@@ -32,7 +32,14 @@ from .compat import ensure_cpu_compat
 from .config import ModelConfig, count_parameters
 from .flops import FlopTally, causal_pairs, nominal_flops, paper_flops
 from .halting import Router, StepRecord, adaptive_loss, halting_update
-from .layers import AttentionState, LatentKV, attention_kernel, build_block_spec, transformer_config
+from .layers import (
+    AttentionState,
+    LatentKV,
+    attention_kernel,
+    build_block_spec,
+    init_seed,
+    transformer_config,
+)
 from .mor import MoRRouter, aux_loss, recursion_update, select
 
 
@@ -132,42 +139,60 @@ class AlcotModel(nn.Module):
         self.pp = cfg.pipeline_parallel_size
         self.stage = ps.get_pipeline_model_parallel_rank()
         self.first, self.last = self.stage == 0, self.stage == self.pp - 1
-        self.embedding = None
-        if self.first:
-            self.embedding = VocabParallelEmbedding(
-                cfg.vocab_size, cfg.hidden_size, init_method=self.tcfg.init_method, config=self.tcfg
+        # Initial weights: one draw of the caller's generator (torch.manual_seed(seed) before
+        # building) gives the model's init seed; each part (embeddings, every layer by its
+        # global number, head, routers, pause vectors) seeds its own draws from it, so the
+        # weights do not depend on the pipeline layout (layers.init_seed). The caller's
+        # generator is left one draw further on, whatever the layout.
+        base = int(torch.randint(0, 2**62, (1,)).item())
+        cpu = torch.random.default_generator
+        last_part = cfg.num_layers + 1
+        with torch.random.fork_rng(devices=[]):
+            self.embedding = None
+            if self.first:
+                cpu.manual_seed(init_seed(base, 0))
+                self.embedding = VocabParallelEmbedding(
+                    cfg.vocab_size,
+                    cfg.hidden_size,
+                    init_method=self.tcfg.init_method,
+                    config=self.tcfg,
+                )
+            # pre_process=True on every stage: we hand each stage its input directly instead
+            # of through Megatron's set_input_tensor; post_process builds the final norm.
+            self.block = TransformerBlock(
+                self.tcfg,
+                build_block_spec(cfg, self.state, get_num_layers_to_build(self.tcfg), base),
+                post_layer_norm=True,
+                pre_process=True,
+                post_process=self.last,
             )
-        # pre_process=True on every stage: we hand each stage its input directly instead of
-        # through Megatron's set_input_tensor; post_process builds the final norm (last stage).
-        self.block = TransformerBlock(
-            self.tcfg,
-            build_block_spec(cfg, self.state, get_num_layers_to_build(self.tcfg)),
-            post_layer_norm=True,
-            pre_process=True,
-            post_process=self.last,
-        )
-        self.head = None
-        if self.last:
-            self.head = ColumnParallelLinear(
-                cfg.hidden_size,
-                cfg.vocab_size,
-                config=self.tcfg,
-                init_method=self.tcfg.init_method,
-                bias=False,
-                gather_output=False,
+            self.head = None
+            if self.last:
+                cpu.manual_seed(init_seed(base, last_part))
+                self.head = ColumnParallelLinear(
+                    cfg.hidden_size,
+                    cfg.vocab_size,
+                    config=self.tcfg,
+                    init_method=self.tcfg.init_method,
+                    bias=False,
+                    gather_output=False,
+                )
+            self.rotary = RotaryEmbedding(
+                kv_channels=cfg.head_dim,
+                rotary_percent=1.0,
+                rotary_base=cfg.rotary_base,
+                use_cpu_initialization=True,
             )
-        self.rotary = RotaryEmbedding(
-            kv_channels=cfg.head_dim,
-            rotary_percent=1.0,
-            rotary_base=cfg.rotary_base,
-            use_cpu_initialization=True,
-        )
-        self.router = Router(cfg) if cfg.uses_router and self.last else None
-        self.mor_router = MoRRouter(cfg) if cfg.method == "mor" and self.last else None
-        if cfg.method == "pause" and self.first:
-            self.pause = nn.Parameter(torch.randn(cfg.l_max, cfg.hidden_size) * cfg.init_std)
-        else:
-            self.pause = None
+            self.router = self.mor_router = self.pause = None
+            if cfg.uses_router and self.last:
+                cpu.manual_seed(init_seed(base, last_part + 1))
+                self.router = Router(cfg)
+            if cfg.method == "mor" and self.last:
+                cpu.manual_seed(init_seed(base, last_part + 2))
+                self.mor_router = MoRRouter(cfg)
+            if cfg.method == "pause" and self.first:
+                cpu.manual_seed(init_seed(base, last_part + 3))
+                self.pause = nn.Parameter(torch.randn(cfg.l_max, cfg.hidden_size) * cfg.init_std)
 
     # ------------------------------------------------------------------ helpers
     @property

@@ -42,13 +42,17 @@ def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 class MainParams:
     """fp32 main copies of a model's reduced-precision parameters and their gradients.
 
-    After each micro-batch's backward, :meth:`accumulate` adds the model's gradients into the
-    main gradients in fp32 (and frees the bf16 ones), so accumulation over micro-batches does not
-    round at every add. The optimizer steps the main parameters; :meth:`copy_to_model` rounds
-    them back into the model. fp32 parameters are their own main copy.
+    Every backward call's gradient of a bf16 parameter is added into its fp32 main gradient as
+    soon as autograd has produced it (a post-accumulate-grad hook, as Megatron's DDP does into
+    ``main_grad``), and the bf16 one is freed: accumulation over micro-batches, and over the
+    separate backward calls of the pipeline schedule's slots (a parameter gets one per latent
+    step and micro-batch there), never rounds a running sum to bf16. :meth:`accumulate` moves
+    whatever a hook did not (gradients set by hand). The optimizer steps the main parameters;
+    :meth:`copy_to_model` rounds them back into the model. fp32 parameters are their own main
+    copy.
     """
 
-    def __init__(self, params: list[nn.Parameter]):
+    def __init__(self, params: list[nn.Parameter], hooks: bool = True):
         self.pairs: list[tuple[nn.Parameter, nn.Parameter]] = []
         for p in params:
             if p.dtype == torch.float32:
@@ -60,6 +64,16 @@ class MainParams:
                         setattr(main, attr, getattr(p, attr))
             self.pairs.append((p, main))
         self.main = {id(p): m for p, m in self.pairs}
+        if hooks:
+            for p, m in self.pairs:
+                if p is not m and p.requires_grad:
+                    p.register_post_accumulate_grad_hook(self._to_main)
+
+    def _to_main(self, p: nn.Parameter) -> None:
+        m = self.main[id(p)]
+        g = p.grad.float()
+        m.grad = g if m.grad is None else m.grad.add_(g)
+        p.grad = None
 
     @property
     def reduced(self) -> bool:
@@ -74,11 +88,8 @@ class MainParams:
 
     def accumulate(self) -> None:
         for p, m in self.pairs:
-            if p is m or p.grad is None:
-                continue
-            g = p.grad.float()
-            m.grad = g if m.grad is None else m.grad.add_(g)
-            p.grad = None
+            if p is not m and p.grad is not None:
+                self._to_main(p)
 
     def all_reduce_mean(self, group, world: int) -> None:
         """Average the main gradients over a data-parallel group (one flat fp32 all-reduce;

@@ -21,8 +21,8 @@ def losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["metrics"]["train/loss"]) for r in rows]
 
 
-def _train(out: Path, tp: int, pp: int, dp: int = 1) -> None:
-    sets = [a for s in SMALL_RUN for a in ("--set", s)]
+def _train(out: Path, tp: int, pp: int, dp: int = 1, *more: str) -> None:
+    sets = [a for s in (*SMALL_RUN, *more) for a in ("--set", s)]
     sets += ["--set", "train.steps=5", "--set", "train.checkpoint_every=3"]
     sets += ["--set", "train.grad_accum=2", "--set", "train.eval_every=100", "--no-progress"]
     sets += ["--set", "tracking.log_model=false", "--set", f"model.tensor_parallel_size={tp}"]
@@ -72,3 +72,19 @@ def test_pipeline_with_data_parallel_matches_one_replica(alcot_home, tmp_path):
     assert set(a) == set(b) == set(range(1, 6))
     for step in a:
         assert abs(a[step] - b[step]) < 1e-4, (step, a[step], b[step])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision, rel", [("fp32", 1e-5), ("bf16", 5e-3)])
+def test_pipeline_trains_like_one_process_from_the_seed(alcot_home, tmp_path, precision, rel):
+    """PP 2 and PP 1 started from the same seed build the same initial weights (each layer,
+    the embeddings, head and router seed their own draws) and train alike: five steps of two
+    micro-batches, losses equal to fp32 reduction order, or within bf16's rounding in bf16
+    (where each latent step and micro-batch is a separate backward call on each stage, every one
+    accumulated into the fp32 main gradients)."""
+    _train(tmp_path / "one", 1, 1, 1, f"train.precision={precision}")
+    _train(tmp_path / "two", 1, 2, 1, f"train.precision={precision}")
+    a, b = dict(losses(tmp_path / "one")), dict(losses(tmp_path / "two"))
+    assert set(a) == set(b) == set(range(1, 6))
+    for step in a:
+        assert abs(a[step] - b[step]) <= rel * abs(a[step]), (step, a[step], b[step])

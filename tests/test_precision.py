@@ -107,6 +107,24 @@ def test_main_params_accumulate_in_fp32(build):
     assert torch.equal(w, (main.main_of(w).detach()).to(torch.bfloat16))
 
 
+def test_every_backward_call_accumulates_into_fp32(build):
+    """Several backward calls before the optimizer step (micro-batches, and the pipeline
+    schedule's one call per latent step and micro-batch): each call's bf16 gradient lands in
+    the fp32 main gradient at once, so the running sum is never rounded to bf16."""
+    model = cast_model(build(method="fixed"), torch.bfloat16)
+    main = MainParams(list(model.parameters()))
+    w = model.embedding.weight
+    for scale in (1.0, 2.0**-9, 2.0**-9):  # 1 + 2^-8 rounds to 1 in bf16 (ties to even)
+        (w.float().sum() * scale).backward()
+        assert w.grad is None  # moved to the main gradient by the hook
+    assert torch.all(main.main_of(w).grad == 1.0 + 2.0**-8)
+    plain = cast_model(build(method="fixed"), torch.bfloat16)  # without MainParams: bf16 sums
+    v = plain.embedding.weight
+    for scale in (1.0, 2.0**-9, 2.0**-9):
+        (v.float().sum() * scale).backward()
+    assert torch.all(v.grad == 1.0)
+
+
 @pytest.mark.parametrize("method", ["adaptive", "ponder"])
 def test_trainer_runs_and_resumes_exactly_in_bf16(tmp_path, alcot_home, method):
     """Six bf16 steps straight through, and three + three from the step-3 checkpoint: the
