@@ -66,12 +66,19 @@ def fit_study(
 ) -> ScalingResult:
     res = ScalingResult(flops, points)
     opts = {"n_boot": n_boot, "level": level, "seed": seed}
-    pts = fit_points(study, flops, points)
-    every = fit_points(study, flops, "final" if points == "final" else "all")
-    res.data = dict(iter(pts.groupby("method", sort=True)))
     # the bootstrap's unit is a run, named by its config hash rather than its random MLflow id,
-    # so the same sweep run twice (or in two stores) gives the same intervals
+    # and the points are put in the order of (config hash, step): the same runs imported into
+    # another store (new run ids, another load order) give the same fits to the last digit
     trial = study.runs.set_index("run_id")["trial"]
+
+    def stable(frame: pd.DataFrame) -> pd.DataFrame:
+        keys = frame.assign(_trial=frame["run_id"].map(trial))
+        keys = keys.sort_values(["_trial", "step", "flops", "val_loss"], kind="mergesort")
+        return keys.drop(columns="_trial").reset_index(drop=True)
+
+    pts = stable(fit_points(study, flops, points))
+    every = stable(fit_points(study, flops, "final" if points == "final" else "all"))
+    res.data = dict(iter(pts.groupby("method", sort=True)))
     laws = [
         (
             "power_law",

@@ -5,7 +5,6 @@ import gzip
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from alcot.analysis.load import AnalysisError
@@ -121,22 +120,7 @@ def test_committed_export_rebuilds_the_committed_tables_exactly(tmp_path, capsys
     assert committed and rebuilt == committed
     for name in committed:
         got, want = (out / "tables" / name).read_text(), (STUDY / "tables" / name).read_text()
-        if not name.startswith("r5_"):
-            assert got == want, name
-            continue
-        # the fits: their refits (multi-start L-BFGS) land a little differently from one
-        # rebuild to the next (seen: the 4th digit of an estimate, the 2nd of a bootstrap
-        # bound); every other table must match exactly
-        import pandas as pd
-
-        g, w = pd.read_csv(out / "tables" / name), pd.read_csv(STUDY / "tables" / name)
-        assert list(g.columns) == list(w.columns) and len(g) == len(w), name
-        for col in w.columns:
-            if not pd.api.types.is_numeric_dtype(w[col]):
-                assert g[col].astype(str).tolist() == w[col].astype(str).tolist(), (name, col)
-                continue
-            rtol = 0.1 if col.endswith((" low", " high")) else 0.01
-            assert np.allclose(g[col], w[col], rtol=rtol, equal_nan=True), (name, col)
+        assert got == want, name
 
 
 def test_diagnose_splits_the_gradient_and_logs_it_to_the_run(alcot_home, tmp_path, capsys):
