@@ -31,7 +31,7 @@ METHOD_COLOURS = {
 _SPARE = ["#e377c2", "#17becf", "#bcbd22", "#7f7f7f"]
 SIZE_STYLES = ["-", "--", ":", "-."]
 SIZE_MARKERS = ["o", "s", "^", "D", "v", "P"]
-SIZE_ORDER = ["micro", "tiny", "mini", "70m", "160m", "410m", "1.4b"]
+SIZE_ORDER = ["pico", "nano", "micro", "tiny", "mini", "70m", "160m", "410m", "1.4b"]
 
 
 def colour(method: str) -> str:

@@ -232,6 +232,13 @@ class Claims:
     notes: list[str] = field(default_factory=list)
 
 
+def _sizes(values) -> list[str]:
+    """The sizes present, smallest first (the ladder's order; unknown names after)."""
+    from .plots import _sizes as ordered
+
+    return ordered(pd.Series(values).dropna().unique())
+
+
 def _mode(series: pd.Series):
     s = series.dropna()
     return s.mode().iloc[0] if not s.empty else np.nan
@@ -300,9 +307,7 @@ def claims(
         )
     lr = _mode(r["lr"])
     main = r[((r["lr"] == lr) | r["lr"].isna()) & r["score"].notna()]
-    sizes = [
-        s for s in ("micro", "tiny", "mini", "70m", "160m", "410m", "1.4b") if s in set(r["size"])
-    ]
+    sizes = _sizes(r["size"])
     seeded = [s for s in sizes if not np.isnan(_noise(main, "log_score", s)[0])]
     sd, dof = _noise(main, "log_score", seeded[0]) if seeded else (np.nan, 0)
     out.notes.append(
@@ -601,7 +606,7 @@ def curves_figure(study: Study, flops: str = "realised"):
     from .plots import colour
 
     c = run_curves(study, flops)
-    sizes = [s for s in ("micro", "tiny", "mini") if s in set(c["size"])] or sorted(set(c["size"]))
+    sizes = _sizes(c["size"])
     fig, axes = plt.subplots(2, len(sizes), figsize=(4.4 * len(sizes), 6.4), squeeze=False)
     for j, size in enumerate(sizes):
         sub = c[c["size"] == size]

@@ -30,6 +30,10 @@ PONDER_UPDATES = ("accumulate", "reset")
 # from (Llama-style blocks: RMSNorm, SwiGLU, RoPE, untied head). Parameter counts are never typed
 # in: :func:`count_parameters` derives them from these shapes.
 LADDER: dict[str, dict[str, int]] = {
+    # pico and nano: below micro in width only, so that a CPU study can train three sizes to
+    # about 20 tokens per parameter (docs/study/README.md)
+    "pico": dict(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=2048),
+    "nano": dict(num_layers=2, hidden_size=48, num_attention_heads=4, vocab_size=2048),
     "micro": dict(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=2048),
     "tiny": dict(num_layers=4, hidden_size=128, num_attention_heads=4, vocab_size=2048),
     "mini": dict(num_layers=6, hidden_size=256, num_attention_heads=4, vocab_size=2048),

@@ -58,9 +58,13 @@ def search_trainable(config: dict, sweep: Sweep, home: str, parent: str, threads
     tune.report({**result, "trial_hash": trial.hash})
 
 
-def _sampler(name: str, seed: int):
+def _sampler(name: str, seed: int, space: dict):
     import optuna
 
+    if name == "grid":  # every point once, also under concurrent asking: Optuna's grid sampler
+        # skips the points of trials still running (the sweep file was checked: choices only)
+        grid = {_key(axis): list(d["choices"]) for axis, d in space.items()}
+        return optuna.samplers.GridSampler(grid, seed=seed)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "nsga2":
@@ -96,7 +100,7 @@ def run_search(sweep: Sweep, address: str | None, dry_run: bool, log) -> int:
         space=None,
         metric=metrics if len(metrics) > 1 else metrics[0],
         mode=modes if len(modes) > 1 else modes[0],
-        sampler=_sampler(search.sampler, search.seed),
+        sampler=_sampler(search.sampler, search.seed, search.space),
         study_name=f"{spec.study}-{sweep.sweep_id}",
         storage=optuna.storages.RDBStorage(storage_url),
     )

@@ -620,6 +620,19 @@ def _check_space(search: SearchSpec, base: dict, path: Path, lines: dict[str, in
             RunConfig.from_dict(apply_overrides(base, [f"{axis}={json.dumps(probe)}"]))
         except ConfigError as err:
             raise SweepError(where, key, str(err)) from None
+        if search.sampler == "grid" and "choices" not in dist:
+            raise SweepError(
+                where, key, "the grid sampler needs {choices: [...]} on every axis of the space"
+            )
+    if search.sampler == "grid":
+        points = math.prod(len(d["choices"]) for d in search.space.values())
+        if search.trials > points:
+            key = "search.trials"
+            raise SweepError(
+                _where(path, lines, key),
+                key,
+                f"{search.trials} trials, but the grid has {points} points (each runs once)",
+            )
 
 
 def describe(trial: Trial) -> dict[str, Any]:

@@ -68,7 +68,9 @@ def test_ladder_sizes_are_what_their_names_say(size, expected):
 def test_tiny_is_about_a_million_parameters():
     counts = count_parameters(ModelConfig(size="tiny", method="vanilla"))
     assert 0.5e6 < counts["total"] < 2e6
-    assert list(LADDER)[:3] == ["micro", "tiny", "mini"]
+    assert list(LADDER)[:5] == ["pico", "nano", "micro", "tiny", "mini"]
+    sizes = [count_parameters(ModelConfig(size=n, method="vanilla"))["total"] for n in LADDER]
+    assert sizes == sorted(sizes)  # the ladder goes up
 
 
 @pytest.mark.parametrize(

@@ -456,6 +456,29 @@ def test_optuna_search(home, tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_optuna_grid_search_runs_every_point_once(home, tmp_path, capsys):
+    """Two trials at a time ask Optuna's grid sampler concurrently: four trials, four points."""
+    path = sweep_file(
+        tmp_path,
+        """
+        study: gridsearch
+        search:
+          trials: 4
+          sampler: grid
+          space:
+            model.method: {choices: [vanilla, adaptive]}
+            train.lr: {choices: [1.0e-3, 3.0e-3]}
+        budget: {tokens: 2048}
+        max_concurrent: 2
+    """,
+    )
+    assert main(["sweep", "run", str(path)]) == 0
+    kids = children(home, "gridsearch", "FINISHED")
+    points = sorted((r.data.params["model.method"], float(r.data.params["train.lr"])) for r in kids)
+    assert points == [("adaptive", 1e-3), ("adaptive", 3e-3), ("vanilla", 1e-3), ("vanilla", 3e-3)]
+
+
+@pytest.mark.slow
 def test_multi_worker_trial_runs_as_a_gang(home, tmp_path, capsys):
     path = sweep_file(
         tmp_path,

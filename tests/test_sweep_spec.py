@@ -272,6 +272,18 @@ MALFORMED = {
         2,
     ),
     "study_escapes_home": ("study: ../../escape\ngrid: {model.size: [micro]}\n", "study", 1),
+    "grid_sampler_without_choices": (
+        "study: s\nsearch:\n  sampler: grid\n"
+        "  space:\n    model.halting.lambda: {low: 0.01, high: 1}\n",
+        "search.space.model.halting.lambda",
+        5,
+    ),
+    "grid_sampler_more_trials_than_points": (
+        "study: s\nsearch:\n  sampler: grid\n  trials: 5\n"
+        "  space:\n    model.halting.lambda: {choices: [0.01, 0.1]}\n",
+        "search.trials",
+        4,
+    ),
     "space_path_unknown": (
         "study: s\nsearch:\n  space:\n    model.lamda: {choices: [1, 2]}\n",
         "search.space.model.lamda",
