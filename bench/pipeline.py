@@ -15,6 +15,9 @@ first five keys only:
                     S = 1 + l_max traversals per micro-batch (``pipeline.bubble_fraction``)
   bubble_tokens     the same schedule simulated with each slot costing its executed tokens
                     (halting makes later steps cheaper; ``pipeline.simulate_bubble``)
+  bubble_replayed   the schedule replayed with each slot's measured compute time and free
+                    communication (``replayed_bubble``): measured - replayed is communication
+                    and Python between slots, replayed - model is unequal slot costs
   mean_depth        executed latent steps per token
 Target: bubble_measured <= bubble_model + 0.05. CPU timings with gloo are not GPU timings.
 
@@ -162,6 +165,55 @@ def measured_bubble(stages: list[list[tuple]]) -> float:
     return 1.0 - busy / (len(stages) * (end - start))
 
 
+def replayed_bubble(stages: list[list[tuple]]) -> float:
+    """The bubble of the schedule replayed with each slot's measured compute time and free
+    communication: every stage runs its slots in the recorded order, each slot as soon as its
+    stage is free and its input is there (forward: the previous stage's slot, or for step k > 0
+    on the first stage the last stage's step k - 1 with its program; the loss backward: the
+    micro-batch's last forward; backward: the next stage's slot, or on the last stage the first
+    stage's step k + 1). measured - replayed is the cost of communication and of the Python
+    between slots; replayed - bubble_model is what unequal slot costs add to the schedule."""
+    n = len(stages)
+    dur: list[dict] = [{} for _ in range(n)]
+    order: list[list] = [[] for _ in range(n)]
+    for p, ev in enumerate(stages):
+        for kind, i, k, a, b in ev:
+            key = ("F" if kind in "FP" else kind, i, k)  # a program runs right after its slot
+            if key not in dur[p]:
+                order[p].append(key)
+            dur[p][key] = dur[p].get(key, 0.0) + (b - a)
+    last_f = {i: k for kind, i, k in order[-1] if kind == "F"}
+    end: dict = {}
+    free = [0.0] * n
+    pos = [0] * n
+    left = sum(len(o) for o in order)
+    while left:
+        moved = False
+        for p in range(n):
+            if pos[p] == len(order[p]):
+                continue
+            kind, i, k = order[p][pos[p]]
+            if kind == "F":
+                dep = (p - 1, "F", i, k) if p else ((n - 1, "F", i, k - 1) if k else None)
+            elif kind == "L":
+                dep = (p, "F", i, last_f[i])
+            elif p < n - 1:
+                dep = (p + 1, "B", i, k)
+            else:
+                dep = (0, "B", i, k + 1) if ("B", i, k + 1) in dur[0] else None
+            if dep is not None and dep not in end:
+                continue
+            start = max(free[p], end[dep] if dep else 0.0)
+            end[(p, kind, i, k)] = free[p] = start + dur[p][(kind, i, k)]
+            pos[p] += 1
+            left -= 1
+            moved = True
+        if not moved:
+            raise RuntimeError("the recorded slot order cannot be replayed (a cycle)")
+    busy = sum(sum(d.values()) for d in dur)
+    return 1.0 - busy / (n * max(free))
+
+
 def figure(path: Path, stages: list[list[tuple]], l_max: int, m: int) -> None:
     import matplotlib
 
@@ -204,6 +256,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--figure", type=Path, default=None)
+    ap.add_argument("--dump", type=Path, default=None, help="save the P = 2 timelines here")
     ap.add_argument("--worker", action="store_true")
     ap.add_argument("--work", default=None)
     args = ap.parse_args()
@@ -219,10 +272,13 @@ def main() -> None:
             launch(work, world, [*common, "--l-max", str(args.l_max)])
         p1 = torch.load(Path(work) / f"p1_l{args.l_max}.pt", weights_only=False)
         p2 = torch.load(Path(work) / f"p2_l{args.l_max}.pt", weights_only=False)
+        if args.dump is not None:
+            torch.save(p2, args.dump)
         rows = []
         for a, b in zip(p1, p2, strict=True):
             m = a["m"]
             bubbles = [measured_bubble(tl) for tl in b["timelines"]]
+            replays = [replayed_bubble(tl) for tl in b["timelines"]]
             row = {
                 "p1_s": round(statistics.median(a["times"]), 4),
                 "p2_s": round(statistics.median(b["times"]), 4),
@@ -230,6 +286,7 @@ def main() -> None:
                 "bubble_measured": round(statistics.median(bubbles), 4),
                 "bubble_model": round(bubble_fraction(2, m, args.l_max + 1), 4),
                 "bubble_tokens": round(simulate_bubble(2, b["tokens"]), 4),
+                "bubble_replayed": round(statistics.median(replays), 4),
                 "mean_depth": round(b["depth"], 3),
                 "l_max": args.l_max,
             }
