@@ -305,13 +305,22 @@ def claims(
         out.notes.append(
             f"left out of the comparisons, not evaluated on {corpus}: {', '.join(missing)}"
         )
-    lr = _mode(r["lr"])
-    main = r[((r["lr"] == lr) | r["lr"].isna()) & r["score"].notna()]
+    # each method's comparison runs are at its own learning rate: the one most of its runs use
+    # (a learning-rate search adds single runs at the other rates)
+    lrs = r.groupby("method")["lr"].agg(_mode)
+    at_lr = r["lr"].isna() | np.isclose(r["lr"], r["method"].map(lrs).astype(float))
+    main = r[at_lr & r["score"].notna()]
+    shown = sorted({f"{v:g}" for v in lrs.dropna()})
+    lr_note = (
+        shown[0]
+        if len(shown) == 1
+        else "per method: " + ", ".join(f"{m} {v:g}" for m, v in lrs.dropna().items())
+    )
     sizes = _sizes(r["size"])
     seeded = [s for s in sizes if not np.isnan(_noise(main, "log_score", s)[0])]
     sd, dof = _noise(main, "log_score", seeded[0]) if seeded else (np.nan, 0)
     out.notes.append(
-        f"learning rate of the comparisons: {lr:g}; scores: {'test' if corpus else 'validation'}"
+        f"learning rate of the comparisons: {lr_note}; scores: {'test' if corpus else 'validation'}"
         f" perplexity{f' ({corpus})' if corpus else ''}; seed noise (sd of log perplexity, "
         f"pooled at {seeded[0] if seeded else '-'}): {sd:.4g} with {dof} degrees of freedom"
     )
@@ -547,26 +556,22 @@ def claims(
         out.tables["diag_gradient_share"] = diag.sort_values(
             ["size", "beta", "lambda", "lr", "seed"], ignore_index=True
         )
-    if r["lr"].nunique() > 1:  # vanilla at its size's budget, adaptive at the default penalty
+    if r["lr"].nunique() > 1:  # every method at its size's budget (adaptive: default penalty)
         scored = r[r["score"].notna()]
-        top = scored[scored["method"] == "vanilla"].groupby("size")["final/tokens_seen"].max()
-        van = scored[
-            (scored["method"] == "vanilla")
-            & np.isclose(scored["final/tokens_seen"], scored["size"].map(top))
-        ]
-        ada = scored[
-            (scored["method"] == "adaptive")
-            & np.isclose(scored["lambda"], default_lambda)
-            & np.isclose(scored["beta"], default_beta)
-        ]
-        both = pd.concat([van, ada])
-        lrs = both.groupby(["method", "size", "lr"], as_index=False).agg(
+        top = scored.groupby(["method", "size"])["final/tokens_seen"].transform("max")
+        at_budget = scored[np.isclose(scored["final/tokens_seen"], top)]
+        is_ada = at_budget["method"] == "adaptive"
+        default_penalty = np.isclose(at_budget["lambda"], default_lambda) & np.isclose(
+            at_budget["beta"], default_beta
+        )
+        pick = at_budget[~is_ada | default_penalty]
+        lr_runs = pick.groupby(["method", "size", "lr"], as_index=False).agg(
             runs=("run_id", "size"),
             test_ppl=("log_score", lambda v: math.exp(v.mean())),
             mean_depth=("final/val/mean_depth", "mean"),
         )
-        swept = lrs.groupby(["method", "size"])["lr"].transform("nunique") > 1
-        out.tables["diag_learning_rate"] = lrs[swept].reset_index(drop=True)
+        swept = lr_runs.groupby(["method", "size"])["lr"].transform("nunique") > 1
+        out.tables["diag_learning_rate"] = lr_runs[swept].reset_index(drop=True)
     return out
 
 
