@@ -244,11 +244,11 @@ def _mode(series: pd.Series):
     return s.mode().iloc[0] if not s.empty else np.nan
 
 
-def _noise(main: pd.DataFrame, col: str, size: str):
+def _noise(main: pd.DataFrame, col: str, sizes: list[str]):
     """Pooled seed standard deviation of ``col`` (log test perplexity, say) over the groups
-    of runs at ``size`` that differ only in their seed; (sd, degrees of freedom)."""
-    sub = main[main["size"] == size].dropna(subset=[col])
-    keys = ["method", "lambda", "beta", "final/tokens_seen", "layers"]
+    of runs at ``sizes`` that differ only in their seed; (sd, degrees of freedom)."""
+    sub = main[main["size"].isin(sizes)].dropna(subset=[col])
+    keys = ["size", "method", "lambda", "beta", "final/tokens_seen", "layers"]
     ss, df = 0.0, 0
     for _, g in sub.groupby([sub[k].astype(str) for k in keys]):
         if g["seed"].nunique() > 1:
@@ -291,7 +291,7 @@ def claims(
     """The R1-R5 tables. Comparisons use the WikiText-2 test perplexity of ``alcot eval``
     (validation perplexity where a run was not evaluated); intervals come from the seeds:
     the pooled standard deviation of log perplexity over runs that differ only in their seed,
-    at the size that has them, applied to every size's differences (a t interval)."""
+    at the sizes that have them, applied to every size's differences (a t interval)."""
     r = study.runs.copy()
     corpus = test_corpus(r)
     out = Claims(corpus)
@@ -317,12 +317,12 @@ def claims(
         else "per method: " + ", ".join(f"{m} {v:g}" for m, v in lrs.dropna().items())
     )
     sizes = _sizes(r["size"])
-    seeded = [s for s in sizes if not np.isnan(_noise(main, "log_score", s)[0])]
-    sd, dof = _noise(main, "log_score", seeded[0]) if seeded else (np.nan, 0)
+    seeded = [s for s in sizes if not np.isnan(_noise(main, "log_score", [s])[0])]
+    sd, dof = _noise(main, "log_score", seeded) if seeded else (np.nan, 0)
     out.notes.append(
         f"learning rate of the comparisons: {lr_note}; scores: {'test' if corpus else 'validation'}"
         f" perplexity{f' ({corpus})' if corpus else ''}; seed noise (sd of log perplexity, "
-        f"pooled at {seeded[0] if seeded else '-'}): {sd:.4g} with {dof} degrees of freedom"
+        f"pooled at {', '.join(seeded) if seeded else '-'}): {sd:.4g} with {dof} degrees of freedom"
     )
     adaptive = main[main["method"] == "adaptive"]
     default = adaptive[
@@ -450,13 +450,9 @@ def claims(
         )
     out.tables["r3_directions"] = pd.DataFrame(rows)
     depth_sd, depth_df = (
-        _noise(main.assign(d=main["final/val/mean_depth"]), "d", seeded[0])
-        if seeded
-        else (np.nan, 0)
+        _noise(main.assign(d=main["final/val/mean_depth"]), "d", seeded) if seeded else (np.nan, 0)
     )
-    ce_sd, _ = (
-        _noise(main.assign(c=main["final/val/loss"]), "c", seeded[0]) if seeded else (np.nan, 0)
-    )
+    ce_sd, _ = _noise(main.assign(c=main["final/val/loss"]), "c", seeded) if seeded else (np.nan, 0)
     out.notes.append(
         f"seed noise of an adaptive setting: sd of mean depth {depth_sd:.3g}, sd of validation "
         f"CE {ce_sd:.3g} ({depth_df} degrees of freedom)"
