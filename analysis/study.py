@@ -651,11 +651,12 @@ def build(
 
     out_dir = Path(out_dir)
     mark_variants(study)
-    van = study.curves.merge(study.runs[["run_id", "method"]], on="run_id")
+    main = at_method_rates(study)
+    van = main.curves.merge(main.runs[["run_id", "method"]], on="run_id")
     van = van[van["method"] == "vanilla"]
     target = float(van["val_ppl"].min()) if not van.empty else None
     report = build_report(
-        study,
+        main,
         out_dir,
         flops=flops,
         points=points,
@@ -667,8 +668,35 @@ def build(
     )
     c = claims(study, report.scaling, level=level, seed=seed)
     write_claims(c, out_dir)
-    report.figures.extend(plots.save(curves_figure(study, flops), out_dir, "training_curves"))
+    report.figures.extend(plots.save(curves_figure(main, flops), out_dir, "training_curves"))
     return report, c
+
+
+def at_method_rates(study: Study) -> Study:
+    """The study without the learning-rate search's other points: each method's runs at its
+    own rate (the one most of its runs use, as in :func:`claims`). The analysis report, its
+    fits and the curves are drawn from these; the search shows in ``diag_learning_rate``."""
+    import dataclasses
+
+    r = study.runs
+    rates = r.groupby("method")["lr"].agg(_mode)
+    keep = r["lr"].isna() | np.isclose(r["lr"], r["method"].map(rates).astype(float))
+    if keep.all():
+        return study
+    ids = set(r.loc[keep, "run_id"])
+    dropped = int((~keep).sum())
+    return dataclasses.replace(
+        study,
+        runs=r[keep].reset_index(drop=True),
+        all_runs=study.all_runs[study.all_runs["run_id"].isin(ids)].reset_index(drop=True),
+        curves=study.curves[study.curves["run_id"].isin(ids)].reset_index(drop=True),
+        notes=[
+            *study.notes,
+            f"{dropped} run(s) of the learning-rate search at other rates than their method's "
+            "are left out of this report (they are in the claims' diag_learning_rate table)",
+        ],
+        _token_depth=None,
+    )
 
 
 def rebuild(export: str | Path, out_dir: str | Path, log=print, **kwargs):
