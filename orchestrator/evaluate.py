@@ -652,25 +652,46 @@ def record(loaded: LoadedRun, result: dict, log=print) -> Path:
     """Keep the result in the run folder (``eval/<time>-<key>.json``) and deliver it to the
     run's MLflow entry through the folder's journal (metrics at the checkpoint's step, the
     JSON as an artifact under ``eval/``). Returns the JSON's path."""
+    return keep_result(
+        loaded, result, "eval", result["spec_key"], metrics_of(result), "evaluation", log, True
+    )
+
+
+def keep_result(
+    loaded: LoadedRun,
+    result: dict,
+    folder: str,
+    name: str,
+    metrics: dict[str, float],
+    label: str,
+    log=print,
+    artifact: bool = False,
+) -> Path:
+    """Keep ``result`` (with its ``time`` and ``step``) as ``<folder>/<time>-<name>.json`` in
+    the run folder, written whole or not at all, then, holding the folder's lease (``label``
+    names the holder), deliver ``metrics`` at the result's step to the run's MLflow entry
+    through the folder's journal, with the JSON as an artifact under ``<folder>/`` when
+    ``artifact``. A folder never tracked keeps the file only. Returns the JSON's path."""
     from .lease import Lease
     from .tracking import read_record, read_status
 
-    out = loaded.run_dir / "eval"
+    out = loaded.run_dir / folder
     out.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(result["time"]))
-    path = out / f"{stamp}-{result['spec_key']}.json"
+    path = out / f"{stamp}-{name}.json"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(path)
     if read_record(loaded.run_dir) is None:
         log(f"{loaded.run_dir} was not tracked in MLflow: results kept in {path}")
         return path
-    claim = Lease(loaded.run_dir, label="evaluation")
+    claim = Lease(loaded.run_dir, label=label)
     claim.acquire(log=log)
     try:
         tracker = _tracker(loaded, log)
-        tracker.on_metrics(result["step"], metrics_of(result))
-        tracker.log_artifact(path, "eval")
+        tracker.on_metrics(result["step"], metrics)
+        if artifact:
+            tracker.log_artifact(path, folder)
         tracker.finish(read_status(loaded.run_dir))
         if tracker.run_id:
             log(f"results logged to MLflow run {tracker.run_id} (and kept in {path})")

@@ -12,7 +12,6 @@ then learns only from the cross-entropy through the mixing weights.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -89,27 +88,7 @@ def gradient_share(loaded: LoadedRun, path: Path, batches: int = 4, batch_size: 
 def record(loaded: LoadedRun, result: dict, log=print) -> Path:
     """Keep ``result`` as ``diag/<time>-grad.json`` in the run folder and send its metrics
     (``diag/grad/<name>``) to the run's MLflow entry through the folder's journal."""
-    from .evaluate import _tracker
-    from .lease import Lease
-    from .tracking import read_record, read_status
+    from .evaluate import keep_result
 
-    out = loaded.run_dir / "diag"
-    out.mkdir(exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(result["time"]))
-    path = out / f"{stamp}-grad.json"
-    path.write_text(json.dumps(result, indent=1))
-    if read_record(loaded.run_dir) is None:
-        log(f"{loaded.run_dir} was not tracked in MLflow: results kept in {path}")
-        return path
-    claim = Lease(loaded.run_dir, label="diagnosis")
-    claim.acquire(log=log)
-    try:
-        tracker = _tracker(loaded, log)
-        tracker.on_metrics(
-            result["step"], {f"diag/grad/{k}": v for k, v in result["metrics"].items()}
-        )
-        tracker.finish(read_status(loaded.run_dir))
-        log(f"logged to MLflow run {tracker.run_id} (and kept in {path})")
-    finally:
-        claim.release()
-    return path
+    metrics = {f"diag/grad/{k}": v for k, v in result["metrics"].items()}
+    return keep_result(loaded, result, "diag", "grad", metrics, "diagnosis", log)
