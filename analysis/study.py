@@ -239,6 +239,14 @@ def _sizes(values) -> list[str]:
     return ordered(pd.Series(values).dropna().unique())
 
 
+def _own_rates(runs: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """Each method's own learning rate (the one most of its runs use: a learning-rate search
+    adds single runs at the others), and which runs are at it (or have none logged)."""
+    rates = runs.groupby("method")["lr"].agg(_mode)
+    at = runs["lr"].isna() | np.isclose(runs["lr"], runs["method"].map(rates).astype(float))
+    return rates, at
+
+
 def _mode(series: pd.Series):
     s = series.dropna()
     return s.mode().iloc[0] if not s.empty else np.nan
@@ -307,8 +315,7 @@ def claims(
         )
     # each method's comparison runs are at its own learning rate: the one most of its runs use
     # (a learning-rate search adds single runs at the other rates)
-    lrs = r.groupby("method")["lr"].agg(_mode)
-    at_lr = r["lr"].isna() | np.isclose(r["lr"], r["method"].map(lrs).astype(float))
+    lrs, at_lr = _own_rates(r)
     main = r[at_lr & r["score"].notna()]
     shown = sorted({f"{v:g}" for v in lrs.dropna()})
     lr_note = (
@@ -679,8 +686,7 @@ def at_method_rates(study: Study) -> Study:
     import dataclasses
 
     r = study.runs
-    rates = r.groupby("method")["lr"].agg(_mode)
-    keep = r["lr"].isna() | np.isclose(r["lr"], r["method"].map(rates).astype(float))
+    _, keep = _own_rates(r)
     if keep.all():
         return study
     ids = set(r.loc[keep, "run_id"])
