@@ -27,13 +27,11 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import multiprocessing
 import os
 import random
 import shutil
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -272,22 +270,19 @@ def _encoded(cfg: DataConfig, tok_path: Path, eos: int, dtype: str, skip: int, f
             ids, lengths = tokenize_worker.encode(docs)
             yield ids, lengths, vals
         return
-    ctx = multiprocessing.get_context("spawn")  # light workers: no torch, no copied memory
-    with ProcessPoolExecutor(
-        workers,
-        mp_context=ctx,
-        initializer=tokenize_worker.init,
-        initargs=(str(tok_path), eos, dtype),
-    ) as pool:
+    pool = tokenize_worker.Pool(workers, str(tok_path), eos, dtype)
+    try:
         pending = deque()
         for docs, vals in chunks:
-            pending.append((pool.submit(tokenize_worker.encode, docs), vals))
+            pending.append((pool.submit(docs), vals))
             if len(pending) >= 2 * workers:
-                fut, v = pending.popleft()
-                yield (*fut.result(), v)
+                w, v = pending.popleft()
+                yield (*pool.result(w), v)
         while pending:
-            fut, v = pending.popleft()
-            yield (*fut.result(), v)
+            w, v = pending.popleft()
+            yield (*pool.result(w), v)
+    finally:
+        pool.close()
 
 
 class _Shards:
