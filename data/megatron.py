@@ -58,6 +58,14 @@ def _index(prefix: str):
     for ext in (".idx", ".bin"):
         if not Path(prefix + ext).is_file():
             raise ConfigError("data.path", f"{prefix}{ext} does not exist (a .bin/.idx prefix)")
+    from megatron.core.datasets.indexed_dataset import _INDEX_HEADER
+
+    with open(prefix + ".idx", "rb") as f:
+        head = f.read(len(_INDEX_HEADER) + 8)
+    if not head.startswith(_INDEX_HEADER) or int.from_bytes(head[-8:], "little") != 1:
+        raise ConfigError(
+            "data.path", f"{prefix}.idx is not a Megatron-Core index (no MMIDIDX version 1 header)"
+        )
     try:
         ds = IndexedDataset(prefix, mmap=True)
     except (AssertionError, ValueError, KeyError, OSError, IndexError) as err:
@@ -122,6 +130,7 @@ class MegatronData:
     root: Path = None
     docs: dict = field(default_factory=dict)
     tokenizer_vocab: int = 0
+    _built: dict = field(default_factory=dict, repr=False)
 
     def _split(self) -> str:
         return f"{1.0 - self.val_fraction},{self.val_fraction},0"
@@ -129,6 +138,12 @@ class MegatronData:
     def datasets(self, seq_len: int, seed: int, train_samples: int, val_samples: int):
         """Megatron-Core's (train, validation) datasets for these sizes (built on every rank;
         the builder lets global rank 0 write the index files first)."""
+        memo = (seq_len, seed, train_samples, val_samples)
+        if memo not in self._built:
+            self._built[memo] = self._build(*memo)
+        return self._built[memo]
+
+    def _build(self, seq_len: int, seed: int, train_samples: int, val_samples: int):
         from megatron.core.datasets.blended_megatron_dataset_builder import (
             BlendedMegatronDatasetBuilder,
         )

@@ -263,7 +263,7 @@ def _encoded(cfg: DataConfig, tok_path: Path, eos: int, dtype: str, skip: int, f
     ``data.workers`` processes (in this process when 1), at most 2 chunks per worker in
     flight."""
     chunks = _chunks(_split_flags(cfg, forced), skip)
-    workers = cfg.workers or os.cpu_count() or 1
+    workers = cfg.workers or available_cores()
     if workers == 1:
         tokenize_worker.init(str(tok_path), eos, dtype)
         for docs, vals in chunks:
@@ -283,6 +283,14 @@ def _encoded(cfg: DataConfig, tok_path: Path, eos: int, dtype: str, skip: int, f
             yield (*pool.result(w), v)
     finally:
         pool.close()
+
+
+def available_cores() -> int:
+    """The cores this process may run on (a Slurm or container limit, not the whole node)."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 class _Shards:
