@@ -178,3 +178,51 @@ def test_token_ids_beyond_the_vocabulary(tmp_path):
     with pytest.raises(ConfigError) as err:
         DataConfig(source="megatron", path=[prefix, prefix], weights=[1.0], vocab_size=1000)
     assert err.value.field == "data.weights"
+
+
+def test_alcot_train_from_megatron_files_and_a_bad_index(tmp_path, capsys):
+    """`alcot train` with data.source megatron: a run and its MLflow record; an .idx that does
+    not match its .bin is exit 2 naming the file, before any MLflow run exists."""
+    from conftest import SMALL_RUN, home_at
+    from mlflow.tracking import MlflowClient
+
+    from alcot.orchestrator.cli import main
+
+    prefix = write_indexed(tmp_path / "m", random_docs(300, 512, 4))
+    sets = [a for s in SMALL_RUN for a in ("--set", s)]
+    sets += ["--set", "data.source=megatron", "--set", f"data.path={prefix}"]
+    sets += ["--set", "train.steps=4", "--set", "train.eval_every=4"]
+    with home_at(tmp_path / "home") as home:
+        uri = f"sqlite:///{home / 'mlflow.db'}"
+        code = main(
+            [
+                "train",
+                "configs/train_adaptive.yaml",
+                *sets,
+                "--set",
+                f"out_dir={tmp_path / 'run'}",
+                "--no-progress",
+            ]
+        )
+        assert code == 0, capsys.readouterr().err
+        runs = MlflowClient(uri).search_runs(
+            [MlflowClient(uri).get_experiment_by_name("tests").experiment_id]
+        )
+        assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+        assert runs[0].data.params["model.vocab_size"] == "512"
+        with open(f"{prefix}.bin", "r+b") as f:  # the .bin loses its last token
+            f.truncate((tmp_path / "m.bin").stat().st_size - 2)
+        code = main(
+            [
+                "train",
+                "configs/train_adaptive.yaml",
+                *sets,
+                "--set",
+                f"out_dir={tmp_path / 'run2'}",
+                "--set",
+                "tracking.experiment=bad",
+            ]
+        )
+        err = capsys.readouterr().err
+        assert code == 2 and "m.idx does not match its .bin" in err and "data.path" in err, err
+        assert MlflowClient(uri).get_experiment_by_name("bad") is None
