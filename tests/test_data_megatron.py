@@ -226,3 +226,39 @@ def test_alcot_train_from_megatron_files_and_a_bad_index(tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 2 and "m.idx does not match its .bin" in err and "data.path" in err, err
         assert MlflowClient(uri).get_experiment_by_name("bad") is None
+
+
+@pytest.mark.slow
+def test_two_data_parallel_ranks_match_one_process(alcot_home, tmp_path):
+    """Megatron data under torchrun (gloo, CPU): each rank takes its half of every global batch
+    of Megatron-Core's samples, so two ranks train like one process."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import SMALL_RUN
+
+    root, bin_dir = Path(__file__).resolve().parents[1], Path(sys.executable).parent
+    prefix = write_indexed(tmp_path / "m", random_docs(300, 512, 5))
+    sets = [a for s in SMALL_RUN for a in ("--set", s)]
+    sets += ["--set", "data.source=megatron", "--set", f"data.path={prefix}"]
+    sets += ["--set", "train.steps=6", "--set", "train.precision=fp32", "--no-progress"]
+    cmd = ["train", "configs/train_adaptive.yaml", *sets]
+    launchers = {
+        "one": [str(bin_dir / "alcot")],
+        "two": [str(bin_dir / "torchrun"), "--standalone", "--nproc_per_node=2", "-m",
+                "alcot.orchestrator.cli"],
+    }  # fmt: skip
+    losses = {}
+    for name, launcher in launchers.items():
+        out = subprocess.run(
+            [*launcher, *cmd, "--set", f"out_dir={tmp_path / name}"],
+            cwd=root, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        rows = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        losses[name] = {r["step"]: r["metrics"]["train/loss"] for r in map(json.loads, rows)}
+    assert set(losses["one"]) == set(losses["two"]) == set(range(1, 7))
+    for step, loss in losses["one"].items():
+        assert abs(loss - losses["two"][step]) < 1e-4, (step, loss, losses["two"][step])
