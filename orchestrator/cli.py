@@ -83,8 +83,9 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    done = "cached" if data.cache_hit else "prepared"
     print(
-        f"{'cached' if data.cache_hit else 'prepared'}: {data.n_train} training and "
+        f"{'checked' if cfg.data.source == 'megatron' else done}: {data.n_train} training and "
         f"{data.n_val} validation tokens, vocabulary {data.vocab_size}"
     )
     if cfg.data.source == "megatron":  # checked where it is; split when training starts
