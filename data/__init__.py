@@ -1,8 +1,25 @@
-"""alcot.data: document sources, the built-in corpus, BPE tokenizers, cached token files and the
-packed-sequence loader. Knows nothing of Ray or MLflow."""
+"""alcot.data: document sources, the built-in corpus, BPE tokenizers, cached token files
+(Megatron-Core ``IndexedDataset`` shards) and the loaders. Knows nothing of Ray or MLflow.
 
-from .config import DataConfig
-from .loader import PackedLoader
-from .prepare import PreparedData, prepare
+Names are imported on first use, so that the tokenizer worker processes
+(``alcot.data.tokenize_worker``) start without torch."""
 
 __all__ = ["DataConfig", "PackedLoader", "PreparedData", "prepare"]
+
+
+def __getattr__(name):
+    if name == "DataConfig":
+        from .config import DataConfig
+
+        return DataConfig
+    if name == "PackedLoader":
+        from .loader import PackedLoader
+
+        return PackedLoader
+    if name in ("PreparedData", "prepare"):
+        import importlib
+
+        module = importlib.import_module(f"{__name__}.prepare")
+        globals()["prepare"] = module.prepare  # the function, as before (not the module)
+        return getattr(module, name)
+    raise AttributeError(name)

@@ -183,14 +183,12 @@ def param_dtype(tcfg: TrainerConfig, device: torch.device) -> torch.dtype:
 
 @torch.no_grad()
 def evaluate(model, data, tcfg: TrainerConfig, seq_len: int, batch: int, device) -> dict:
-    from alcot.data.loader import eval_batches
-
     was_training = model.training
     model.eval()
     l_max = model.cfg.l_max
     ce_sum, tokens = 0.0, 0
     hist = torch.zeros(l_max + 1, dtype=torch.float64)
-    for x, y in eval_batches(data.val_path, data.dtype, seq_len, batch, tcfg.eval_batches):
+    for x, y in data.eval_batches(seq_len, batch, tcfg.eval_batches):
         x, y = x.to(device), y.to(device)
         out = model(x, y)
         n = y.numel()
@@ -289,8 +287,6 @@ def train(
     None, so that checkpoints are not read and checksummed twice)."""
     from megatron.core import parallel_state as ps
 
-    from alcot.data.loader import PackedLoader
-
     from .network import AlcotModel
     from .parallel import init_parallel
     from .precision import MainParams, cast_model
@@ -333,7 +329,10 @@ def train(
         betas=(tcfg.beta1, tcfg.beta2),
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tcfg))
-    loader = PackedLoader(data.train_path, data.dtype, seq_len, micro, seed, dp_rank, dp_world)
+    # the data's own loader (alcot.data: packed token files, or Megatron-Core's GPTDataset)
+    loader = data.train_loader(
+        seq_len, micro, seed, dp_rank, dp_world, samples=tcfg.steps * tcfg.batch_size
+    )
     counters = {
         "tokens": 0,
         "flops_nominal": 0.0,
@@ -501,9 +500,7 @@ def train(
     metrics["params/non_embedding"] = float(counts["non_embedding"])
     token_depth = None
     if has_token_depth(model_cfg):  # per-token diagnostics for analysis (METHOD.md claim 4)
-        from alcot.data.loader import eval_batches
-
-        batches = eval_batches(data.val_path, data.dtype, seq_len, micro, tcfg.eval_batches)
+        batches = data.eval_batches(seq_len, micro, tcfg.eval_batches)
         token_depth = write_token_depth(
             model, batches, out_dir / "token_depth.csv", write=rank == 0
         )

@@ -69,6 +69,37 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    """Tokenise a run config's corpus into the token cache (Megatron-Core .bin/.idx shards)."""
+    from alcot.data.prepare import check_enough, prepare
+    from alcot.model.typed import ConfigError
+
+    from .config import alcot_home, load_run_config
+
+    try:
+        cfg = load_run_config(args.config, args.set or [])
+        data = prepare(cfg.data, cfg.data.cache_dir or alcot_home() / "cache")
+        check_enough(cfg.data, data)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    done = "cached" if data.cache_hit else "prepared"
+    print(
+        f"{'checked' if cfg.data.source == 'megatron' else done}: {data.n_train} training and "
+        f"{data.n_val} validation tokens, vocabulary {data.vocab_size}"
+    )
+    if cfg.data.source == "megatron":  # checked where it is; split when training starts
+        print("prefixes: " + ", ".join(data.prefixes))
+    for split in ("train", "val") if cfg.data.source != "megatron" else ():
+        prefixes = data.train_prefixes if split == "train" else data.val_prefixes
+        print(f"{split} prefixes (data.source: megatron, data.path):")
+        for p in prefixes:
+            print(f"  {p}")
+    if data.tokenizer_path:
+        print(f"tokenizer: {data.tokenizer_path}")
+    return 0
+
+
 def ui_hint(uri: str | None) -> str:
     from .config import alcot_home
     from .tracking import default_store
@@ -361,6 +392,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("data", help="prepare a run config's corpus (token cache)")
+    dsub = p.add_subparsers(dest="data_command", metavar="COMMAND")
+    q = dsub.add_parser(
+        "prepare", help="tokenise the corpus into Megatron-Core .bin/.idx shards (cached)"
+    )
+    q.add_argument("config", help="run config YAML (its data: section)")
+    q.add_argument("--set", action="append", metavar="KEY=VALUE", help="override (repeatable)")
+    q.set_defaults(func=cmd_data_prepare)
 
     p = sub.add_parser("sweep", help="run, submit and follow sweeps (YAML) on Ray")
     ssub = p.add_subparsers(dest="sweep_command", metavar="COMMAND")

@@ -150,13 +150,24 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
 
 # Fields that say where things are stored or how they are watched, not what is trained: they
 # do not change a run's identity.
-_LOCATION_KEYS = {("out_dir",), ("tracking",), ("data", "cache_dir"), ("train", "threads")}
+_LOCATION_KEYS = {
+    ("out_dir",),
+    ("tracking",),
+    ("data", "cache_dir"),
+    ("train", "threads"),
+    # how the token files are made, not what they hold
+    ("data", "workers"),
+    ("data", "shard_tokens"),
+    ("data", "manifest"),
+}
 
 
 # Fields added after runs were recorded, at the value that reproduces the older behaviour: left
 # out of the identity at that value, so existing trials keep their hashes (and are not re-run).
 _LATER_FIELDS = {
     ("data", "encoding"): "utf-8",
+    ("data", "tokenizer_sample"): 100_000_000,
+    ("data", "weights"): None,
     ("model", "attention_kernel"): "auto",
     ("model", "recompute"): "none",
     ("model", "recompute_method"): "uniform",
@@ -167,6 +178,8 @@ _LATER_FIELDS = {
 def identity_dict(cfg: RunConfig) -> dict[str, Any]:
     d = cfg.to_dict()
     d["model"] = cfg.model.canonical().to_dict()
+    if d["data"].get("vocab_size") is None:  # a given tokenizer's own size: recorded as before
+        d["data"]["vocab_size"] = 2048
     for keys in _LOCATION_KEYS | set(_LATER_FIELDS):
         node = d
         for k in keys[:-1]:

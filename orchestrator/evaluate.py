@@ -131,6 +131,8 @@ def find_tokenizer(run_dir: Path, cfg: RunConfig) -> Path:
         raise ConfigError(
             "RUN", f"{run_dir} has no tokenizer.json and its data cannot be read again ({err})"
         ) from None
+    if data.tokenizer_path is None:  # megatron data named without its tokenizer
+        raise ConfigError("RUN", f"{run_dir} has no tokenizer.json: name data.tokenizer")
     return data.tokenizer_path
 
 

@@ -117,7 +117,7 @@ def run_training(
         log(f"token cache hit: {data.root}")
     resolved = resolve(cfg, data.vocab_size)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if is_rank0:  # the run folder holds all that evaluation needs (alcot eval)
+    if is_rank0 and data.tokenizer_path:  # the run folder holds what evaluation needs
         keep_tokenizer(data.tokenizer_path, out_dir)
     claim = Lease(out_dir, label=f"training {h[:10]}") if lease and is_rank0 else None
     if claim is not None:
