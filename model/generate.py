@@ -180,7 +180,7 @@ def _decode_one(model: AlcotModel, tok: Tensor, t: int, rope: Tensor):
         depth += active.long() if k > 0 else 0
         rows = active.nonzero()[:, 0]
         pos = torch.full_like(rows, t)
-        out, _ = model._packed_pass(h[rows][:, None], rows, pos, active.long().tolist(), k, rope)
+        out, _ = model._packed_pass(h[rows][:, None], rows, pos, 1, k, rope)
         h = out.new_zeros(b, out.shape[-1]).index_put((rows,), out[:, 0])
         last = k == cfg.l_max
         g = None
@@ -217,7 +217,7 @@ def _decode_one_mor(model: AlcotModel, tok: Tensor, t: int, rope: Tensor):
             depth += active.long()
         rows = active.nonzero()[:, 0]
         pos = torch.full_like(rows, t)
-        out, _ = model._packed_pass(h[rows][:, None], rows, pos, active.long().tolist(), k, rope)
+        out, _ = model._packed_pass(h[rows][:, None], rows, pos, 1, k, rope)
         new = out[:, 0] if k == 0 else recursion_update(h[rows], out[:, 0], logit[rows], mc.alpha)
         h = h.index_put((rows,), new.to(h.dtype))
     return model._gather_vocab(model._logits(h)), depth
