@@ -168,23 +168,40 @@ class LatentKV:
         return (kp[:, None, :] <= q_pos[:, :, None]) & seen[:, None, :]
 
     def plan(
-        self, rows: Tensor, pos: Tensor, width: int, step: int, last: bool = False
+        self,
+        rows: Tensor,
+        pos: Tensor,
+        width: int,
+        step: int,
+        last: bool = False,
+        valid: Tensor | None = None,
     ) -> LatentPass:
         """Place a pass's packed tokens (``rows``/``pos``, row-major; ``width`` = the most
         tokens any row runs, known on the host); ``last``: no later pass will read their keys.
+        ``valid`` ([N] bool, decoding with static shapes): the tokens that really run; the
+        others go through the kernels as padding and leave nothing visible in the cache.
         Reads nothing from the device."""
         b, dev, n = self.batch, self.slot_pos.device, rows.numel()
         if step >= self.steps:
             raise RuntimeError(f"latent step {step} has no cache region ({self.steps} steps)")
         base = step * self.region
         fresh = not self.started[step]  # decoding passes append to a region already written
+        ones = torch.ones_like(rows) if valid is None else valid.long()
         counts = torch.zeros(b, dtype=torch.long, device=dev)
-        counts.index_add_(0, rows, torch.ones_like(rows))
+        counts.index_add_(0, rows, ones)
         first = counts.cumsum(0) - counts
-        rank = torch.arange(n, device=dev) - first[rows]
+        if valid is None:
+            rank = torch.arange(n, device=dev) - first[rows]
+        else:
+            rank = torch.zeros_like(rows)
         slots = base + self.fill[rows, step] + rank
-        self.slot_pos[rows, slots] = pos
-        self.slot_step[rows, slots] = step
+        if valid is None:
+            self.slot_pos[rows, slots] = pos
+            self.slot_step[rows, slots] = step
+        else:  # one token per row: a padded row writes its (unused) slot as still empty
+            self.slot_pos[rows, slots] = torch.where(valid, pos, _EMPTY)
+            self.slot_step[rows, slots] = torch.where(valid, step, -1)
+            pos = torch.where(valid, pos, -1)
         self.fill[:, step] += counts
         self.started[step] = True
         # the query grid and the key range: a bounded set of shapes (see the class docstring)

@@ -694,7 +694,14 @@ class AlcotModel(nn.Module):
         return (-ce).exp()
 
     def _packed_pass(
-        self, u: Tensor, rows: Tensor, pos: Tensor, width: int, step: int, rope: Tensor
+        self,
+        u: Tensor,
+        rows: Tensor,
+        pos: Tensor,
+        width: int,
+        step: int,
+        rope: Tensor,
+        valid: Tensor | None = None,
     ):
         """Latent step ``step`` for the packed tokens ``u`` [N, 1, h] at (``rows``, ``pos``),
         at most ``width`` of them per row.
@@ -703,7 +710,7 @@ class AlcotModel(nn.Module):
         (query, key) pairs attended to, ``kernel_pairs`` those the kernel computes).
         """
         last = step == self.cfg.l_max and not self.kv.keep
-        p = self.kv.plan(rows, pos, width, step, last)
+        p = self.kv.plan(rows, pos, width, step, last, valid)
         freqs = rope[pos][:, None, None, :]  # [N, 1, 1, d]
         return self._pass(u, freqs, p), p
 

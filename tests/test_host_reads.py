@@ -78,3 +78,27 @@ def test_host_reads_of_a_model_step(build, method):
         out.loss.backward()
     limit = 0 if method in ("vanilla", "fixed") else model.cfg.l_max
     assert reads.total <= limit, reads.by_site
+
+
+@pytest.mark.parametrize("method", ["vanilla", "fixed", "adaptive", "mor"])
+def test_host_reads_per_generated_token(build, method):
+    """Static cached decoding reads nothing per token (the stop check, when given, is the one
+    read left); step-skipping decoding reads at most one flag per latent step."""
+    from alcot.model.generate import generate
+
+    model = build(method=method, halting={"tau": 0.3})
+    if model.router is not None:
+        spread_router(model)
+    prompt = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(1))
+
+    def reads(n, **kw):
+        with count_host_reads(where=True) as r:
+            generate(model, prompt, n, **kw)
+        return r
+
+    short, long = reads(1, static=True), reads(9, static=True)
+    assert (long.total - short.total) / 8 == 0, long.by_site
+    stopped = reads(9, static=True, stop=lambda toks: bool((toks == -1).any()))
+    assert (stopped.total - short.total) / 9 <= 1
+    skipping = reads(9, static=False).total - reads(1, static=False).total
+    assert skipping / 8 <= model.cfg.l_max + 1
