@@ -158,7 +158,10 @@ class LatentKV:
         self.passes = 0
         self.keys: dict[int, Tensor] = {}
         self.values: dict[int, Tensor] = {}
-        self.grads: dict[int, tuple[Tensor, Tensor]] = {}
+        # backward: per (layer, pass) fp32 sums of the key/value gradients of the pass's own
+        # tokens ([N, groups, head_dim], packed), and the passes planned under grad
+        self.grads: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
+        self.plans: list[LatentPass] = []
 
     def visible(self, q_pos: Tensor, step: int, begin: int, end: int) -> Tensor:
         """[b, width, end - begin] bool: slot visible to query (2-D causality; same step only
@@ -226,6 +229,8 @@ class LatentKV:
             p.pairs = p.visible.sum()  # on the device: read when the FLOPs are
             p.kernel_pairs = self._kernel_pairs(p)
         self.passes += 1
+        if torch.is_grad_enabled():
+            self.plans.append(p)
         return p
 
     def _kernel_pairs(self, p: LatentPass):
@@ -252,22 +257,27 @@ class LatentKV:
         return kb, vb
 
     def grad_slots(self, layer: int, p: LatentPass, dk: Tensor, dv: Tensor):
-        """Add a pass's key/value gradients over ``[begin, end)`` to the layer's fp32
-        accumulators; return the totals of the pass's own slots (later passes have all run
-        backward by now)."""
-        if layer not in self.grads:
-            kb = self.keys[layer]
-            self.grads[layer] = (
-                torch.zeros(kb.shape, dtype=torch.float32, device=kb.device),
-                torch.zeros(kb.shape, dtype=torch.float32, device=kb.device),
-            )
-        kg, vg = self.grads[layer]
-        kg[:, :, p.begin : p.end] += dk
-        vg[:, :, p.begin : p.end] += dv
-        out = kg[p.rows, :, p.slots], vg[p.rows, :, p.slots]
-        if p.index == 0:  # the first pass runs backward last: nothing will add to these again
-            del self.grads[layer]
-        return out
+        """Hand a pass's key/value gradients over ``[begin, end)`` to the passes whose slots
+        they are (this one and, outside ``same_step``, every earlier one), each summed in fp32
+        over its own packed tokens only ([N, groups, head_dim]: no buffer over the whole cache
+        is kept through backward); return this pass's totals (later passes have all run
+        backward by now). Per slot, the sums add the same values in the same order as one
+        accumulator over the cache would."""
+        for q in self.plans[: p.index + 1]:
+            if q.step != p.step if self.same_step else q.step > p.step:
+                continue  # its slots lie outside this pass's view
+            key = (layer, q.index)
+            gk = dk[q.rows, :, q.slots - p.begin]
+            gv = dv[q.rows, :, q.slots - p.begin]
+            if key not in self.grads:
+                self.grads[key] = (
+                    torch.zeros(gk.shape, dtype=torch.float32, device=gk.device),
+                    torch.zeros(gv.shape, dtype=torch.float32, device=gv.device),
+                )
+            kg, vg = self.grads[key]
+            kg += gk
+            vg += gv
+        return self.grads.pop((layer, p.index))
 
 
 def bucket(n: int, cap: int, buckets: int = 3) -> int:
