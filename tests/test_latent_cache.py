@@ -163,3 +163,35 @@ def test_flex_kernel_agrees_with_sdpa(build, method):
     torch.testing.assert_close(b.logits, a.logits, atol=1e-4, rtol=1e-4)
     assert a.flops["realised"] == b.flops["realised"]
     assert b.flops["kernel"] >= b.flops["realised"]
+
+
+@pytest.mark.parametrize("method", ["fixed", "adaptive", "mor"])
+def test_per_pass_gradient_sums_equal_one_cache_wide_accumulator(build, method, monkeypatch):
+    """The cache's key/value gradients are summed per pass over its own tokens; a single fp32
+    accumulator over the whole cache (what they replace) gives bit-identical gradients."""
+
+    def cache_wide(self, layer, p, dk, dv):
+        if layer not in self.grads:
+            shape = self.keys[layer].shape
+            self.grads[layer] = (torch.zeros(shape), torch.zeros(shape))
+        kg, vg = self.grads[layer]
+        kg[:, :, p.begin : p.end] += dk
+        vg[:, :, p.begin : p.end] += dv
+        out = kg[p.rows, :, p.slots], vg[p.rows, :, p.slots]
+        if p.index == 0:
+            del self.grads[layer]
+        return out
+
+    grads = []
+    for reference in (False, True):
+        with monkeypatch.context() as mp:
+            if reference:
+                mp.setattr(layers.LatentKV, "grad_slots", cache_wide)
+            model = build(method=method, halting={"tau": 0.3})
+            if model.router is not None:
+                spread_router(model)
+            x, y = batch()
+            model(x, y).loss.backward()
+            grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
