@@ -6,8 +6,9 @@
 # Meant for a machine whose python3 already has a CUDA torch and no project virtualenv:
 #   PYTHON   the interpreter (default: .venv/bin/python when it exists, else python3); the
 #            project is made importable from this checkout without installing it
-#   WHEELS   a folder holding a megatron-core wheel, installed from there (no index) when
-#            megatron-core is missing
+#   WHEELS   a folder holding a megatron-core wheel (e.g. `pip download --no-deps
+#            --only-binary=:all: --python-version 3.12 megatron-core==0.16.1`), installed from
+#            there (no index, into OUT_DIR/site) when megatron-core is missing
 #   DATA     WikiText-2's training split for bench/train_speed.py
 #            (default /work/shared/data/wikitext-2/wiki.train.tokens, or shared/... here)
 #   DRY=1    the same steps at CPU size (tiny shapes, a step or two): checks the script and
@@ -44,8 +45,10 @@ if ! "$py" -c "import megatron.core" 2>/dev/null; then
         echo "gpu_check: megatron-core is not installed; set WHEELS to a folder with its wheel" >&2
         exit 2
     fi
-    "$py" -m pip install --no-index --find-links "$WHEELS" megatron-core ||
-        "$py" -m pip install --user --no-index --find-links "$WHEELS" megatron-core
+    # into a folder of the output (no write access to the interpreter's own site needed)
+    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        --target "$out/site" "$WHEELS"/megatron_core-*.whl
+    export PYTHONPATH="$out/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
 data="${DATA:-/work/shared/data/wikitext-2/wiki.train.tokens}"
