@@ -209,6 +209,9 @@ class LatentKV:
         self.started[step] = True
         # the query grid and the key range: a bounded set of shapes (see the class docstring)
         w = bucket(width, self.region, self.buckets) if fresh else max(width, 1)
+        full = self.passes == 0 and fresh and n == b * self.seq  # every token, in order
+        if full:  # plain causal attention over the sequence: its own shape, no padding
+            w = self.seq
         if width > self.region:
             raise RuntimeError(
                 f"latent KV cache full: {width} slots needed in a region of {self.region}"
@@ -221,7 +224,7 @@ class LatentKV:
             self, step, self.passes, rows, rank, slots, w, stop, q_pos, last=last, begin=begin
         )
         # the first pass of a forward over every token in order is plain causal attention
-        p.causal = self.passes == 0 and fresh and n == b * self.seq and w == self.seq
+        p.causal = full
         if p.causal:
             p.pairs = b * w * (w + 1) // 2
             p.kernel_pairs = p.pairs

@@ -116,7 +116,6 @@ class StepStats:
         self.sums = torch.zeros(9, dtype=torch.float64, device=device)
         self.bad_step = torch.full((), -1, dtype=torch.float64, device=device)
         self.grad_norm = torch.zeros((), dtype=torch.float64, device=device)
-        self.steps = 0
 
     def add(self, loss, ce, adapt, depth, tokens: int, flops) -> None:
         """One micro-batch (``flops``: a :class:`~alcot.model.flops.Flops` or a dict)."""
