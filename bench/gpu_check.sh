@@ -118,6 +118,9 @@ for size in "${sizes[@]}"; do
     # shellcheck disable=SC2046
     run "generate_speed_$size" "$py" bench/generate_speed.py $(shape "$size") \
         --dtype "$dtype" $gen_args
+    # shellcheck disable=SC2046
+    run "generate_speed_skip_$size" "$py" bench/generate_speed.py $(shape "$size") \
+        --dtype "$dtype" $gen_args --decode skip
     if [[ "$flex" == 1 ]]; then
         # shellcheck disable=SC2046
         run "generate_speed_graph_$size" "$py" bench/generate_speed.py $(shape "$size") \
