@@ -7,6 +7,8 @@ JSON line:
   mean_depth       executed latent steps per generated token of the adaptive model (batch 1)
   speedup          adaptive_tps / fixed_tps
   ideal            (1 + l_max) / (1 + mean_depth): the speedup if only executed steps cost
+  host_reads_per_token   {method: host reads of tensor values (GPU stalls) per new token},
+                   counted (alcot.model.hostreads) over a generation without a stop check
 and, on the line before it ("also:"):
   flat             at batch 1, the adaptive model's mean decode time of the last 64 tokens /
                    that of the first 64 (attention grows with the text; nothing else should)
@@ -15,7 +17,11 @@ and, on the line before it ("also:"):
                    batch runs step k for the rows that need it, so while per-pass cost does not
                    shrink with the rows in it (small models, CPU, GPU decoding), the passes are
                    what it can save
-Targets: speedup >= 0.9 x ideal; flat <= 1.2; speedup_b8 >= 0.9 x ideal_passes_b8.
+Targets: speedup >= 0.9 x ideal; flat <= 1.2; speedup_b8 >= 0.9 x ideal_passes_b8;
+host_reads_per_token <= 1.
+``--decode static`` (default) decodes with fixed shapes and no host reads per token (every row
+runs every latent step, halted rows as padding); ``skip`` skips the steps no row runs (one read
+per step); ``--cuda-graph`` replays a captured decoding step (CUDA only).
 
 As in bench/model_speed.py, the untrained router gets a spread of weights and tau = 0.6, so that
 tokens halt at different depths as a trained router's do.
@@ -37,20 +43,38 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 warnings.filterwarnings("ignore")
 
 
-def decode_times(model, prompt, new: int) -> tuple[list[float], object]:
-    """Per-token wall-clock of cached decoding (``stop`` is called after every token)."""
+def decode_times(model, prompt, new: int, **opts) -> tuple[list[float], object]:
+    """Per-token wall-clock of cached decoding (``stop`` is called after every token; on a GPU
+    it synchronises, so that each token's time is its own)."""
     from alcot.model.generate import generate
 
     stamps = []
+    cuda = prompt.is_cuda
 
     def stop(tokens):
+        if cuda:
+            torch.cuda.synchronize()
         stamps.append(time.perf_counter())
         return False
 
     t0 = time.perf_counter()
-    gen = generate(model, prompt, new, stop=stop)
+    gen = generate(model, prompt, new, stop=stop, **opts)
     times = [b - a for a, b in zip([t0, *stamps[:-1]], stamps, strict=True)]
     return times, gen
+
+
+def host_reads_per_token(model, prompt, new: int, **opts) -> float:
+    """Host reads per new token: (reads of ``new`` tokens - reads of 1) / (new - 1), so the
+    prefill and setup cancel out."""
+    from alcot.model.generate import generate
+    from alcot.model.hostreads import count_host_reads
+
+    counts = []
+    for n in (1, new):
+        with count_host_reads() as reads:
+            generate(model, prompt, n, **opts)
+        counts.append(reads.total)
+    return (counts[1] - counts[0]) / (new - 1)
 
 
 def main() -> None:
@@ -61,6 +85,8 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=32)
     p.add_argument("--new", type=int, default=256)
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds; medians of all")
+    p.add_argument("--decode", choices=("static", "skip"), default="static")
+    p.add_argument("--cuda-graph", action="store_true", help="replay a captured decode step")
     p.set_defaults(batch=8)
     args = p.parse_args()
     pin_allocator()
@@ -77,13 +103,15 @@ def main() -> None:
         b: torch.randint(0, vocab, (b, args.prompt), generator=g).to(args.device)
         for b in (1, args.batch)
     }
+    opts = {"static": args.decode == "static", "cuda_graph": args.cuda_graph}
+    reads = {n: host_reads_per_token(m, prompts[1], 16, **opts) for n, m in models.items()}
     tps: dict[tuple[str, int], list[float]] = {}
     per_token_b1: list[list[float]] = []
     depth, deepest = {}, {}
     for _ in range(args.rounds):  # interleaved, so machine noise hits every variant alike
         for b, prompt in prompts.items():
             for name, model in models.items():
-                times, gen = decode_times(model, prompt, args.new)
+                times, gen = decode_times(model, prompt, args.new, **opts)
                 tps.setdefault((name, b), []).append(b * args.new / sum(times))
                 if name == "adaptive":
                     new = gen.depth[:, args.prompt :]
@@ -134,6 +162,7 @@ def main() -> None:
                 "mean_depth": round(depth[1], 4),
                 "speedup": round(speedup, 4),
                 "ideal": round(ideal, 4),
+                "host_reads_per_token": {k: round(v, 3) for k, v in reads.items()},
             }
         )
     )

@@ -29,6 +29,32 @@ from dataclasses import dataclass, field
 from .config import ModelConfig, count_parameters
 
 
+class Flops(dict):
+    """A forward's FLOPs counters. Values that depend on the data (attention pairs of pruned
+    passes) may be 0-dim device tensors, so that counting them does not stop the device: item
+    access (``flops["realised"]``) reads them as floats, :meth:`raw` does not (the trainer sums
+    the raw values and reads them once per ``log_every``)."""
+
+    def __getitem__(self, key: str) -> float:
+        return _as_float(super().__getitem__(key))
+
+    def get(self, key, default=None):
+        if key not in self:
+            return default
+        return self[key]
+
+    def raw(self, key: str):
+        return super().__getitem__(key)
+
+    def resolved(self) -> dict[str, float]:
+        """A plain dict of floats (one read per device value)."""
+        return {k: self[k] for k in self}
+
+
+def _as_float(v) -> float:
+    return float(v.item()) if hasattr(v, "item") and not isinstance(v, float) else float(v)
+
+
 def layer_matmul_flops_per_token(cfg: ModelConfig) -> int:
     """Forward matmul FLOPs of one transformer layer for one token (excluding attention)."""
     h, f = cfg.hidden_size, cfg.ffn_hidden_size
@@ -58,15 +84,16 @@ class FlopTally:
 
     def block(self, tokens: int, attended_pairs: int, kernel_pairs: int | None = None) -> None:
         """One pass of the whole stack over ``tokens`` queries with ``attended_pairs`` (q, k);
-        ``kernel_pairs``: the pairs the attention kernel computes (default: the same)."""
+        ``kernel_pairs``: the pairs the attention kernel computes (default: the same). Pairs
+        may be 0-dim device tensors: they are summed on the device, never read here."""
         cfg = self.cfg
         self._add("layers", float(cfg.num_layers * layer_matmul_flops_per_token(cfg) * tokens))
         # QK^T and AV: 2 FLOPs per multiply-add, head_dim per head, all query heads.
         qk_av = 2 * 2 * cfg.num_attention_heads * cfg.head_dim
-        self._add("attention", float(cfg.num_layers * qk_av * attended_pairs))
+        self._add("attention", _scaled(attended_pairs, cfg.num_layers * qk_av))
         kp = attended_pairs if kernel_pairs is None else kernel_pairs
         factor = 3 if self.grad else 1
-        self.kernel_attention += float(cfg.num_layers * qk_av * kp) * factor
+        self.kernel_attention += _scaled(kp, cfg.num_layers * qk_av) * factor
 
     def head(self, tokens: int, grad: bool | None = None) -> None:
         self._add("head", float(2 * self.cfg.hidden_size * self.cfg.vocab_size * tokens), grad)
@@ -89,6 +116,13 @@ class FlopTally:
     def kernel(self) -> float:
         """Realised FLOPs with the attention the kernel executes in place of the attended pairs."""
         return self.matmul + self.kernel_attention
+
+
+def _scaled(count, factor: int):
+    """``factor * count`` as a float, or as a float64 device tensor when ``count`` is one."""
+    if hasattr(count, "double"):
+        return count.double() * factor
+    return float(factor * count)
 
 
 def nominal_flops(cfg: ModelConfig, executed_passes: float) -> float:

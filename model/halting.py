@@ -110,9 +110,7 @@ def adaptive_loss(records: list[StepRecord], cfg: ModelConfig, token_mask: Tenso
     total = torch.zeros_like(token_mask)
     if hc.loss == "pondernet":
         p = hc.prior
-        for k, rec in enumerate(records):
-            if not bool(rec.ran.any()):
-                break
+        for k, rec in enumerate(records):  # a record exists only for a step some token ran
             # prior mass of step k: p (1-p)^k, the last executed step takes the tail (1-p)^k
             log_prior = torch.where(
                 rec.cont,
@@ -124,7 +122,7 @@ def adaptive_loss(records: list[StepRecord], cfg: ModelConfig, token_mask: Tenso
             total = total + torch.where(rec.ran & (w > 0), w * (safe.log() - log_prior), 0.0)
     else:
         for rec in records:
-            if rec.gate is None or not bool(rec.cont.any()):
+            if rec.gate is None:  # (no token continuing adds zeros: nothing read from the device)
                 continue
             if hc.loss == "act":
                 term = rec.reach_next

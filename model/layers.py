@@ -46,9 +46,10 @@ def attention_kernel(cfg: ModelConfig, device: torch.device | None = None) -> st
 @dataclass
 class LatentPass:
     """One packed latent pass: ``rows``/``rank`` place each packed token (row after row) in the
-    padded query grid [b, width]; ``slots`` are its cache slots; queries see slots ``[0, end)``
-    where ``allowed`` ([b, width, end] bool) holds. Handed to core attention through Megatron's
-    ``packed_seq_params``; ``qkv_format`` tells Megatron it is not a THD batch."""
+    padded query grid [b, width]; ``slots`` are its cache slots; queries see slots
+    ``[begin, end)`` where ``allowed`` ([b, width, end - begin] bool) holds. Handed to core
+    attention through Megatron's ``packed_seq_params``; ``qkv_format`` tells Megatron it is not a
+    THD batch."""
 
     kv: LatentKV
     step: int
@@ -64,19 +65,28 @@ class LatentPass:
     causal: bool = False
     # no later pass reads this pass's keys (the last step of a forward whose cache is dropped)
     last: bool = False
-    pairs: int = 0  # (query, key) pairs the method attends to
-    kernel_pairs: int = 0  # pairs the chosen kernel computes, masked ones included
+    begin: int = 0  # first slot the queries may see (their own step's region under same_step)
+    # (query, key) pairs the method attends to: an int, or a 0-dim device tensor (not read
+    # until the FLOPs are)
+    pairs: int | Tensor = 0
+    kernel_pairs: int | Tensor = 0  # pairs the chosen kernel computes, masked ones included
     qkv_format: str = "alcot-latent"
     _masks: dict = field(default_factory=dict)
 
     @property
+    def visible(self) -> Tensor:
+        """[b, width, end - begin] bool: the (query, key) pairs the method attends to."""
+        if "visible" not in self._masks:
+            self._masks["visible"] = self.kv.visible(self.q_pos, self.step, self.begin, self.end)
+        return self._masks["visible"]
+
+    @property
     def allowed(self) -> Tensor:
-        """[b, width, end] bool: who may attend to whom. A padded query attends to every slot
-        (all finite: the buffers start at zero); its output is dropped and its gradient is
-        zero, so it changes nothing, and no row of the kernel is empty."""
+        """[b, width, end - begin] bool: who may attend to whom. A padded query attends to
+        every slot (all finite: the buffers start at zero); its output is dropped and its
+        gradient is zero, so it changes nothing, and no row of the kernel is empty."""
         if "allowed" not in self._masks:
-            visible = self.kv.visible(self.q_pos, self.step, self.end)
-            self._masks["allowed"] = visible | (self.q_pos < 0)[:, :, None]
+            self._masks["allowed"] = self.visible | (self.q_pos < 0)[:, :, None]
         return self._masks["allowed"]
 
     def additive_mask(self, dtype: torch.dtype) -> Tensor:
@@ -105,79 +115,133 @@ class LatentKV:
     """Preallocated key/value caches of one latent forward (and the decoding that continues it).
 
     One buffer per layer for keys and one for values, [b, groups, capacity, head_dim], shared by
-    all latent steps: every pass appends a region of ``max(active per row)`` slots, so the slots
-    a step-k query may see (steps <= k, positions <= its own, executed) always lie in a prefix
-    ``[0, end)`` and reach the kernel as a view, never a copy. ``slot_pos`` / ``slot_step``
-    ([b, capacity]) say which (position, step) each slot holds (``_EMPTY`` where none). Decoding
-    appends one slot per active row per step, so a new token's cost grows only with attention.
+    all latent steps and laid out in fixed *regions*: step k owns the slots
+    ``[k R, (k + 1) R)`` with ``R = region`` (the sequence plus the room kept for decoding), and
+    each row fills its region from the front (``fill`` [b, steps] counts the slots each row has
+    used per step: per-row lengths, kept on the device). So the slots a step-k query may see
+    (steps <= k, positions <= its own, executed) always lie in ``[0, k R + width)`` (its own
+    step's region alone under ``same_step``) and reach the kernel as a view, never a copy.
+    ``slot_pos`` / ``slot_step`` ([b, capacity]) say which (position, step) each slot holds
+    (``_EMPTY`` where none).
+
+    **Shapes that repeat.** The query grid of a pass is ``width`` = the bucket of the largest
+    number of tokens a row runs (:func:`bucket`: ``region``, ``region / 2`` or ``region / 4``
+    by default), and the key range is fixed by (step, width), so a forward's attention sees at
+    most ``1 + l_max * buckets`` shapes whatever the data (a GPU kernel plan, e.g. cuDNN's, is
+    built once per shape). Padded queries and empty slots are masked out and cost only kernel
+    work (``kernel_pairs``). A decoding pass (a second pass into a step's region) attends over
+    whole regions: one shape per step, whatever the length so far.
     """
 
     def __init__(
         self,
         batch: int,
-        capacity: int,
+        region: int,
+        steps: int,
         device,
         kernel: str = "sdpa",
         same_step: bool = False,
         keep: bool = False,
+        seq: int | None = None,
+        buckets: int = 3,
     ):
-        self.batch, self.capacity = batch, capacity
+        self.batch, self.region, self.steps = batch, region, steps
+        self.capacity = steps * region
+        self.seq = region if seq is None else seq  # tokens per row of the forward
         self.kernel, self.same_step = kernel, same_step
         self.keep = keep  # kept for decoding after the forward
-        self.slot_pos = torch.full((batch, capacity), _EMPTY, dtype=torch.long, device=device)
-        self.slot_step = torch.full((batch, capacity), -1, dtype=torch.long, device=device)
-        self.used = 0
+        self.buckets = buckets
+        self.slot_pos = torch.full((batch, self.capacity), _EMPTY, dtype=torch.long, device=device)
+        self.slot_step = torch.full((batch, self.capacity), -1, dtype=torch.long, device=device)
+        self.fill = torch.zeros(batch, steps, dtype=torch.long, device=device)
+        self.started = [False] * steps  # host: has a pass written into step k's region yet
         self.passes = 0
         self.keys: dict[int, Tensor] = {}
         self.values: dict[int, Tensor] = {}
-        self.grads: dict[int, tuple[Tensor, Tensor]] = {}
+        # backward: per (layer, pass) fp32 sums of the key/value gradients of the pass's own
+        # tokens ([N, groups, head_dim], packed), and the passes planned under grad
+        self.grads: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
+        self.plans: list[LatentPass] = []
 
-    def visible(self, q_pos: Tensor, step: int, end: int) -> Tensor:
-        """[b, width, end] bool: slot visible to query (2-D causality; same step only under
-        ``same_step``). A query at position -1 (padding) sees nothing."""
-        kp, ks = self.slot_pos[:, :end], self.slot_step[:, :end]
+    def visible(self, q_pos: Tensor, step: int, begin: int, end: int) -> Tensor:
+        """[b, width, end - begin] bool: slot visible to query (2-D causality; same step only
+        under ``same_step``). A query at position -1 (padding) sees nothing."""
+        kp, ks = self.slot_pos[:, begin:end], self.slot_step[:, begin:end]
         seen = (ks == step) if self.same_step else (ks >= 0) & (ks <= step)
         return (kp[:, None, :] <= q_pos[:, :, None]) & seen[:, None, :]
 
     def plan(
-        self, rows: Tensor, pos: Tensor, counts: list[int], step: int, last: bool = False
+        self,
+        rows: Tensor,
+        pos: Tensor,
+        width: int,
+        step: int,
+        last: bool = False,
+        valid: Tensor | None = None,
     ) -> LatentPass:
-        """Place a pass's packed tokens (``rows``/``pos``, row-major, ``counts`` per row);
-        ``last``: no later pass will read their keys."""
-        b, dev = self.batch, self.slot_pos.device
-        width = max(counts)
-        start, end = self.used, self.used + width
-        if end > self.capacity:
-            raise RuntimeError(
-                f"latent KV cache full: {end} slots needed, {self.capacity} allocated"
-            )
-        first = torch.tensor([0] + counts[:-1], device=dev).cumsum(0)
-        rank = torch.arange(rows.numel(), device=dev) - first[rows]
-        slots = start + rank
-        self.slot_pos[rows, slots] = pos
-        self.slot_step[rows, slots] = step
-        self.used = end
-        q_pos = torch.full((b, width), -1, dtype=torch.long, device=dev)
-        q_pos[rows, rank] = pos
-        p = LatentPass(self, step, self.passes, rows, rank, slots, width, end, q_pos, last=last)
-        full = self.passes == 0 and all(c == width for c in counts)
-        p.causal = full and bool((pos == rank).all())
-        if p.causal:
-            p.pairs = b * width * (width + 1) // 2
+        """Place a pass's packed tokens (``rows``/``pos``, row-major; ``width`` = the most
+        tokens any row runs, known on the host); ``last``: no later pass will read their keys.
+        ``valid`` ([N] bool, decoding with static shapes): the tokens that really run; the
+        others go through the kernels as padding and leave nothing visible in the cache.
+        Reads nothing from the device."""
+        b, dev, n = self.batch, self.slot_pos.device, rows.numel()
+        if step >= self.steps:
+            raise RuntimeError(f"latent step {step} has no cache region ({self.steps} steps)")
+        base = step * self.region
+        fresh = not self.started[step]  # decoding passes append to a region already written
+        ones = torch.ones_like(rows) if valid is None else valid.long()
+        counts = torch.zeros(b, dtype=torch.long, device=dev)
+        counts.index_add_(0, rows, ones)
+        first = counts.cumsum(0) - counts
+        if valid is None:
+            rank = torch.arange(n, device=dev) - first[rows]
         else:
-            p.pairs = int(self.visible(q_pos, step, end).sum())
-        p.kernel_pairs = self._kernel_pairs(p)
+            rank = torch.zeros_like(rows)
+        slots = base + self.fill[rows, step] + rank
+        if valid is None:
+            self.slot_pos[rows, slots] = pos
+            self.slot_step[rows, slots] = step
+        else:  # one token per row: a padded row writes its (unused) slot as still empty
+            self.slot_pos[rows, slots] = torch.where(valid, pos, _EMPTY)
+            self.slot_step[rows, slots] = torch.where(valid, step, -1)
+            pos = torch.where(valid, pos, -1)
+        self.fill[:, step] += counts
+        self.started[step] = True
+        # the query grid and the key range: a bounded set of shapes (see the class docstring)
+        w = bucket(width, self.region, self.buckets) if fresh else max(width, 1)
+        full = self.passes == 0 and fresh and n == b * self.seq  # every token, in order
+        if full:  # plain causal attention over the sequence: its own shape, no padding
+            w = self.seq
+        if width > self.region:
+            raise RuntimeError(
+                f"latent KV cache full: {width} slots needed in a region of {self.region}"
+            )
+        stop = base + w if fresh else base + self.region
+        begin = base if self.same_step else 0
+        q_pos = torch.full((b, w), -1, dtype=torch.long, device=dev)
+        q_pos[rows, rank] = pos
+        p = LatentPass(
+            self, step, self.passes, rows, rank, slots, w, stop, q_pos, last=last, begin=begin
+        )
+        # the first pass of a forward over every token in order is plain causal attention
+        p.causal = full
+        if p.causal:
+            p.pairs = b * w * (w + 1) // 2
+            p.kernel_pairs = p.pairs
+        else:
+            p.pairs = p.visible.sum()  # on the device: read when the FLOPs are
+            p.kernel_pairs = self._kernel_pairs(p)
         self.passes += 1
+        if torch.is_grad_enabled():
+            self.plans.append(p)
         return p
 
-    def _kernel_pairs(self, p: LatentPass) -> int:
+    def _kernel_pairs(self, p: LatentPass):
         if self.kernel == "flex":
             bm = p.block_mask()
             qb, kb = bm.BLOCK_SIZE
-            return int(bm.kv_num_blocks.sum()) * qb * kb
-        if p.causal:
-            return p.pairs
-        return self.batch * p.width * p.end
+            return bm.kv_num_blocks.sum() * (qb * kb)
+        return self.batch * p.width * (p.end - p.begin)
 
     def buffers(self, layer: int, like: Tensor) -> tuple[Tensor, Tensor]:
         if layer not in self.keys:
@@ -196,34 +260,74 @@ class LatentKV:
         return kb, vb
 
     def grad_slots(self, layer: int, p: LatentPass, dk: Tensor, dv: Tensor):
-        """Add a pass's key/value gradients over ``[0, end)`` to the layer's fp32 accumulators;
-        return the totals of the pass's own slots (later passes have all run backward by now)."""
-        if layer not in self.grads:
-            kb = self.keys[layer]
-            self.grads[layer] = (
-                torch.zeros(kb.shape, dtype=torch.float32, device=kb.device),
-                torch.zeros(kb.shape, dtype=torch.float32, device=kb.device),
-            )
-        kg, vg = self.grads[layer]
-        kg[:, :, : p.end] += dk
-        vg[:, :, : p.end] += dv
-        out = kg[p.rows, :, p.slots], vg[p.rows, :, p.slots]
-        if p.index == 0:  # the first pass runs backward last: nothing will add to these again
-            del self.grads[layer]
-        return out
+        """Hand a pass's key/value gradients over ``[begin, end)`` to the passes whose slots
+        they are (this one and, outside ``same_step``, every earlier one), each summed in fp32
+        over its own packed tokens only ([N, groups, head_dim]: no buffer over the whole cache
+        is kept through backward); return this pass's totals (later passes have all run
+        backward by now). Per slot, the sums add the same values in the same order as one
+        accumulator over the cache would."""
+        for q in self.plans[: p.index + 1]:
+            if q.step != p.step if self.same_step else q.step > p.step:
+                continue  # its slots lie outside this pass's view
+            key = (layer, q.index)
+            gk = dk[q.rows, :, q.slots - p.begin]
+            gv = dv[q.rows, :, q.slots - p.begin]
+            if key not in self.grads:
+                self.grads[key] = (
+                    torch.zeros(gk.shape, dtype=torch.float32, device=gk.device),
+                    torch.zeros(gv.shape, dtype=torch.float32, device=gv.device),
+                )
+            kg, vg = self.grads[key]
+            kg += gk
+            vg += gv
+        return self.grads.pop((layer, p.index))
+
+
+def bucket(n: int, cap: int, buckets: int = 3) -> int:
+    """The query width of a pass running at most ``n`` tokens per row: the smallest of
+    ``cap, cap / 2, ..., cap / 2**(buckets - 1)`` (rounded up) that holds ``n``."""
+    w = cap
+    for _ in range(buckets - 1):
+        half = -(-w // 2)
+        if half < n or half == w:
+            break
+        w = half
+    return w
 
 
 def _kernel(kind: str, q: Tensor, k: Tensor, v: Tensor, p: LatentPass, scale) -> Tensor:
-    """q [b, np, width, hn], k/v [b, ng, end, hn] -> [b, np, width, hn]."""
+    """q [b, np, width, hn], k/v [b, ng, end - begin, hn] -> [b, np, width, hn]."""
     gqa = k.shape[1] != q.shape[1]
     if kind == "flex":
         fn = _compiled_flex() if q.is_cuda else _eager_flex()
         return fn(q, k, v, block_mask=p.block_mask(), scale=scale, enable_gqa=gqa)
     if p.causal:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=p.additive_mask(q.dtype), scale=scale, enable_gqa=gqa
-    )
+        return sdpa(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    return sdpa(q, k, v, attn_mask=p.additive_mask(q.dtype), scale=scale, enable_gqa=gqa)
+
+
+def _cuda_backends():
+    """The SDPA backends allowed on CUDA, in order of preference: flash (causal passes, no
+    mask), memory-efficient (the latent passes' additive masks), math (anything else).
+
+    Why not cuDNN, which PyTorch prefers on Hopper: it builds a kernel plan per new shape (tens
+    of ms, forward and backward), and measured on an H200 the adaptive trainer ran 3.5x faster
+    with it off (docs/performance.md). Buckets bound the shapes (:class:`LatentKV`), but
+    decoding and evaluation still bring new ones, and flash / efficient need no plan."""
+    from torch.nn.attention import SDPBackend
+
+    return [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor, **kw) -> Tensor:
+    """``F.scaled_dot_product_attention`` with the backends of :func:`_cuda_backends` on CUDA
+    (every attention of the model goes through here)."""
+    if q.is_cuda:
+        from torch.nn.attention import sdpa_kernel
+
+        with sdpa_kernel(_cuda_backends()):
+            return F.scaled_dot_product_attention(q, k, v, **kw)
+    return F.scaled_dot_product_attention(q, k, v, **kw)
 
 
 def _eager_flex():
@@ -236,10 +340,20 @@ _FLEX = {}
 
 
 def _compiled_flex():
-    """FlexAttention is fast only compiled (Triton on CUDA); shapes change every pass, so
-    dynamic shapes keep it from recompiling per step."""
+    """FlexAttention is fast only compiled (Triton on CUDA); dynamic shapes keep it from
+    recompiling per bucket. Compiled without donated buffers: the latent attention's backward
+    differentiates the kernel's graph with ``retain_graph`` (a pipeline stage may run it more
+    than once), which AOTAutograd refuses for a graph that donates its saved buffers."""
     if "fn" not in _FLEX:
-        _FLEX["fn"] = torch.compile(_eager_flex(), dynamic=True)
+        compiled = torch.compile(_eager_flex(), dynamic=True)
+
+        def run(*args, **kwargs):
+            import torch._functorch.config as functorch_config
+
+            with functorch_config.patch(donated_buffer=False):
+                return compiled(*args, **kwargs)
+
+        _FLEX["fn"] = run
     return _FLEX["fn"]
 
 
@@ -252,8 +366,8 @@ class _LatentAttention(torch.autograd.Function):
         kb, vb = p.kv.write(layer, p, key, value)
         with torch.enable_grad():
             qd = q.detach().requires_grad_()
-            kd = kb[:, :, : p.end].detach().requires_grad_()
-            vd = vb[:, :, : p.end].detach().requires_grad_()
+            kd = kb[:, :, p.begin : p.end].detach().requires_grad_()
+            vd = vb[:, :, p.begin : p.end].detach().requires_grad_()
             out = _kernel(p.kv.kernel, qd, kd, vd, p, scale)
         # saved, not kept as attributes: autograd frees them after backward (and keeps them
         # for a second backward under retain_graph)
@@ -352,7 +466,7 @@ class LatentCoreAttention(torch.nn.Module):
         else:
             mask, causal = None, True
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        out = F.scaled_dot_product_attention(
+        out = sdpa(
             q,
             k,
             v,
@@ -378,7 +492,8 @@ class LatentCoreAttention(torch.nn.Module):
             o = _LatentAttention.apply(q, k, v, p, self.layer, self.scale)
         else:  # evaluation, decoding, or the no-grad first pass of a recomputed layer
             kb, vb = p.kv.write(self.layer, p, k, v)
-            o = _kernel(p.kv.kernel, q, kb[:, :, : p.end], vb[:, :, : p.end], p, self.scale)
+            kv = kb[:, :, p.begin : p.end], vb[:, :, p.begin : p.end]
+            o = _kernel(p.kv.kernel, q, *kv, p, self.scale)
         o = o.transpose(1, 2)
         if p.causal:
             return o.reshape(-1, 1, n_heads * hn)

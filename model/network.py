@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from .compat import ensure_cpu_compat
 from .config import ModelConfig, count_parameters
-from .flops import FlopTally, causal_pairs, nominal_flops, paper_flops
+from .flops import Flops, FlopTally, causal_pairs, nominal_flops, paper_flops
 from .halting import Router, StepRecord, adaptive_loss, halting_update
 from .layers import (
     AttentionState,
@@ -82,6 +82,7 @@ class PassRequest:
     rows: Tensor | None = None
     pos: Tensor | None = None
     feed: Tensor | None = None
+    width: int = 0  # packed: the most tokens one row runs (known on the host)
 
 
 @dataclass
@@ -344,10 +345,15 @@ class AlcotModel(nn.Module):
         self.state.start_causal()
         mb = Micro(b, s, input_ids.device, self._rope(s), input_ids)
         if self.cfg.method in ("adaptive", "fixed", "mor", "vanilla"):
-            cap = (1 + self.cfg.l_max) * (s + keep_cache)
-            kernel = attention_kernel(self.cfg)
             mb.kv = LatentKV(
-                b, cap, input_ids.device, kernel, self.cfg.method == "mor", keep=keep_cache > 0
+                b,
+                s + keep_cache,
+                1 + self.cfg.l_max,
+                input_ids.device,
+                attention_kernel(self.cfg),
+                same_step=self.cfg.method == "mor",
+                keep=keep_cache > 0,
+                seq=s,
             )
         if self.first:
             mb.emb = self._embed(input_ids)
@@ -367,10 +373,8 @@ class AlcotModel(nn.Module):
     def first_request(self, mb: Micro) -> PassRequest:
         """Step 0 of every method: all tokens (the program yields the same request)."""
         if self.cfg.method in ("adaptive", "fixed", "mor") and self.cfg.l_max > 0:
-            rows, pos = torch.ones(mb.b, mb.s, dtype=torch.bool, device=mb.device).nonzero(
-                as_tuple=True
-            )
-            return PassRequest(0, "packed", rows, pos)
+            rows, pos = _all_tokens(mb.b, mb.s, mb.device)
+            return PassRequest(0, "packed", rows, pos, width=mb.s)
         return PassRequest(0, "pause" if self.cfg.method == "pause" else "causal")
 
     def stage_input(self, mb: Micro, req: PassRequest) -> Tensor:
@@ -394,9 +398,8 @@ class AlcotModel(nn.Module):
     def stage_pass(self, mb: Micro, req: PassRequest, x: Tensor):
         """This stage's layers over one traversal's input; returns (output, LatentPass)."""
         if req.kind == "packed":
-            counts = torch.bincount(req.rows, minlength=mb.b).tolist()
             last = req.step == self.cfg.l_max and not mb.kv.keep  # nothing reads its keys
-            p = mb.kv.plan(req.rows, req.pos, counts, req.step, last)
+            p = mb.kv.plan(req.rows, req.pos, req.width, req.step, last)
             return self._pass(x, mb.rope[req.pos][:, None, None, :], p), p
         if req.kind == "pause":
             pos = torch.arange(mb.s, device=mb.device).repeat_interleave(self.cfg.l_max + 1)
@@ -465,19 +468,21 @@ class AlcotModel(nn.Module):
         """PonderLM: sum_v softmax(W h)_v E_v (vocab split across tensor-parallel ranks)."""
         return self._embed_distribution(self._distribution(h, tally))
 
-    def _flops(self, tally: FlopTally, executed_passes: float, tokens: int) -> dict[str, float]:
-        return {
-            "nominal": nominal_flops(self.cfg, executed_passes),
-            "paper": paper_flops(self.cfg, executed_passes),
-            "realised": tally.realised,
-            "kernel": tally.kernel,
-            "realised_matmul": tally.matmul,
-            "realised_attention": tally.attention,
-            "realised_forward": tally.forward,
-            "realised_head": tally.parts.get("head", 0.0),
-            "tokens": float(tokens),
-            "executed_passes": executed_passes,
-        }
+    def _flops(self, tally: FlopTally, executed_passes: float, tokens: int) -> Flops:
+        return Flops(
+            {
+                "nominal": nominal_flops(self.cfg, executed_passes),
+                "paper": paper_flops(self.cfg, executed_passes),
+                "realised": tally.realised,
+                "kernel": tally.kernel,
+                "realised_matmul": tally.matmul,
+                "realised_attention": tally.attention,
+                "realised_forward": tally.forward,
+                "realised_head": tally.parts.get("head", 0.0),
+                "tokens": float(tokens),
+                "executed_passes": executed_passes,
+            }
+        )
 
     # ------------------------------------------------------------------ latent steps
     def _latent_program(self, mb, labels, loss_mask, return_logits, keep_states):
@@ -501,16 +506,26 @@ class AlcotModel(nn.Module):
         states: list[Tensor] = []
         mixed = None
         executed = 0
+        rows, pos = _all_tokens(b, s, dev)
+        width, changed, q_pending = s, False, False
         for k in range(cfg.l_max + 1):
-            if not bool(active.any()):
-                break
-            rows, pos = active.nonzero(as_tuple=True)  # row-major: packed row after row
-            executed += rows.numel()
+            if changed:  # the one host read of a latent step: tokens per row
+                n, width, rows, pos = _pack(active)
+                if n == 0:
+                    break
+            n = rows.numel()
+            if q_pending:
+                # sg(q) of step k-1 is read for the tokens that continued: those packed now
+                records[k - 1].q = self._correct_prob(
+                    h_in, rows, pos, token_mask, labels, tally, loss_mask is not None
+                )
+                q_pending = False
+            executed += n
             ran.append(active)
             feed = None if k == 0 else h_in[pos, rows][:, None]  # [N, 1, h]
-            out, lp_ = yield PassRequest(k, "packed", rows, pos, feed)
+            out, lp_ = yield PassRequest(k, "packed", rows, pos, feed, width)
             out = out[:, 0]  # [N, h]
-            tally.block(rows.numel(), lp_.pairs, lp_.kernel_pairs)
+            tally.block(n, lp_.pairs, lp_.kernel_pairs)
             h_k = out.new_zeros(s, b, out.shape[-1]).index_put((pos, rows), out)
             if keep_states:
                 states.append(h_k)
@@ -518,12 +533,13 @@ class AlcotModel(nn.Module):
             g = None
             if self.router is not None and not last:
                 g = r.new_zeros(b, s).index_put((rows, pos), self.router(out, k))
-                tally.router(rows.numel())
+                tally.router(n)
             weight, cont, r_next = halting_update(r, active, g, last, cfg.halting.tau)
+            changed = cont is not active  # without a router every token continues
             q = ce_k = None
             if cfg.mix == "distribution" and (want_ce or dist_logits):
                 lg = self._logits(out[:, None])  # [N, 1, V/tp]: part of the output, with grad
-                tally.head(rows.numel())
+                tally.head(n)
                 if labels is not None:
                     ce_n = self._ce(lg, labels[rows, pos][:, None], keep_logits=dist_logits)
                     ce_k = r.new_zeros(b, s).index_put((rows, pos), ce_n[:, 0])
@@ -534,7 +550,8 @@ class AlcotModel(nn.Module):
                     term = _log_weight(weight).t()[..., None] + lp
                     mixed = term if mixed is None else torch.logaddexp(mixed, term)
             elif want_q and not last:
-                q = self._correct_prob(h_k, cont & (token_mask > 0), labels, tally)
+                q = torch.ones(b, s, device=dev)  # filled in by the next step, if any
+                q_pending = True
             records.append(StepRecord(weight, active, cont, g, r_next, q, ce_k))
             if cfg.mix == "state":  # mixed in fp32, whatever the activations' dtype
                 contrib = weight.t()[..., None] * h_k.float()
@@ -589,10 +606,11 @@ class AlcotModel(nn.Module):
         states: list[Tensor] = []
         aux = torch.zeros((), device=dev)
         executed = 0
+        rows, pos = _all_tokens(b, s, dev)
+        width = s
         for k in range(cfg.l_max + 1):
             logit = None
-            if k > 0:
-                rows, pos = active.nonzero(as_tuple=True)  # eligible: ran step k-1
+            if k > 0:  # eligible: the tokens that ran step k-1 (packed as rows, pos)
                 logit = state.new_zeros(b, s, dtype=torch.float32).index_put(
                     (rows, pos), self.mor_router(state[pos, rows], k)
                 )
@@ -600,14 +618,16 @@ class AlcotModel(nn.Module):
                 kept = select(logit, active, caps[k - 1], self.training, mc.threshold)
                 aux = aux + aux_loss(logit, active, kept)
                 active = kept
-            if not bool(active.any()):
-                break
-            rows, pos = active.nonzero(as_tuple=True)
-            executed += rows.numel()
+                n, width, rows, pos = _pack(active)  # the one host read of a step
+                if n == 0:
+                    break
+            n = rows.numel()
+            executed += n
             ran.append(active)
             u = None if k == 0 else state[pos, rows]  # [N, h]
-            out, lp_ = yield PassRequest(k, "packed", rows, pos, None if k == 0 else u[:, None])
-            tally.block(rows.numel(), lp_.pairs, lp_.kernel_pairs)
+            feed = None if k == 0 else u[:, None]
+            out, lp_ = yield PassRequest(k, "packed", rows, pos, feed, width)
+            tally.block(n, lp_.pairs, lp_.kernel_pairs)
             if k == 0:
                 state = out.new_zeros(s, b, out.shape[-1]).index_put((pos, rows), out[:, 0])
             else:
@@ -635,35 +655,85 @@ class AlcotModel(nn.Module):
         flops = self._flops(tally, float(executed), b * s)
         return ModelOutput(loss, ce, adapt, logits, depth, flops), LatentTrace(ran, states)
 
-    def _correct_prob(self, h_k: Tensor, use: Tensor, labels: Tensor, tally: FlopTally) -> Tensor:
-        """sg(q_t(k)[y_t]) [b, s] where ``use`` ([b, s] bool) holds, 1 elsewhere.
+    def _correct_prob(
+        self,
+        h: Tensor,
+        rows: Tensor,
+        pos: Tensor,
+        token_mask: Tensor,
+        labels: Tensor,
+        tally: FlopTally,
+        masked: bool = False,
+    ) -> Tensor:
+        """sg(q_t(k)[y_t]) [b, s] from the step-k states ``h`` [s, b, h] for the tokens at
+        (``rows``, ``pos``) (those that continue past step k) inside the loss mask, 1 elsewhere.
 
-        The adaptive loss reads it only for tokens that continue past step k and lie inside the
-        loss mask, so the full-vocabulary head runs for those alone (at 70m it would otherwise be
-        about 45 % of a latent step's cost), without a graph: it is a stop-gradient quantity.
+        The adaptive loss reads it only for those tokens, so the full-vocabulary head runs for
+        them alone (at 70m it would otherwise be about 45 % of a latent step's cost), without a
+        graph (a stop-gradient quantity), and in chunks of tokens: never [tokens x vocab] fp32
+        logits at once (:data:`Q_CHUNK_ELEMENTS`). ``masked``: a loss mask was given, so the
+        tokens outside it are dropped first (one more host read; the trainer gives none).
         """
-        rows, pos = use.nonzero(as_tuple=True)
-        ce = torch.zeros(use.shape, device=h_k.device)
-        if rows.numel():
+        ce = torch.zeros(token_mask.shape, device=h.device)
+        if masked:
+            keep = (token_mask[rows, pos] > 0).nonzero()[:, 0]
+            rows, pos = rows[keep], pos[keep]
+        n = rows.numel()
+        if n:
+            chunk = max(1, Q_CHUNK_ELEMENTS // self.cfg.vocab_size)
+            parts = []
             with torch.no_grad():
-                lg = self._logits(h_k[pos, rows][:, None].detach())  # [n, 1, V/tp]
-                ce_n = self._ce(lg, labels[rows, pos][:, None])
-            tally.head(rows.numel(), grad=False)
-            ce = ce.index_put((rows, pos), ce_n[:, 0].float())
+                x = h.detach()[pos, rows][:, None]  # [n, 1, h]
+                y = labels[rows, pos][:, None]
+                for i in range(0, n, chunk):
+                    lg = self._logits(x[i : i + chunk])  # [c, 1, V/tp]
+                    parts.append(self._ce(lg, y[i : i + chunk])[:, 0].float())
+            tally.head(n, grad=False)
+            ce_n = torch.cat(parts) if len(parts) > 1 else parts[0]
+            ce = ce.index_put((rows, pos), ce_n)
         return (-ce).exp()
 
     def _packed_pass(
-        self, u: Tensor, rows: Tensor, pos: Tensor, counts: list[int], step: int, rope: Tensor
+        self,
+        u: Tensor,
+        rows: Tensor,
+        pos: Tensor,
+        width: int,
+        step: int,
+        rope: Tensor,
+        valid: Tensor | None = None,
     ):
-        """Latent step ``step`` for the packed tokens ``u`` [N, 1, h] at (``rows``, ``pos``).
+        """Latent step ``step`` for the packed tokens ``u`` [N, 1, h] at (``rows``, ``pos``),
+        at most ``width`` of them per row.
 
         Returns the outputs [N, 1, h] and the pass's :class:`LatentPass` (its ``pairs`` are the
         (query, key) pairs attended to, ``kernel_pairs`` those the kernel computes).
         """
         last = step == self.cfg.l_max and not self.kv.keep
-        p = self.kv.plan(rows, pos, counts, step, last)
+        p = self.kv.plan(rows, pos, width, step, last, valid)
         freqs = rope[pos][:, None, None, :]  # [N, 1, 1, d]
         return self._pass(u, freqs, p), p
+
+
+# elements of fp32 logits that sg(q) computes at once (64 Mi: 256 MB)
+Q_CHUNK_ELEMENTS = 2**26
+
+
+def _all_tokens(b: int, s: int, device) -> tuple[Tensor, Tensor]:
+    """(rows, positions) of every token of a [b, s] batch, row-major, without a device read."""
+    rows = torch.arange(b, device=device).repeat_interleave(s)
+    return rows, torch.arange(s, device=device).repeat(b)
+
+
+def _pack(active: Tensor) -> tuple[int, int, Tensor, Tensor]:
+    """(N, most per row, rows, positions) of the ``active`` [b, s] tokens, row-major.
+
+    One host read (the tokens per row, which fix the shapes of the pass); the indices come
+    from ``nonzero_static`` with that size, which does not synchronise again."""
+    counts = active.sum(1).tolist()
+    n = sum(counts)
+    idx = torch.nonzero_static(active, size=n)
+    return n, max(counts), idx[:, 0], idx[:, 1]
 
 
 def _log_weight(w: Tensor) -> Tensor:

@@ -136,13 +136,21 @@ class Timeline:
         self.events.append((kind, i, k, t0, time.perf_counter()))
 
 
+def comm_device(model: AlcotModel) -> torch.device:
+    """The device of every tensor the pipeline hands to torch.distributed: the model's (NCCL
+    refuses CPU tensors; gloo takes the CPU tensors of a CPU model)."""
+    return model.device
+
+
 class _Ring:
     """Non-blocking sends and blocking receives between pipeline neighbours, through Megatron's
-    ``_p2p_ops`` (which picks the groups so that the two directions of a pair overlap)."""
+    ``_p2p_ops`` (which picks the groups so that the two directions of a pair overlap). Every
+    tensor sent, every receive buffer and every header lives on ``device``."""
 
-    def __init__(self):
+    def __init__(self, device: torch.device):
         from megatron.core import parallel_state as ps
 
+        self.device = device
         self.group = ps.get_pipeline_model_parallel_group()
         self.next = ps.get_pipeline_model_parallel_next_rank()
         self.prev = ps.get_pipeline_model_parallel_prev_rank()
@@ -164,12 +172,12 @@ class _Ring:
         )
 
     def send(self, t: Tensor, to_next: bool) -> None:
-        t = t.detach().contiguous()
+        t = t.detach().to(self.device).contiguous()
         reqs = self._ops(**{"tensor_send_next" if to_next else "tensor_send_prev": t})
         self.pending.append((list(reqs.values()), t))
 
     def recv(self, shape, dtype, from_prev: bool) -> Tensor:
-        buf = torch.empty(shape, dtype=dtype)
+        buf = torch.empty(shape, dtype=dtype, device=self.device)
         reqs = self._ops(**{"tensor_recv_prev" if from_prev else "tensor_recv_next": buf})
         for r in reqs.values():
             r.wait()
@@ -181,23 +189,26 @@ class _Ring:
                 r.wait()
         self.pending.clear()
 
-    # a request and its payload: header [5] = (N, kind, d0, d1, d2) with N = -1 for an empty
-    # slot, N = 0 for a full pass; then (row, position) indices [2, N] and the payload
+    def _header(self, values: list[int]) -> Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    # a request and its payload: header [6] = (N, kind, width, d0, d1, d2) with N = -1 for an
+    # empty slot, N = 0 for a full pass; then (row, position) indices [2, N] and the payload
     def send_request(self, req: PassRequest | None, payload: Tensor | None, to_next: bool):
         if req is None:
-            self.send(torch.tensor([-1, _KINDS.index("packed"), 0, 0, 0]), to_next)
+            self.send(self._header([-1, _KINDS.index("packed"), 0, 0, 0, 0]), to_next)
             return
         n = 0 if req.rows is None else req.rows.numel()
         shape = list(payload.shape) if payload is not None else [0, 0, 0]
-        self.send(torch.tensor([n, _KINDS.index(req.kind), *shape]), to_next)
+        self.send(self._header([n, _KINDS.index(req.kind), req.width, *shape]), to_next)
         if n:
             self.send(torch.stack([req.rows, req.pos]), to_next)
         if payload is not None:
             self.send(payload, to_next)
 
     def recv_request(self, step: int, dtype, from_prev: bool, grad: bool):
-        head = self.recv((5,), torch.long, from_prev).tolist()
-        n, kind, shape = head[0], _KINDS[head[1]], head[2:]
+        head = self.recv((6,), torch.long, from_prev).tolist()  # the shapes: read on the host
+        n, kind, width, shape = head[0], _KINDS[head[1]], head[2], head[3:]
         if n < 0:
             return None
         rows = pos = None
@@ -206,7 +217,7 @@ class _Ring:
         feed = None
         if shape[0]:
             feed = self.recv(shape, dtype, from_prev).requires_grad_(grad)
-        return PassRequest(step, kind, rows, pos, feed)
+        return PassRequest(step, kind, rows, pos, feed, width)
 
 
 def run_pipeline(
@@ -230,7 +241,7 @@ def _schedule(model, batches, backward, loss_scale, return_logits, timeline, kee
     if model.pp < 2:
         raise ValueError("run_pipeline needs model.pipeline_parallel_size >= 2")
     first, last = model.first, model.last
-    ring = _Ring()
+    ring = _Ring(comm_device(model))
     steps = model.cfg.l_max + 1
     grad = backward and torch.is_grad_enabled()
     dtype = model.compute_dtype
@@ -281,7 +292,8 @@ def _schedule(model, batches, backward, loss_scale, return_logits, timeline, kee
                 if not last:
                     if timeline is not None:
                         timeline.add("F", i, k, t0)
-                    ring.send_request(PassRequest(k, req.kind, req.rows, req.pos), y, True)
+                    fwd = PassRequest(k, req.kind, req.rows, req.pos, width=req.width)
+                    ring.send_request(fwd, y, True)
                     continue
                 if timeline is not None:
                     timeline.add("F", i, k, t0)
@@ -360,7 +372,7 @@ def broadcast_outputs(model: AlcotModel, outs: list[ModelOutput] | None, m: int)
                         for t in (o.loss, o.ce_loss, o.adapt_loss, o.logits)
                     ),
                     o.depth,
-                    dict(o.flops),
+                    o.flops.resolved(),
                 )
                 for o in outs
             ]

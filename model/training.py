@@ -97,7 +97,61 @@ class Callback(Protocol):
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    def __init__(self, message: str, step: int | None = None):
+        super().__init__(message)
+        self.step = step
+
+
+class StepStats:
+    """The training metrics, kept on the device between two reads (no host stall per step).
+
+    Per optimizer step the trainer adds each micro-batch's sums (loss, ce, adapt, depth x
+    tokens, tokens) and FLOPs (nominal, realised, paper, kernel) as device tensors, and marks
+    the first step whose loss or gradient norm is not finite; :meth:`read` brings everything to
+    the host in one transfer, once per ``log_every`` (and before a checkpoint or an evaluation).
+    """
+
+    def __init__(self, device):
+        self.device = device
+        self.sums = torch.zeros(9, dtype=torch.float64, device=device)
+        self.bad_step = torch.full((), -1, dtype=torch.float64, device=device)
+        self.grad_norm = torch.zeros((), dtype=torch.float64, device=device)
+
+    def add(self, loss, ce, adapt, depth, tokens: int, flops) -> None:
+        """One micro-batch (``flops``: a :class:`~alcot.model.flops.Flops` or a dict)."""
+        raw = flops.raw if hasattr(flops, "raw") else flops.__getitem__
+        parts = [
+            loss.detach().double() * tokens,
+            ce.detach().double() * tokens,
+            adapt.detach().double() * tokens,
+            depth.double().sum(),
+        ]
+        fl = [raw(k) for k in ("nominal", "realised", "paper", "kernel")]
+        host = [float(tokens)] + [v for v in fl if not torch.is_tensor(v)]
+        dev = torch.stack([*(t.to(self.device) for t in parts)])
+        self.sums[:4] += dev
+        if len(host) == 5:  # every FLOPs figure known on the host: one small copy
+            self.sums[4:] += torch.tensor(host, dtype=torch.float64).to(self.device)
+        else:
+            self.sums[4] += float(tokens)
+            for i, v in enumerate(fl):
+                self.sums[5 + i] += v.to(self.device) if torch.is_tensor(v) else v
+
+    def add_sums(self, stats: torch.Tensor) -> None:
+        """The nine sums at once (pipeline parallelism's broadcast statistics)."""
+        self.sums += stats.to(self.device)
+
+    def check(self, step: int, value: torch.Tensor) -> None:
+        """Mark ``step`` if ``value`` is not finite (on the device, nothing read)."""
+        bad = ~torch.isfinite(value.detach()).all()
+        self.bad_step = torch.where(bad & (self.bad_step < 0), float(step), self.bad_step)
+
+    def read(self) -> tuple[list[float], float, int | None]:
+        """(the nine sums, the last grad norm, the first non-finite step or None), then reset."""
+        vals = torch.cat([self.sums, self.grad_norm[None], self.bad_step[None]]).tolist()
+        self.sums.zero_()
+        bad = int(vals[10])
+        return vals[:9], vals[9], (bad if bad >= 0 else None)
 
 
 @dataclass
@@ -139,7 +193,8 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.T
         for p in params
         if p.grad is not None and not getattr(p, "tensor_model_parallel", False)
     ]
-    dev = (sharded or replicated)[0].device if (sharded or replicated) else torch.device("cpu")
+    # on the parameters' device: the sums go through torch.distributed (NCCL: never the CPU)
+    dev = (sharded or replicated)[0].device if (sharded or replicated) else params[0].device
     sq_sharded = sum((g.float().pow(2).sum() for g in sharded), torch.zeros((), device=dev))
     if tp_world_size() > 1:
         dist.all_reduce(sq_sharded, group=tp_group())
@@ -239,32 +294,19 @@ def _pipeline_step(model, loader, tcfg: TrainerConfig, device, step: int):
         x, y = loader.next_batch()
         batches.append((x.to(device), y.to(device), None))
     outs = run_pipeline(model, batches, True, 1.0 / tcfg.grad_accum)
-    stats = torch.zeros(9, dtype=torch.float64)  # the 5 sums, then the 4 FLOPs counters
+    # the 5 sums, then the 4 FLOPs counters; on the device, which NCCL needs (it refuses CPU
+    # tensors), and read only when the trainer logs
+    acc = StepStats(device)
     if model.last:
         for (_, y, _), out in zip(batches, outs, strict=True):
-            n = y.numel()
-            stats += torch.tensor(
-                [
-                    out.loss.item() * n,
-                    out.ce_loss.item() * n,
-                    out.adapt_loss.item() * n,
-                    out.depth.float().sum().item(),
-                    n,
-                    out.flops["nominal"],
-                    out.flops["realised"],
-                    out.flops["paper"],
-                    out.flops["kernel"],
-                ],
-                dtype=torch.float64,
-            )
+            acc.add(out.loss, out.ce_loss, out.adapt_loss, out.depth, y.numel(), out.flops)
+    stats = acc.sums
     dist.broadcast(
         stats,
         src=ps.get_pipeline_model_parallel_last_rank(),
         group=ps.get_pipeline_model_parallel_group(),
     )
-    if not torch.isfinite(stats[0]):
-        raise NonFiniteLoss(f"non-finite loss at step {step}")
-    return stats[:5], stats[5:].tolist()
+    return stats
 
 
 def train(
@@ -333,6 +375,7 @@ def train(
     loader = data.train_loader(
         seq_len, micro, seed, dp_rank, dp_world, samples=tcfg.steps * tcfg.batch_size
     )
+    stats = StepStats(device)
     counters = {
         "tokens": 0,
         "flops_nominal": 0.0,
@@ -395,14 +438,49 @@ def train(
     metrics: dict[str, float] = {}
     hist: list[float] = []
     step = start
+    since = {"t": time.perf_counter(), "steps": 0}
+
+    def read_stats(lr: float) -> dict[str, float]:
+        """The metrics since the last read: one host read of the device-side statistics."""
+        sums, grad_norm, bad = stats.read()
+        if bad is not None:
+            raise NonFiniteLoss(f"non-finite loss or gradient norm at step {bad}", bad)
+        tok = sums[4]
+        counters["tokens"] += int(tok)
+        counters["flops_nominal"] += sums[5]
+        counters["flops_realised"] += sums[6]
+        counters["flops_paper"] += sums[7]
+        counters["flops_kernel"] += sums[8]
+        # the steps since the last read, evaluation and checkpoints excluded
+        dt = time.perf_counter() - since["t"]
+        n_steps = max(since["steps"], 1)
+        tok_div = max(tok, 1.0)
+        return {
+            # averaged over the steps since the last log (each step's own when log_every = 1)
+            "train/loss": sums[0] / tok_div,
+            "train/ce": sums[1] / tok_div,
+            "train/adapt": sums[2] / tok_div,
+            "train/mean_depth": sums[3] / tok_div,
+            "train/grad_norm": grad_norm,
+            "lr": lr,
+            "tokens_seen": float(counters["tokens"]),
+            "flops/nominal": counters["flops_nominal"],
+            "flops/realised": counters["flops_realised"],
+            "flops/paper": counters["flops_paper"],
+            # the work the attention kernel executed, masked pairs included (flops.py)
+            "flops/kernel": counters["flops_kernel"],
+            "throughput/tokens_per_s": tok / dt if dt > 0 else 0.0,
+            "time/step_s": dt / n_steps,
+        }
+
     try:
         for step in range(start + 1, tcfg.steps + 1):
-            t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
-            sums = torch.zeros(5, dtype=torch.float64)  # loss, ce, adapt, depth*tokens, tokens
-            flops = [0.0, 0.0, 0.0, 0.0]  # nominal, realised, paper, kernel
+            lr = sched.get_last_lr()[0]
             if pp > 1:
-                sums, flops = _pipeline_step(model, loader, tcfg, device, step)
+                sums = _pipeline_step(model, loader, tcfg, device, step)
+                stats.add_sums(sums)
+                stats.check(step, sums[0])
                 main.accumulate()
             for i in range(tcfg.grad_accum if pp == 1 else 0):
                 x, y = loader.next_batch()
@@ -414,69 +492,38 @@ def train(
                 )
                 with sync:
                     out = ddp_model(x, y)
-                    if not torch.isfinite(out.loss):
-                        raise NonFiniteLoss(f"non-finite loss ({out.loss.item()}) at step {step}")
+                    stats.check(step, out.loss)  # read with the metrics, not here
                     (out.loss / tcfg.grad_accum).backward()
                 main.accumulate()
-                n = y.numel()
-                sums += torch.tensor(
-                    [
-                        out.loss.item() * n,
-                        out.ce_loss.item() * n,
-                        out.adapt_loss.item() * n,
-                        out.depth.float().sum().item(),
-                        n,
-                    ],
-                    dtype=torch.float64,
-                )
-                flops[0] += out.flops["nominal"]
-                flops[1] += out.flops["realised"]
-                flops[2] += out.flops["paper"]
-                flops[3] += out.flops["kernel"]
+                stats.add(out.loss, out.ce_loss, out.adapt_loss, out.depth, y.numel(), out.flops)
             if dp_world > 1 and manual_dp:
                 main.all_reduce_mean(ps.get_data_parallel_group(), dp_world)
             grad_norm = clip_grad_norm(params, tcfg.grad_clip)
-            if not torch.isfinite(grad_norm):
-                raise NonFiniteLoss(f"non-finite gradient norm at step {step}")
-            lr = sched.get_last_lr()[0]
+            stats.check(step, grad_norm)
+            stats.grad_norm = grad_norm.detach().double().to(device)
             opt.step()
             main.copy_to_model()
             sched.step()
+            since["steps"] += 1
+            evaluate_now = step % tcfg.eval_every == 0 or step == tcfg.steps
+            log_now = rank == 0 and (step % tcfg.log_every == 0 or step == tcfg.steps)
+            ckpt_now = step % tcfg.checkpoint_every == 0 or step == tcfg.steps
+            if not (log_now or evaluate_now or ckpt_now or step % tcfg.log_every == 0):
+                if bar is not None:
+                    bar.update(1)
+                continue
+            # every rank reads at the same steps (the data-parallel sum is a collective)
             if dp_world > 1:
-                agg = torch.tensor(list(sums) + flops, dtype=torch.float64, device=device)
-                dist.all_reduce(agg, group=ps.get_data_parallel_group())
-                agg = agg.cpu()
-                sums, flops = agg[:5], agg[5:].tolist()
-            tok = float(sums[4])
-            counters["tokens"] += int(tok)
-            counters["flops_nominal"] += flops[0]
-            counters["flops_realised"] += flops[1]
-            counters["flops_paper"] += flops[2]
-            counters["flops_kernel"] += flops[3]
-            dt = time.perf_counter() - t0
-            metrics = {
-                "train/loss": float(sums[0] / tok),
-                "train/ce": float(sums[1] / tok),
-                "train/adapt": float(sums[2] / tok),
-                "train/mean_depth": float(sums[3] / tok),
-                "train/grad_norm": float(grad_norm),
-                "lr": lr,
-                "tokens_seen": float(counters["tokens"]),
-                "flops/nominal": counters["flops_nominal"],
-                "flops/realised": counters["flops_realised"],
-                "flops/paper": counters["flops_paper"],
-                # the work the attention kernel executed, masked pairs included (flops.py)
-                "flops/kernel": counters["flops_kernel"],
-                "throughput/tokens_per_s": tok / dt,
-                "time/step_s": dt,
-            }
-            if step % tcfg.eval_every == 0 or step == tcfg.steps:
+                dist.all_reduce(stats.sums, group=ps.get_data_parallel_group())
+                bad = stats.bad_step.clone()
+                dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
+                stats.bad_step = bad
+            metrics = read_stats(lr)
+            if evaluate_now:
                 ev = evaluate(model, data, tcfg, seq_len, micro, device)
                 metrics.update(ev)
                 hist = [ev[f"val/depth_frac_{k}"] for k in range(model_cfg.l_max + 1)]
-            if rank == 0 and (
-                step % tcfg.log_every == 0 or step == tcfg.steps or "val/loss" in metrics
-            ):
+            if rank == 0 and (log_now or "val/loss" in metrics):
                 for cb in callbacks:
                     cb.on_metrics(step, metrics)
             if bar is not None:
@@ -486,11 +533,13 @@ def train(
                     depth=f"{metrics['train/mean_depth']:.2f}",
                 )
                 bar.update(1)
-            if step % tcfg.checkpoint_every == 0 or step == tcfg.steps:
+            if ckpt_now:
                 last_ckpt_path = checkpoint(step)
+            since.update(t=time.perf_counter(), steps=0)
     except NonFiniteLoss as err:
         if bar is not None:
             bar.close()
+        step = err.step if err.step is not None else step
         msg = f"{err}; the run is stopped. Last good checkpoint: {last_ckpt_path or 'none'}"
         return TrainResult("failed", step, metrics, msg, last_ckpt_path, resumed_from, hist)
     if bar is not None:

@@ -141,3 +141,62 @@ def test_lm_eval_hf_model_scores_like_alcot(tmp_path, tokenizer, parallel, monke
     theirs = res["results"]["alcot_arc_easy"]
     for metric in ("acc", "acc_norm"):
         assert theirs[f"{metric},none"] == pytest.approx(ours["alcot_arc_easy"][metric])
+
+
+@pytest.mark.parametrize(
+    ("method", "extra"), METHODS, ids=[f"{m}-{i}" for i, (m, _) in enumerate(METHODS)]
+)
+def test_export_cached_decoding_equals_the_full_forward(tmp_path, tokenizer, parallel, method,
+                                                        extra):  # fmt: skip
+    """The exported model's KV cache: a prompt then one token at a time gives the logits and
+    depths of one forward over the whole text, and generate() (cached) the tokens of
+    generate(use_cache=False)."""
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "run"
+    make_run(run, tokenizer, method, extra, parallel)
+    out = tmp_path / "hf"
+    assert main(["export", str(run), "--hf", str(out)]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32)
+    hf.eval()
+    x = torch.randint(0, 320, (2, 14), generator=torch.Generator().manual_seed(2))
+    if method != "pause":  # pause tokens have no cache: generate() recomputes the text
+        with torch.no_grad():
+            full = hf(x)
+            step = hf(x[:, :6], use_cache=True)
+            logits, depth = [step.logits], [step.depth]
+            for t in range(6, 14):
+                step = hf(x[:, t : t + 1], cache=step.cache)
+                logits.append(step.logits)
+                depth.append(step.depth)
+        assert torch.equal(torch.cat(depth, 1), full.depth)
+        torch.testing.assert_close(torch.cat(logits, 1), full.logits, atol=1e-4, rtol=0)
+        assert step.cache.length == 14
+        if method == "adaptive":
+            assert full.depth.unique().numel() > 1
+    prompt = x[:1, :7]
+    cached = hf.generate(prompt, max_new_tokens=6, do_sample=False, eos_token_id=None)
+    plain = hf.generate(
+        prompt, max_new_tokens=6, do_sample=False, eos_token_id=None, use_cache=False
+    )
+    assert torch.equal(cached, plain)
+
+
+def test_export_loads_in_bf16(tmp_path, tokenizer, parallel):
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "run"
+    make_run(run, tokenizer, "adaptive", {}, parallel)
+    out = tmp_path / "hf"
+    assert main(["export", str(run), "--hf", str(out)]) == 0
+    ref = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.bfloat16)
+    assert hf.block.layers[0].mlp.linear_fc1.weight.dtype == torch.bfloat16
+    assert hf.router.steps[0].weight.dtype == torch.float32  # halting stays in fp32
+    x = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        a, b = ref(x), hf(x)
+    assert torch.isfinite(b.logits).all()
+    assert (a.logits.softmax(-1) - b.logits.float().softmax(-1)).abs().max() < 0.05
+    got = hf.generate(x[:, :6], max_new_tokens=4, do_sample=False, eos_token_id=None)
+    assert got.shape == (1, 10)

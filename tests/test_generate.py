@@ -65,3 +65,34 @@ def test_zero_new_tokens_returns_the_prompt(build, method):
     assert gen.depth.shape == (2, 5) and gen.logits.shape == (2, 0, 128)
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(model, prompt, -1)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(method="adaptive"),
+        dict(method="adaptive", mix="distribution"),
+        dict(method="fixed"),
+        dict(method="vanilla"),
+        dict(method="mor"),
+    ],
+)
+def test_static_decoding_equals_step_skipping_decoding(build, overrides):
+    """Static decoding (fixed shapes, every row through every step, no host reads) gives the
+    tokens, logits and depths of the decoder that skips the steps no row runs."""
+    model = build(halting={"tau": 0.3}, **overrides)
+    if model.router is not None:
+        spread_router(model)
+    prompt = torch.randint(0, 128, (3, 6), generator=torch.Generator().manual_seed(4))
+    a = generate(model, prompt, 9, static=True)
+    b = generate(model, prompt, 9, static=False)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.depth, b.depth)
+    torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=0)
+    if model.cfg.method == "adaptive":
+        assert len(torch.unique(a.depth[:, 6:])) >= 2
+
+
+def test_cuda_graph_decoding_is_refused_off_cuda(build):
+    model = build()
+    with pytest.raises(ValueError, match="CUDA"):
+        generate(model, torch.zeros(1, 4, dtype=torch.long), 2, static=True, cuda_graph=True)

@@ -36,14 +36,14 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(work: Path, tp: int, pp: int) -> None:
+def _launch(work: Path, tp: int, pp: int, worker: str = "pp_worker.py") -> None:
     world = tp * pp
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_port()), WORLD_SIZE=str(world))
     env["OMP_NUM_THREADS"] = "1"
-    worker = Path(__file__).with_name("pp_worker.py")
+    script = Path(__file__).with_name(worker)
     procs = [
         subprocess.Popen(
-            [sys.executable, str(worker), str(work), str(tp), str(pp)],
+            [sys.executable, str(script), str(work), str(tp), str(pp)],
             env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -142,6 +142,18 @@ def test_tp2_pp2_equals_one_process(build, tmp_path: Path):
     _launch(tmp_path, 2, 2)
     got = torch.load(tmp_path / "out0_2x2.pt", weights_only=False)
     _compare(refs[0], got, "tp2 x pp2")
+
+
+def test_every_tensor_handed_to_torch_distributed_is_on_the_communication_device(tmp_path):
+    """NCCL refuses CPU tensors: the pipeline's receive buffers, request headers, step
+    statistics and reductions must be created on the communication device. Checked on two gloo
+    stages with the factories' default device set to ``meta`` inside the pipeline code (see
+    tests/pp_device_worker.py): a tensor made without naming its device is caught."""
+    _launch(tmp_path, 1, 2, worker="pp_device_worker.py")
+    seen = json.loads((tmp_path / "devices.json").read_text())
+    for name in ("isend", "irecv", "broadcast", "all_reduce"):
+        assert seen[name][0] > 0, (name, seen)
+    assert all(devices == ["cpu"] for _, devices in seen.values()), seen
 
 
 def test_bubble_fraction():

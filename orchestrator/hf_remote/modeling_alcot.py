@@ -13,8 +13,12 @@ t' executed step j; a token stops after its last step K_t = max{k : reach_t(k) >
 outputs of tokens that stopped are discarded by the halting weights, so the result equals
 alcot's packed computation (which runs only the active tokens). ``forward`` returns, beside
 the logits, ``depth`` [batch, seq]: the latent steps each position executed. ``generate()``
-works (it recomputes the sequence at each new token; halting is per token as in alcot); set
-``model.config.tau`` / ``model.config.l_max`` to change the test-time budget.
+decodes with a KV cache (:class:`AlcotCache`: per layer, the keys and values of every latent
+step, or every pass, over the positions so far, and which positions executed each step), so a
+new token runs only its own passes; the cached result equals the full forward's. Pause tokens
+have no cache (each new token recomputes the text). Halting is per token as in alcot; set
+``model.config.tau`` / ``model.config.l_max`` to change the test-time budget. Loading with
+``dtype=torch.bfloat16`` keeps the routers in fp32 (``_keep_in_fp32_modules_strict``).
 """
 
 from __future__ import annotations
@@ -34,6 +38,64 @@ from .configuration_alcot import AlcotConfig
 @dataclass
 class AlcotCausalLMOutput(CausalLMOutput):
     depth: torch.LongTensor | None = None
+    cache: object | None = None  # the AlcotCache to continue from (transformers' name)
+
+
+class AlcotCache:
+    """Keys and values of every layer per latent step (per pass for the plain methods) over
+    the positions decoded so far, and per step which positions executed it.
+
+    A forward over new tokens (the prompt, then one token at a time) attends to the cached
+    positions and its own; the new keys are added when it returns (:meth:`commit`)."""
+
+    def __init__(self):
+        self.length = 0
+        self.kv: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.ran: dict[int, torch.Tensor] = {}  # step -> [b, length] bool
+        self.pending: dict = {}
+        self.pending_ran: dict[int, torch.Tensor] = {}
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+    def view(self, layer: int, step: int, steps):
+        return _CacheView(self, layer, step, steps)
+
+    def ran_upto(self, step: int, new: torch.Tensor) -> torch.Tensor:
+        """[b, length + n]: which positions executed ``step`` (the new ones: ``new``)."""
+        self.pending_ran[step] = new
+        old = self.ran.get(step)
+        return new if old is None else torch.cat([old, new], dim=1)
+
+    def commit(self, n: int) -> None:
+        for key, (k, v) in self.pending.items():
+            old = self.kv.get(key)
+            self.kv[key] = (k, v) if old is None else (
+                torch.cat([old[0], k], dim=2), torch.cat([old[1], v], dim=2)
+            )  # fmt: skip
+        for step, r in self.pending_ran.items():
+            old = self.ran.get(step)
+            self.ran[step] = r if old is None else torch.cat([old, r], dim=1)
+        self.pending, self.pending_ran = {}, {}
+        self.length += n
+
+
+class _CacheView:
+    """What one layer's attention of one step sees: the cached and new keys of ``steps``."""
+
+    def __init__(self, cache: AlcotCache, layer: int, step: int, steps):
+        self.cache, self.layer, self.step, self.steps = cache, layer, step, steps
+
+    def extend(self, k, v):
+        c = self.cache
+        c.pending[(self.layer, self.step)] = (k, v)
+        ks, vs = [], []
+        for j in self.steps:
+            old = c.kv.get((self.layer, j))
+            nk, nv = c.pending[(self.layer, j)]
+            ks.append(nk if old is None else torch.cat([old[0], nk], dim=2))
+            vs.append(nv if old is None else torch.cat([old[1], nv], dim=2))
+        return torch.cat(ks, dim=2), torch.cat(vs, dim=2)
 
 
 def _rotate_half(x):
@@ -61,9 +123,12 @@ class Attention(nn.Module):
         q = q.reshape(b, s, self.nh, self.hd).transpose(1, 2)
         k = k.transpose(1, 2)
         v = v.transpose(1, 2)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        if cache is not None:
+        if isinstance(cache, _CacheView):
+            k, v = cache.extend(k, v)
+        elif cache is not None:
             cache.append((k, v))
             k = torch.cat([c[0] for c in cache], dim=2)
             v = torch.cat([c[1] for c in cache], dim=2)
@@ -146,6 +211,13 @@ class AlcotPreTrainedModel(PreTrainedModel):
     base_model_prefix = "alcot"
     _no_split_modules = ["Layer"]
     _supports_cache_class = False
+    # g and halting in fp32, as in alcot (the strict list applies to bf16 too)
+    _keep_in_fp32_modules = ["router", "mor_router"]
+    _keep_in_fp32_modules_strict = ["router", "mor_router"]
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the model brings its own cache (AlcotCache)
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear | nn.Embedding):
@@ -197,17 +269,37 @@ class AlcotForCausalLM(AlcotPreTrainedModel, GenerationMixin):
         return self.head(h).float()
 
     # ------------------------------------------------------------------ forward
-    def forward(self, input_ids, attention_mask=None, labels=None, **kwargs):
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        labels=None,
+        cache=None,
+        past_key_values=None,
+        use_cache=None,
+        **kwargs,
+    ):
+        """``cache`` (or ``past_key_values``): an :class:`AlcotCache` to continue from, with
+        ``input_ids`` the tokens after its positions; ``use_cache`` starts one. The output's
+        ``depth`` and ``logits`` cover ``input_ids``."""
         cfg = self.config
         b, s = input_ids.shape
-        if s > cfg.max_position_embeddings:
-            raise ValueError(f"sequence of {s} tokens exceeds {cfg.max_position_embeddings}")
+        cache = cache if isinstance(cache, AlcotCache) else past_key_values
+        if not isinstance(cache, AlcotCache):
+            cache = AlcotCache() if use_cache and cfg.method != "pause" else None
+        start = 0 if cache is None else cache.length
+        if start + s > cfg.max_position_embeddings:
+            raise ValueError(
+                f"sequence of {start + s} tokens exceeds {cfg.max_position_embeddings}"
+            )
         if cfg.method in ("adaptive", "fixed"):
-            logits, depth = self._latent(input_ids)
+            logits, depth = self._latent(input_ids, cache)
         elif cfg.method == "mor":
-            logits, depth = self._mor(input_ids)
+            logits, depth = self._mor(input_ids, cache)
         else:
-            logits, depth = self._passes(input_ids)
+            logits, depth = self._passes(input_ids, cache)
+        if cache is not None:
+            cache.commit(s)
         loss = None
         if labels is not None:  # transformers' convention: labels are the inputs, shifted here
             loss = F.cross_entropy(
@@ -215,14 +307,38 @@ class AlcotForCausalLM(AlcotPreTrainedModel, GenerationMixin):
                 labels[:, 1:].reshape(-1),
                 ignore_index=-100,
             )
-        return AlcotCausalLMOutput(loss=loss, logits=logits, depth=depth)
+        return AlcotCausalLMOutput(loss=loss, logits=logits, depth=depth, cache=cache)
 
-    def _passes(self, ids):
-        """vanilla / looped / ponder / pause: ordinary causal passes."""
+    def _positions(self, ids, cache):
+        """(positions of ``ids`` [n], rope cos/sin) after the cached positions."""
+        start = 0 if cache is None else cache.length
+        pos = torch.arange(start, start + ids.shape[1], device=ids.device)
+        return pos, self._rope(pos)
+
+    @staticmethod
+    def _visible(pos, ran_full):
+        """[b, n, length + n] bool: key position <= query position and the key executed the
+        step (``ran_full`` [b, length + n])."""
+        kpos = torch.arange(ran_full.shape[1], device=pos.device)
+        return (kpos[None, :] <= pos[:, None])[None] & ran_full[:, None, :]
+
+    def _views(self, cache, step, steps):
+        if cache is None:
+            return None
+        return [cache.view(i, step, steps) for i in range(len(self.block.layers))]
+
+    def _passes(self, ids, cache=None):
+        """vanilla / looped / ponder / pause: ordinary causal passes (pass j attends to pass
+        j's keys: with a cache, those of the cached positions too)."""
         cfg = self.config
         b, s = ids.shape
         emb = self._embed(ids)
         pos = torch.arange(s, device=ids.device)
+        mask = None
+        if cache is not None:
+            pos, _ = self._positions(ids, cache)
+            mask = self._visible(pos, torch.ones(b, cache.length + s, dtype=torch.bool,
+                                                 device=ids.device))[:, None]  # fmt: skip
         if cfg.method == "pause":
             k = cfg.l_max
             scaled = self.pause * cfg.embed_scale if cfg.embed_scale != 1.0 else self.pause
@@ -232,9 +348,9 @@ class AlcotForCausalLM(AlcotPreTrainedModel, GenerationMixin):
             h = self.block(seq, cos, sin).reshape(b, s, k + 1, -1)[:, :, k]
         else:
             cos, sin = self._rope(pos)
-            h = self.block(emb, cos, sin)
+            h = self.block(emb, cos, sin, self._views(cache, 0, [0]), mask)
             u = emb
-            for _ in range(cfg.l_max if cfg.method in ("looped", "ponder") else 0):
+            for j in range(cfg.l_max if cfg.method in ("looped", "ponder") else 0):
                 if cfg.method == "ponder":  # u <- u + s E[p] (published); reset: emb + s E[p]
                     probs = torch.softmax(self._logits(h), dim=-1)
                     e = probs.to(self.embedding.weight.dtype) @ self.embedding.weight
@@ -242,17 +358,20 @@ class AlcotForCausalLM(AlcotPreTrainedModel, GenerationMixin):
                     u = base + (e * cfg.embed_scale if cfg.embed_scale != 1.0 else e)
                 else:
                     u = h
-                h = self.block(u, cos, sin)
+                h = self.block(u, cos, sin, self._views(cache, j + 1, [j + 1]), mask)
         depth = torch.full((b, s), cfg.l_max, dtype=torch.long, device=ids.device)
         return self._logits(h), depth
 
-    def _latent(self, ids):
-        """adaptive / fixed: latent steps with the 2-D mask and per-token halting."""
+    def _latent(self, ids, cache=None):
+        """adaptive / fixed: latent steps with the 2-D mask and per-token halting. With a
+        cache every step runs (a token that stopped is masked out, as in the full forward)."""
         cfg = self.config
         b, s = ids.shape
         dev = ids.device
         pos = torch.arange(s, device=dev)
         cos, sin = self._rope(pos)
+        if cache is not None:
+            pos, (cos, sin) = self._positions(ids, cache)
         causal = (pos[None, :] <= pos[:, None])[None]  # [1, s, s]
         caches = [[] for _ in self.block.layers]
         h_in = self._embed(ids)
@@ -262,11 +381,16 @@ class AlcotForCausalLM(AlcotPreTrainedModel, GenerationMixin):
         mixed_state = None
         mixed_logp = None
         for k in range(cfg.l_max + 1):
-            if not bool(active.any()):
+            if cache is None and not bool(active.any()):
                 break
             ran.append(active)
-            mask = torch.cat([causal & a[:, None, :] for a in ran], dim=-1)[:, None]
-            h_k = self.block(h_in, cos, sin, caches, mask)
+            if cache is None:
+                mask = torch.cat([causal & a[:, None, :] for a in ran], dim=-1)[:, None]
+                h_k = self.block(h_in, cos, sin, caches, mask)
+            else:
+                full = [cache.ran_upto(j, a) for j, a in enumerate(ran)]
+                mask = torch.cat([self._visible(pos, f) for f in full], dim=-1)[:, None]
+                h_k = self.block(h_in, cos, sin, self._views(cache, k, range(k + 1)), mask)
             last = k == cfg.l_max
             zero = torch.zeros_like(r)
             if last:
@@ -297,7 +421,7 @@ class AlcotForCausalLM(AlcotPreTrainedModel, GenerationMixin):
         logits = self._logits(mixed_state) if cfg.mix == "state" else mixed_logp
         return logits, depth
 
-    def _mor(self, ids):
+    def _mor(self, ids, cache=None):
         """Mixture-of-Recursions at inference: step 0 for every token; recursion k for the
         tokens that ran k-1 and whose router probability reaches the threshold, attending to
         the step-k keys of such tokens at positions up to their own; a kept token's state
@@ -307,6 +431,8 @@ class AlcotForCausalLM(AlcotPreTrainedModel, GenerationMixin):
         dev = ids.device
         pos = torch.arange(s, device=dev)
         cos, sin = self._rope(pos)
+        if cache is not None:
+            pos, (cos, sin) = self._positions(ids, cache)
         causal = (pos[None, :] <= pos[:, None])[None]  # [1, s, s]
         eye = torch.eye(s, dtype=torch.bool, device=dev)[None]
         state = self._embed(ids)
@@ -317,12 +443,19 @@ class AlcotForCausalLM(AlcotPreTrainedModel, GenerationMixin):
             if k > 0:
                 logit = self.mor_router(state, k)
                 active = active & (torch.sigmoid(logit) >= cfg.mor_threshold)
-                if not bool(active.any()):
+                if cache is None and not bool(active.any()):
                     break
                 depth = depth + active.long()
             # keys: this step's kept tokens; a dropped query sees itself (its output is unused)
-            mask = ((causal & active[:, None, :]) | eye)[:, None]
-            out = self.block(state, cos, sin, [[] for _ in self.block.layers], mask)
+            if cache is None:
+                mask = ((causal & active[:, None, :]) | eye)[:, None]
+                views = [[] for _ in self.block.layers]
+            else:
+                vis = self._visible(pos, cache.ran_upto(k, active))
+                kpos = torch.arange(vis.shape[-1], device=dev)
+                mask = (vis | (kpos[None, :] == pos[:, None])[None])[:, None]
+                views = self._views(cache, k, [k])
+            out = self.block(state, cos, sin, views, mask)
             if k == 0:
                 state = out
             else:
@@ -332,7 +465,13 @@ class AlcotForCausalLM(AlcotPreTrainedModel, GenerationMixin):
 
     # ------------------------------------------------------------------ generation
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
-        return {"input_ids": input_ids}
+        """With a cache, only the tokens after its positions (one per step after the prompt)."""
+        cache = kwargs.get("cache")
+        cache = cache if isinstance(cache, AlcotCache) else kwargs.get("past_key_values")
+        use = kwargs.get("use_cache", True) is not False and self.config.method != "pause"
+        if isinstance(cache, AlcotCache):
+            return {"input_ids": input_ids[:, cache.length :], "cache": cache, "use_cache": True}
+        return {"input_ids": input_ids, "use_cache": use}
 
     def _reorder_cache(self, past, beam_idx):
         return past
