@@ -68,6 +68,17 @@ class HaltingConfig:
     # True: the router reads sg(h(k)), so the adaptive loss trains the router only, never the
     # backbone (METHOD.md leaves open which); False: its gradient reaches the backbone too
     detach_router_input: bool = False
+    # The router's warm-up (docs/study/router.md). For the first ``router_warmup_frac`` of
+    # training the gate is floored, g <- f + (1 - f) g, with f falling linearly from
+    # ``gate_floor`` to 0, so that tokens keep running latent steps while those states become
+    # useful (a pruned token's weights do not depend on its gate: a router shut early gets no
+    # gradient to re-open). Training only; evaluation and inference use the router as it is.
+    gate_floor: float = 0.0
+    router_warmup_frac: float = 0.0
+    # lambda rises linearly from 0 over this fraction of training  [open]
+    lambda_warmup_frac: float = 0.0
+    # the router's learning rate as a multiple of train.lr (same schedule)
+    router_lr_scale: float = 1.0
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], prefix: str = "model.halting") -> HaltingConfig:
@@ -90,6 +101,16 @@ class HaltingConfig:
             )
         if not (0.0 < self.prior < 1.0):
             raise ConfigError(f"{prefix}.prior", f"must be in (0, 1), got {self.prior}")
+        if not (0.0 <= self.gate_floor < 1.0):
+            raise ConfigError(f"{prefix}.gate_floor", f"must be in [0, 1), got {self.gate_floor}")
+        for name in ("router_warmup_frac", "lambda_warmup_frac"):
+            value = getattr(self, name)
+            if not (0.0 <= value <= 1.0):
+                raise ConfigError(f"{prefix}.{name}", f"must be in [0, 1], got {value}")
+        if not (self.router_lr_scale >= 0):
+            raise ConfigError(
+                f"{prefix}.router_lr_scale", f"must be >= 0, got {self.router_lr_scale}"
+            )
         if self.router_init not in ROUTER_INITS:
             raise ConfigError(
                 f"{prefix}.router_init", f"must be one of {ROUTER_INITS}, got {self.router_init!r}"

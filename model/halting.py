@@ -133,3 +133,18 @@ def adaptive_loss(records: list[StepRecord], cfg: ModelConfig, token_mask: Tenso
                 term = conf * (rec.gate if hc.loss == "gate" else rec.reach_next)
             total = total + torch.where(rec.cont, term, 0.0)
     return (total * token_mask).sum() / token_mask.sum().clamp_min(1.0)
+
+
+def gate_floor(hc, progress: float | None) -> float:
+    """The floor f on the gate at ``progress`` (fraction of training done; None: not training):
+    ``gate_floor`` at the start, falling linearly to 0 at ``router_warmup_frac``."""
+    if progress is None or hc.gate_floor <= 0 or hc.router_warmup_frac <= 0:
+        return 0.0
+    return hc.gate_floor * max(0.0, 1.0 - progress / hc.router_warmup_frac)
+
+
+def lambda_at(hc, progress: float | None) -> float:
+    """lambda at ``progress``: rising linearly from 0 over ``lambda_warmup_frac``."""
+    if progress is None or hc.lambda_warmup_frac <= 0:
+        return hc.lambda_
+    return hc.lambda_ * min(1.0, progress / hc.lambda_warmup_frac)

@@ -161,6 +161,11 @@ _LATER_FIELDS = {
     ("model", "recompute"): "none",
     ("model", "recompute_method"): "uniform",
     ("model", "recompute_num_layers"): 1,
+    # the router's recipe (docs/study/router.md): off at these values
+    ("model", "halting", "gate_floor"): 0.0,
+    ("model", "halting", "router_warmup_frac"): 0.0,
+    ("model", "halting", "lambda_warmup_frac"): 0.0,
+    ("model", "halting", "router_lr_scale"): 1.0,
 }
 
 
@@ -173,6 +178,8 @@ def identity_dict(cfg: RunConfig) -> dict[str, Any]:
             node = node[k]
         if keys in _LOCATION_KEYS or node.get(keys[-1]) == _LATER_FIELDS[keys]:
             node.pop(keys[-1], None)
+        elif keys[:2] == ("model", "halting") and not cfg.model.uses_router:
+            node.pop(keys[-1], None)  # halting does not matter here, whatever its defaults
     return d
 
 
