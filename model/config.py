@@ -60,7 +60,11 @@ class HaltingConfig:
     lambda_: float = 0.01  # weight of the adaptive loss (YAML key: ``lambda``)
     beta: float = 1.0  # exponent on sg(q_t(k)[y_t]) in the correctness-aware loss
     loss: str = "gate"  # gate (default formula) | reach | act | pondernet  [open]
-    init_continue: float = 0.9  # router bias starts at logit(init_continue)
+    # router bias starts at logit(init_continue). 0.4, not METHOD.md's 0.9: with 0.9 the
+    # mixing weights put 73 % of each token on step 3 at the start, which left a 4-layer
+    # model a lasting deficit (docs/study/router.md); with 0.4 every token starts at depth 2
+    # with 60 % of its weight on step 0
+    init_continue: float = 0.4
     prior: float = 0.5  # geometric prior's halting probability, for loss=pondernet
     # router weights: normal (std init_std; g spreads around init_continue, about 0.82-0.94 at
     # d = 512) | zero (every token starts exactly at init_continue)
@@ -77,8 +81,10 @@ class HaltingConfig:
     router_warmup_frac: float = 0.0
     # lambda rises linearly from 0 over this fraction of training  [open]
     lambda_warmup_frac: float = 0.0
-    # the router's learning rate as a multiple of train.lr (same schedule)
-    router_lr_scale: float = 1.0
+    # the router's learning rate as a multiple of train.lr (same schedule). 0.1: at the full
+    # rate Adam moves every router weight by ~lr per step whatever the gradient's size, and the
+    # CE shut the router of a 4-layer model within 40 steps (docs/study/router.md)
+    router_lr_scale: float = 0.1
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], prefix: str = "model.halting") -> HaltingConfig:

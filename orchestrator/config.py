@@ -168,6 +168,10 @@ _LATER_FIELDS = {
     ("model", "halting", "router_lr_scale"): 1.0,
 }
 
+# Halting defaults changed since runs were recorded, at their former values: a model without a
+# router (where halting cannot matter) keeps the identity it had.
+_FORMER_HALTING = {"init_continue": 0.9}
+
 
 def identity_dict(cfg: RunConfig) -> dict[str, Any]:
     d = cfg.to_dict()
@@ -180,6 +184,8 @@ def identity_dict(cfg: RunConfig) -> dict[str, Any]:
             node.pop(keys[-1], None)
         elif keys[:2] == ("model", "halting") and not cfg.model.uses_router:
             node.pop(keys[-1], None)  # halting does not matter here, whatever its defaults
+    if not cfg.model.uses_router:  # nor a default changed since: older identities stay
+        d["model"]["halting"].update(_FORMER_HALTING)
     return d
 
 
