@@ -340,8 +340,8 @@ def train(
         {"params": decay, "weight_decay": tcfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    for is_decay, (ps_, names) in routed.items():
-        if ps_:
+    if router_lr != tcfg.lr:  # on every stage, empty where no router lives: same group layout
+        for is_decay, (ps_, names) in routed.items():
             wd = tcfg.weight_decay if is_decay else 0.0
             groups.append({"params": ps_, "weight_decay": wd, "lr": router_lr})
             opt_names += names
