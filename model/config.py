@@ -66,8 +66,8 @@ class HaltingConfig:
     # with 60 % of its weight on step 0
     init_continue: float = 0.4
     prior: float = 0.5  # geometric prior's halting probability, for loss=pondernet
-    # router weights: normal (std init_std; g spreads around init_continue, about 0.82-0.94 at
-    # d = 512) | zero (every token starts exactly at init_continue)
+    # router weights: normal (std init_std; g spreads around init_continue: w . h has std
+    # init_std sqrt(d) for post-norm h) | zero (every token starts exactly at init_continue)
     router_init: str = "normal"
     # True: the router reads sg(h(k)), so the adaptive loss trains the router only, never the
     # backbone (METHOD.md leaves open which); False: its gradient reaches the backbone too

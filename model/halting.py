@@ -27,8 +27,8 @@ class Router(nn.Module):
     every token starting at depth 2 with tau 0.1, most of its weight on step 0; see
     docs/study/router.md for why not METHOD.md's 0.9).
     ``router_init: normal`` draws the output weights with std ``init_std``, so the first g spread
-    around that value (about 0.82 to 0.94 at d = 512, wider at d = 2048, since w . h has std
-    init_std * sqrt(d) for post-norm h); ``zero`` starts every token exactly at it (the bias
+    around that value (for 0.9: about 0.82 to 0.94 at d = 512, wider at d = 2048, since w . h
+    has std init_std * sqrt(d) for post-norm h); ``zero`` starts every token exactly at it (the bias
     alone; the weights still get gradients, since h is not zero). ``detach_router_input`` feeds
     the router sg(h): then the adaptive loss trains the router only, never the backbone.
     The router is small and replicated on every tensor-parallel rank.
