@@ -4,9 +4,9 @@ sweeps/router_recipe.yaml (study ``router-recipe``).
     .venv/bin/python scripts/router_table.py [--experiment router-recipe] [--tracking-uri URI]
 
 One row per (layers, arm): test perplexity on the whole WikiText-2 test set (the sweep's
-``eval:``), validation perplexity and mean depth at the end of training, each as the mean over
-seeds with the per-seed values, and the ratio of mean test perplexity to vanilla's at the same
-layers.
+``eval:``), validation perplexity and mean depth at the end of training, the test set's mean
+depth, each as the mean over seeds (per-seed values in brackets), and the ratio of mean test
+perplexity to vanilla's at the same layers.
 """
 
 from __future__ import annotations
@@ -56,14 +56,15 @@ def main(argv: list[str] | None = None) -> int:
                 "test": m["eval/wiki.test/ppl"],
                 "val": m.get("val/ppl", float("nan")),
                 "depth": m.get("val/mean_depth", 0.0),
+                "test_depth": m.get("eval/wiki.test/mean_depth", 0.0),
                 "tokens": int(m.get("tokens_seen", 0)),
             }
         )
     print(
         "| layers | tokens | arm | seeds | test ppl (per seed) | / vanilla | val ppl "
-        "| val mean depth (per seed) |"
+        "| val mean depth (per seed) | test mean depth |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for layers in sorted({k[0] for k in groups}, reverse=True):
         van = groups.get((layers, "vanilla"), [])
         ref = statistics.mean(x["test"] for x in van) if van else None
@@ -77,9 +78,11 @@ def main(argv: list[str] | None = None) -> int:
             depths = ", ".join(f"{x['depth']:.2f}" for x in xs)
             val = statistics.mean(x["val"] for x in xs)
             depth = statistics.mean(x["depth"] for x in xs)
+            test_depth = statistics.mean(x["test_depth"] for x in xs)
             print(
                 f"| {layers} | {xs[0]['tokens'] / 1e6:.2f}M | {arm} | {len(xs)} "
-                f"| {test:.2f} ({tests}) | {ratio} | {val:.2f} | {depth:.2f} ({depths}) |"
+                f"| {test:.2f} ({tests}) | {ratio} | {val:.2f} | {depth:.2f} ({depths}) "
+                f"| {test_depth:.2f} |"
             )
     return 0
 
