@@ -60,14 +60,31 @@ class HaltingConfig:
     lambda_: float = 0.01  # weight of the adaptive loss (YAML key: ``lambda``)
     beta: float = 1.0  # exponent on sg(q_t(k)[y_t]) in the correctness-aware loss
     loss: str = "gate"  # gate (default formula) | reach | act | pondernet  [open]
-    init_continue: float = 0.9  # router bias starts at logit(init_continue)
+    # router bias starts at logit(init_continue). 0.4, not METHOD.md's 0.9: with 0.9 the
+    # mixing weights put 73 % of each token on step 3 at the start, which left a 4-layer
+    # model a lasting deficit (docs/study/router.md); with 0.4 every token starts at depth 2
+    # with 60 % of its weight on step 0
+    init_continue: float = 0.4
     prior: float = 0.5  # geometric prior's halting probability, for loss=pondernet
-    # router weights: normal (std init_std; g spreads around init_continue, about 0.82-0.94 at
-    # d = 512) | zero (every token starts exactly at init_continue)
+    # router weights: normal (std init_std; g spreads around init_continue: w . h has std
+    # init_std sqrt(d) for post-norm h) | zero (every token starts exactly at init_continue)
     router_init: str = "normal"
     # True: the router reads sg(h(k)), so the adaptive loss trains the router only, never the
     # backbone (METHOD.md leaves open which); False: its gradient reaches the backbone too
     detach_router_input: bool = False
+    # The router's warm-up (docs/study/router.md). For the first ``router_warmup_frac`` of
+    # training the gate is floored, g <- f + (1 - f) g, with f falling linearly from
+    # ``gate_floor`` to 0, so that tokens keep running latent steps while those states become
+    # useful (a pruned token's weights do not depend on its gate: a router shut early gets no
+    # gradient to re-open). Training only; evaluation and inference use the router as it is.
+    gate_floor: float = 0.0
+    router_warmup_frac: float = 0.0
+    # lambda rises linearly from 0 over this fraction of training  [open]
+    lambda_warmup_frac: float = 0.0
+    # the router's learning rate as a multiple of train.lr (same schedule). 0.1: at the full
+    # rate Adam moves every router weight by ~lr per step whatever the gradient's size, and the
+    # CE shut the router of a 4-layer model within 40 steps (docs/study/router.md)
+    router_lr_scale: float = 0.1
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], prefix: str = "model.halting") -> HaltingConfig:
@@ -90,6 +107,16 @@ class HaltingConfig:
             )
         if not (0.0 < self.prior < 1.0):
             raise ConfigError(f"{prefix}.prior", f"must be in (0, 1), got {self.prior}")
+        if not (0.0 <= self.gate_floor < 1.0):
+            raise ConfigError(f"{prefix}.gate_floor", f"must be in [0, 1), got {self.gate_floor}")
+        for name in ("router_warmup_frac", "lambda_warmup_frac"):
+            value = getattr(self, name)
+            if not (0.0 <= value <= 1.0):
+                raise ConfigError(f"{prefix}.{name}", f"must be in [0, 1], got {value}")
+        if not (self.router_lr_scale >= 0):
+            raise ConfigError(
+                f"{prefix}.router_lr_scale", f"must be >= 0, got {self.router_lr_scale}"
+            )
         if self.router_init not in ROUTER_INITS:
             raise ConfigError(
                 f"{prefix}.router_init", f"must be one of {ROUTER_INITS}, got {self.router_init!r}"

@@ -23,11 +23,12 @@ class Router(nn.Module):
     """Continuation probability from a post-norm hidden state.
 
     ``linear`` (default): one d -> 1 layer shared by all steps; ``per_step``: one per step;
-    ``mlp``: d -> d -> 1 with SiLU. The bias starts at ``logit(init_continue)`` (0.9 by default)
-    so that training does not collapse to zero latent steps before the loss can say otherwise.
+    ``mlp``: d -> d -> 1 with SiLU. The bias starts at ``logit(init_continue)`` (0.4 by default,
+    every token starting at depth 2 with tau 0.1, most of its weight on step 0; see
+    docs/study/router.md for why not METHOD.md's 0.9).
     ``router_init: normal`` draws the output weights with std ``init_std``, so the first g spread
-    around that value (about 0.82 to 0.94 at d = 512, wider at d = 2048, since w . h has std
-    init_std * sqrt(d) for post-norm h); ``zero`` starts every token exactly at it (the bias
+    around that value (for 0.9: about 0.82 to 0.94 at d = 512, wider at d = 2048, since w . h
+    has std init_std * sqrt(d) for post-norm h); ``zero`` starts every token exactly at it (the bias
     alone; the weights still get gradients, since h is not zero). ``detach_router_input`` feeds
     the router sg(h): then the adaptive loss trains the router only, never the backbone.
     The router is small and replicated on every tensor-parallel rank.
@@ -131,3 +132,18 @@ def adaptive_loss(records: list[StepRecord], cfg: ModelConfig, token_mask: Tenso
                 term = conf * (rec.gate if hc.loss == "gate" else rec.reach_next)
             total = total + torch.where(rec.cont, term, 0.0)
     return (total * token_mask).sum() / token_mask.sum().clamp_min(1.0)
+
+
+def gate_floor(hc, progress: float | None) -> float:
+    """The floor f on the gate at ``progress`` (fraction of training done; None: not training):
+    ``gate_floor`` at the start, falling linearly to 0 at ``router_warmup_frac``."""
+    if progress is None or hc.gate_floor <= 0 or hc.router_warmup_frac <= 0:
+        return 0.0
+    return hc.gate_floor * max(0.0, 1.0 - progress / hc.router_warmup_frac)
+
+
+def lambda_at(hc, progress: float | None) -> float:
+    """lambda at ``progress``: rising linearly from 0 over ``lambda_warmup_frac``."""
+    if progress is None or hc.lambda_warmup_frac <= 0:
+        return hc.lambda_
+    return hc.lambda_ * min(1.0, progress / hc.lambda_warmup_frac)

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from .compat import ensure_cpu_compat
 from .config import ModelConfig, count_parameters
 from .flops import Flops, FlopTally, causal_pairs, nominal_flops, paper_flops
-from .halting import Router, StepRecord, adaptive_loss, halting_update
+from .halting import Router, StepRecord, adaptive_loss, gate_floor, halting_update, lambda_at
 from .layers import (
     AttentionState,
     LatentKV,
@@ -65,6 +65,7 @@ class LatentTrace:
 
     ran: list[Tensor]
     hidden: list[Tensor] = field(default_factory=list)
+    records: list[StepRecord] = field(default_factory=list)  # adaptive / fixed: per-step halting
 
 
 @dataclass
@@ -133,6 +134,9 @@ class AlcotModel(nn.Module):
         self.tcfg = transformer_config(cfg, params_dtype)
         self.state = AttentionState()
         self.kv: LatentKV | None = None  # the latent caches, between prefill and decoding
+        # fraction of training done, set by the trainer before each step (None: not training);
+        # the router's warm-up and the lambda warm-up read it (model/halting.py)
+        self.halting_progress: float | None = None
         # Pipeline stage: Megatron's TransformerBlock builds this stage's contiguous layers
         # (get_num_layers_to_build / get_transformer_layer_offset; layer numbers stay global, so
         # each layer's latent cache is keyed as in one process). Embeddings (and pause vectors)
@@ -217,6 +221,13 @@ class AlcotModel(nn.Module):
         if length > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {length} exceeds model.max_seq_len")
         return self.rotary(length)[:, 0, 0, :].to(self.device)
+
+    def _progress(self) -> float | None:
+        return self.halting_progress if self.training else None
+
+    def halting_lambda(self) -> float:
+        """lambda as this forward weighs the adaptive loss (``lambda_warmup_frac``)."""
+        return lambda_at(self.cfg.halting, self._progress())
 
     def _logits(self, hidden: Tensor) -> Tensor:
         """[..., h] -> vocab-parallel logits [..., V/tp] in fp32."""
@@ -533,6 +544,9 @@ class AlcotModel(nn.Module):
             g = None
             if self.router is not None and not last:
                 g = r.new_zeros(b, s).index_put((rows, pos), self.router(out, k))
+                floor = gate_floor(cfg.halting, self._progress())
+                if floor > 0:  # the router's warm-up: g <- f + (1 - f) g
+                    g = floor + (1.0 - floor) * g
                 tally.router(n)
             weight, cont, r_next = halting_update(r, active, g, last, cfg.halting.tau)
             changed = cont is not active  # without a router every token continues
@@ -586,9 +600,9 @@ class AlcotModel(nn.Module):
                 adapt = adaptive_loss(records, cfg, token_mask)
             else:
                 adapt = torch.zeros_like(ce)
-            loss = ce + cfg.halting.lambda_ * adapt
+            loss = ce + self.halting_lambda() * adapt
         flops = self._flops(tally, float(executed), b * s)
-        return ModelOutput(loss, ce, adapt, logits, depth, flops), LatentTrace(ran, states)
+        return ModelOutput(loss, ce, adapt, logits, depth, flops), LatentTrace(ran, states, records)
 
     def _mor_program(self, mb, labels, loss_mask, return_logits, keep_states):
         """Mixture-of-Recursions (``model/mor.py``): step 0 for every token, then recursion k

@@ -321,12 +321,17 @@ def train(
     progress: bool = True,
     log=print,
     resume_from: checkpoints.CheckpointInfo | None | object = FIND,
+    probe=None,
 ) -> TrainResult:
     """Train (or resume) one run. ``data`` is an :class:`alcot.data.PreparedData`.
 
     With ``train.resume: auto`` the run continues from ``resume_from``, by default the newest
     valid checkpoint in ``out_dir`` (a caller that already looked passes what it found, or
-    None, so that checkpoints are not read and checksummed twice)."""
+    None, so that checkpoints are not read and checksummed twice).
+
+    ``probe(step, model, input_ids, labels)``, if given, sees each step's first micro-batch
+    before the step's forward, with the weights the step starts from (one pipeline stage only:
+    ``alcot diagnose --train`` measures the training dynamics with it)."""
     from megatron.core import parallel_state as ps
 
     from .network import AlcotModel
@@ -356,20 +361,29 @@ def train(
     offset = _layer_offset(model)
     gname = {n: global_name(n, offset) for n, _ in model.named_parameters()}
     decay, no_decay, decay_names, no_decay_names = [], [], [], []
+    router_lr = tcfg.lr * (model_cfg.halting.router_lr_scale if model_cfg.uses_router else 1.0)
+    # the router at its own rate (halting.router_lr_scale): its own groups, after the others
+    routed: dict[bool, tuple[list, list]] = {True: ([], []), False: ([], [])}
     for n, p in model.named_parameters():  # matrices decay; norms, biases, embeddings do not
         is_decay = p.dim() >= 2 and "embedding" not in n
+        if router_lr != tcfg.lr and n.startswith("router."):
+            routed[is_decay][0].append(main.main_of(p))
+            routed[is_decay][1].append(gname[n])
+            continue
         (decay if is_decay else no_decay).append(main.main_of(p))
         (decay_names if is_decay else no_decay_names).append(gname[n])
     opt_names = decay_names + no_decay_names  # the optimizer's parameter indices, by name
     main_names = [gname[n] for n, p in model.named_parameters() if main.main_of(p) is not p]
-    opt = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": tcfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=tcfg.lr,
-        betas=(tcfg.beta1, tcfg.beta2),
-    )
+    groups = [
+        {"params": decay, "weight_decay": tcfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if router_lr != tcfg.lr:  # on every stage, empty where no router lives: same group layout
+        for is_decay, (ps_, names) in routed.items():
+            wd = tcfg.weight_decay if is_decay else 0.0
+            groups.append({"params": ps_, "weight_decay": wd, "lr": router_lr})
+            opt_names += names
+    opt = torch.optim.AdamW(groups, lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tcfg))
     # the data's own loader (alcot.data: packed token files, or Megatron-Core's GPTDataset)
     loader = data.train_loader(
@@ -475,6 +489,7 @@ def train(
 
     try:
         for step in range(start + 1, tcfg.steps + 1):
+            model.halting_progress = (step - 1) / tcfg.steps  # the router's warm-ups
             opt.zero_grad(set_to_none=True)
             lr = sched.get_last_lr()[0]
             if pp > 1:
@@ -485,6 +500,8 @@ def train(
             for i in range(tcfg.grad_accum if pp == 1 else 0):
                 x, y = loader.next_batch()
                 x, y = x.to(device), y.to(device)
+                if probe is not None and i == 0:
+                    probe(step, model, x, y)
                 sync = (
                     ddp_model.no_sync()
                     if (dp_world > 1 and i < tcfg.grad_accum - 1)
@@ -544,6 +561,7 @@ def train(
         return TrainResult("failed", step, metrics, msg, last_ckpt_path, resumed_from, hist)
     if bar is not None:
         bar.close()
+    model.halting_progress = None
     counts = count_parameters(model_cfg)
     metrics = dict(metrics)
     metrics["params/non_embedding"] = float(counts["non_embedding"])

@@ -172,7 +172,16 @@ _LATER_FIELDS = {
     ("model", "recompute"): "none",
     ("model", "recompute_method"): "uniform",
     ("model", "recompute_num_layers"): 1,
+    # the router's recipe (docs/study/router.md): off at these values
+    ("model", "halting", "gate_floor"): 0.0,
+    ("model", "halting", "router_warmup_frac"): 0.0,
+    ("model", "halting", "lambda_warmup_frac"): 0.0,
+    ("model", "halting", "router_lr_scale"): 1.0,
 }
+
+# Halting defaults changed since runs were recorded, at their former values: a model without a
+# router (where halting cannot matter) keeps the identity it had.
+_FORMER_HALTING = {"init_continue": 0.9}
 
 
 def identity_dict(cfg: RunConfig) -> dict[str, Any]:
@@ -186,6 +195,10 @@ def identity_dict(cfg: RunConfig) -> dict[str, Any]:
             node = node[k]
         if keys in _LOCATION_KEYS or node.get(keys[-1]) == _LATER_FIELDS[keys]:
             node.pop(keys[-1], None)
+        elif keys[:2] == ("model", "halting") and not cfg.model.uses_router:
+            node.pop(keys[-1], None)  # halting does not matter here, whatever its defaults
+    if not cfg.model.uses_router:  # nor a default changed since: older identities stay
+        d["model"]["halting"].update(_FORMER_HALTING)
     return d
 
 
