@@ -2,7 +2,7 @@
 
 Generates a text corpus of ``--gb`` gigabytes at run time (no download: paragraphs of
 Zipf-distributed pseudo-words with numbers, in 64 MB files), trains a byte-level BPE once on a
-sample of it, then prepares it (``alcot.data.prepare``: stream, tokenise, write Megatron-Core
+sample of it, then prepares it (``alcot.data.preparation``: stream, tokenise, write Megatron-Core
 .bin/.idx shards) twice, each in its own process while this one samples the whole process
 tree's resident memory every 0.1 s:
 
@@ -82,7 +82,7 @@ def generate(folder: Path, gb: float, seed: int = 0) -> int:
 
 def train_tokenizer(folder: Path, out: Path, sample_mb: int = 20) -> Path:
     from alcot.data.config import DataConfig
-    from alcot.data.prepare import _bpe_sample
+    from alcot.data.preparation import _bpe_sample
     from alcot.data.tokenizer import train_bpe
 
     cfg = DataConfig(

@@ -17,9 +17,7 @@ def __getattr__(name):
 
         return PackedLoader
     if name in ("PreparedData", "prepare"):
-        import importlib
+        from . import preparation
 
-        module = importlib.import_module(f"{__name__}.prepare")
-        globals()["prepare"] = module.prepare  # the function, as before (not the module)
-        return getattr(module, name)
+        return getattr(preparation, name)
     raise AttributeError(name)

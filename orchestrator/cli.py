@@ -71,7 +71,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     """Tokenise a run config's corpus into the token cache (Megatron-Core .bin/.idx shards)."""
-    from alcot.data.prepare import check_enough, prepare
+    from alcot.data.preparation import check_enough, prepare
     from alcot.model.typed import ConfigError
 
     from .config import alcot_home, load_run_config

@@ -123,7 +123,7 @@ def find_tokenizer(run_dir: Path, cfg: RunConfig) -> Path:
     own = run_dir / "tokenizer.json"
     if own.exists():
         return own
-    from alcot.data.prepare import prepare
+    from alcot.data.preparation import prepare
 
     try:
         data = prepare(cfg.data, cfg.data.cache_dir or alcot_home() / "cache", log=lambda *_: None)

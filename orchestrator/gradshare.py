@@ -206,7 +206,7 @@ def training_dynamics(
     """Train ``cfg`` (a RunConfig) for ``steps`` steps of its schedule (``train.steps`` stays
     the schedule's length) into ``out_dir``, probing every ``every``-th step (and steps 1-10).
     Returns (probe rows, the trainer's metrics every step); nothing goes to MLflow."""
-    from alcot.data.prepare import check_enough, prepare
+    from alcot.data.preparation import check_enough, prepare
     from alcot.model.training import train
 
     from .config import alcot_home

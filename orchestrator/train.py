@@ -104,7 +104,7 @@ def run_training(
     """
     import torch.distributed as dist
 
-    from alcot.data.prepare import check_enough, prepare
+    from alcot.data.preparation import check_enough, prepare
 
     home = alcot_home()
     h = config_hash(cfg)

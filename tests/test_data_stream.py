@@ -85,7 +85,7 @@ def test_stream_equals_the_in_memory_preparation(tmp_path, workers):
 
 
 def test_interrupted_preparation_continues_where_it_stopped(tmp_path, monkeypatch):
-    prep = importlib.import_module("alcot.data.prepare")
+    prep = importlib.import_module("alcot.data.preparation")
 
     folder = write_corpus(tmp_path / "corpus")
     cfg = DataConfig(
@@ -157,7 +157,7 @@ def test_bpe_trains_on_a_bounded_sample(tmp_path):
         vocab_size=300,
         tokenizer_sample=total // 10,
     )
-    prep = importlib.import_module("alcot.data.prepare")
+    prep = importlib.import_module("alcot.data.preparation")
 
     sample = list(prep._bpe_sample(cfg, {}))
     assert sum(len(d) for d in sample) <= total // 10 + max(len(d) for d in sample)

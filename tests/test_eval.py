@@ -34,7 +34,7 @@ def _val_documents(cfg) -> list[str]:
 def _pick_seq_len(alcot_home, run_dir) -> list[str]:
     """Settings whose validation split is a whole number of sequences, so that the training
     loop's validation (which drops a partial last window) reads every validation token."""
-    from alcot.data.prepare import prepare
+    from alcot.data.preparation import prepare
 
     for docs in range(300, 420, 7):
         cfg = small_run(run_dir, f"data.builtin_documents={docs}")
