@@ -13,6 +13,12 @@
 #            (default /work/shared/data/wikitext-2/wiki.train.tokens, or shared/... here)
 #   DRY=1    the same steps at CPU size (tiny shapes, a step or two): checks the script and
 #            every benchmark's JSON line without a GPU
+#   STEP_TIMEOUT  seconds each benchmark may take (default: no limit); one that runs past it
+#            is recorded as an error and the next one starts
+#   TESTS=0  skip the GPU test files (run last, when pytest is importable)
+# The headline benchmarks (model_speed, train_speed, generate_speed) run first at every size,
+# then the variants (flex kernel, captured decode graph, skip decoding), then the tests: a
+# machine lent for a limited time gets the figures that matter first.
 # Writes OUT_DIR/gpu_check.json = {"device", "torch", "cuda", "transformer_engine", "date",
 # "runs": {"<benchmark>_<size>": the benchmark's JSON line, or {"error": ...}}}, and each
 # benchmark's whole output as OUT_DIR/<benchmark>_<size>.txt. A benchmark that fails is
@@ -93,42 +99,43 @@ run() {  # run NAME COMMAND...: keep the whole output and the last line (the JSO
     local name="$1"
     shift
     echo "== $name: $*" >&2
-    if "$@" >"$out/$name.txt" 2>&1; then
+    if timeout "${STEP_TIMEOUT:-0}" "$@" >"$out/$name.txt" 2>&1; then
         tail -n 1 "$out/$name.txt" >"$out/$name.json"
     else
         echo "{\"error\": \"exit $?, see $name.txt\"}" >"$out/$name.json"
     fi
 }
 
-if [[ "${DRY:-0}" != 1 ]] && "$py" -c "import pytest" 2>/dev/null; then  # the GPU build's tests
-    "$py" -m pytest -q -p no:cacheprovider tests/test_model.py tests/test_generate.py \
-        tests/test_precision.py tests/test_latent_cache.py tests/test_mor.py \
-        tests/test_host_reads.py 2>&1 | tail -5 >"$out/tests.txt" || true
-fi
-
-for size in "${sizes[@]}"; do
+for size in "${sizes[@]}"; do  # the headline figures first
     # shellcheck disable=SC2046
     run "model_speed_$size" "$py" bench/model_speed.py $(shape "$size") --dtype "$dtype" \
         --spec "$spec" $model_steps
+    run "train_speed_$size" "$py" bench/train_speed.py --size "$size" $train_args \
+        --data "$data"
+    # shellcheck disable=SC2046
+    run "generate_speed_$size" "$py" bench/generate_speed.py $(shape "$size") \
+        --dtype "$dtype" $gen_args
+done
+for size in "${sizes[@]}"; do  # then the variants
     if [[ "$flex" == 1 ]]; then
         # shellcheck disable=SC2046
         run "model_speed_flex_$size" "$py" bench/model_speed.py $(shape "$size") \
             --dtype "$dtype" --spec "$spec" --kernel flex $model_steps
-    fi
-    # shellcheck disable=SC2046
-    run "generate_speed_$size" "$py" bench/generate_speed.py $(shape "$size") \
-        --dtype "$dtype" $gen_args
-    # shellcheck disable=SC2046
-    run "generate_speed_skip_$size" "$py" bench/generate_speed.py $(shape "$size") \
-        --dtype "$dtype" $gen_args --decode skip
-    if [[ "$flex" == 1 ]]; then
         # shellcheck disable=SC2046
         run "generate_speed_graph_$size" "$py" bench/generate_speed.py $(shape "$size") \
             --dtype "$dtype" $gen_args --cuda-graph
     fi
-    run "train_speed_$size" "$py" bench/train_speed.py --size "$size" $train_args \
-        --data "$data"
+    # shellcheck disable=SC2046
+    run "generate_speed_skip_$size" "$py" bench/generate_speed.py $(shape "$size") \
+        --dtype "$dtype" $gen_args --decode skip
 done
+
+if [[ "${DRY:-0}" != 1 && "${TESTS:-1}" != 0 ]] && "$py" -c "import pytest" 2>/dev/null; then
+    # the GPU build's tests
+    timeout "${STEP_TIMEOUT:-0}" "$py" -m pytest -q -p no:cacheprovider tests/test_model.py \
+        tests/test_generate.py tests/test_precision.py tests/test_latent_cache.py \
+        tests/test_mor.py tests/test_host_reads.py 2>&1 | tail -5 >"$out/tests.txt" || true
+fi
 
 "$py" - "$out" <<'PY'
 import json, pathlib, sys

@@ -20,6 +20,7 @@ last step to the first; each pass hands its own slots' totals to its keys and va
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -306,6 +307,14 @@ def _kernel(kind: str, q: Tensor, k: Tensor, v: Tensor, p: LatentPass, scale) ->
     return sdpa(q, k, v, attn_mask=p.additive_mask(q.dtype), scale=scale, enable_gqa=gqa)
 
 
+_BACKENDS = {
+    "flash": "FLASH_ATTENTION",
+    "efficient": "EFFICIENT_ATTENTION",
+    "cudnn": "CUDNN_ATTENTION",
+    "math": "MATH",
+}
+
+
 def _cuda_backends():
     """The SDPA backends allowed on CUDA, in order of preference: flash (causal passes, no
     mask), memory-efficient (the latent passes' additive masks), math (anything else).
@@ -313,10 +322,19 @@ def _cuda_backends():
     Why not cuDNN, which PyTorch prefers on Hopper: it builds a kernel plan per new shape (tens
     of ms, forward and backward), and measured on an H200 the adaptive trainer ran 3.5x faster
     with it off (docs/performance.md). Buckets bound the shapes (:class:`LatentKV`), but
-    decoding and evaluation still bring new ones, and flash / efficient need no plan."""
+    decoding and evaluation still bring new ones, and flash / efficient need no plan.
+
+    ``ALCOT_SDPA_BACKENDS`` (a comma list of flash, efficient, cudnn, math, in order of
+    preference) replaces the list, to measure another choice on a given GPU."""
     from torch.nn.attention import SDPBackend
 
-    return [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    names = os.environ.get("ALCOT_SDPA_BACKENDS", "flash,efficient,math")
+    try:
+        return [getattr(SDPBackend, _BACKENDS[n.strip()]) for n in names.split(",") if n.strip()]
+    except KeyError as e:
+        raise ValueError(
+            f"ALCOT_SDPA_BACKENDS: unknown backend {e.args[0]!r} (choose from {sorted(_BACKENDS)})"
+        ) from None
 
 
 def sdpa(q: Tensor, k: Tensor, v: Tensor, **kw) -> Tensor:
