@@ -281,12 +281,17 @@ def train(
     progress: bool = True,
     log=print,
     resume_from: checkpoints.CheckpointInfo | None | object = FIND,
+    fence=None,
 ) -> TrainResult:
     """Train (or resume) one run. ``data`` is an :class:`alcot.data.PreparedData`.
 
     With ``train.resume: auto`` the run continues from ``resume_from``, by default the newest
     valid checkpoint in ``out_dir`` (a caller that already looked passes what it found, or
-    None, so that checkpoints are not read and checksummed twice)."""
+    None, so that checkpoints are not read and checksummed twice).
+
+    ``fence``: a callable "may I still write?" that raises to stop the run; called before each
+    metrics emission and each checkpoint save (the orchestrator backs it with its lease on
+    the run folder, so that a process that lost the folder writes nothing more)."""
     from megatron.core import parallel_state as ps
 
     from alcot.data.loader import PackedLoader
@@ -478,6 +483,8 @@ def train(
             if rank == 0 and (
                 step % tcfg.log_every == 0 or step == tcfg.steps or "val/loss" in metrics
             ):
+                if fence is not None:
+                    fence()
                 for cb in callbacks:
                     cb.on_metrics(step, metrics)
             if bar is not None:
@@ -488,6 +495,8 @@ def train(
                 )
                 bar.update(1)
             if step % tcfg.checkpoint_every == 0 or step == tcfg.steps:
+                if fence is not None:
+                    fence()
                 last_ckpt_path = checkpoint(step)
     except NonFiniteLoss as err:
         if bar is not None:
@@ -504,6 +513,8 @@ def train(
         from alcot.data.loader import eval_batches
 
         batches = eval_batches(data.val_path, data.dtype, seq_len, micro, tcfg.eval_batches)
+        if fence is not None:
+            fence()
         token_depth = write_token_depth(
             model, batches, out_dir / "token_depth.csv", write=rank == 0
         )
