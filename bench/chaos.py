@@ -102,7 +102,7 @@ class Soak:
         self.kinds = args.kinds.split(",") if args.kinds else list(KINDS)
         for kind in self.kinds:
             if kind not in KINDS:
-                raise SystemExit(f"--kinds: unknown fault kind {kind!r} (one of {', '.join(KINDS)})")
+                raise SystemExit(f"--kinds: unknown fault kind {kind!r} (one of {KINDS})")
         self.env = dict(
             os.environ,
             ALCOT_HOME=str(self.home),
