@@ -9,9 +9,10 @@ kinds in a seeded shuffled cycle, so that every kind recurs):
 * ``worker_kill``: SIGKILL of a training trial worker (Tune retries the trial, which resumes);
 * ``driver_kill``: SIGKILL of the sweep driver and its whole embedded Ray, then resubmission;
 * ``server_restart``: the MLflow server stopped for a few seconds, then started again;
-* ``sigstop``: SIGSTOP of a training worker past its lease ttl (``ALCOT_LEASE_TTL``), the driver
-  killed and the sweep resubmitted so that a new worker takes the folder over, then SIGCONT of
-  the frozen one (which must write nothing more: fenced leases);
+* ``sigstop``: SIGSTOP of a training worker past its lease ttl (``ALCOT_LEASE_TTL``) while the
+  sweep is submitted a second time (the first driver goes on) and a worker of the second
+  invocation takes the folder over, then SIGCONT of the frozen one, whose Ray is alive: it must
+  write nothing more (fenced leases), and its trial's retry finds the trial trained;
 * ``truncated_journal``: a worker SIGKILLed and its journal's last line cut short, as a kill
   mid-write leaves it (the step's checkpoint, written after its journal line, is removed too);
 * ``corrupt_checkpoint``: a worker SIGKILLed and its newest checkpoint's weights overwritten
@@ -95,6 +96,7 @@ class Soak:
         self.token = secrets.token_hex(6)  # marks every process a driver starts (its Ray too)
         self.faults: Counter = Counter()
         self.driver: subprocess.Popen | None = None
+        self.others: list[subprocess.Popen] = []  # earlier drivers still running (sigstop)
         self.sweep_path: Path | None = None
         self.rounds: list[Path] = []
         self.submissions = 0
@@ -158,10 +160,12 @@ class Soak:
 
     def kill_driver(self, spare: set[int] = frozenset()) -> None:
         """SIGKILL the driver and every process of its embedded Ray (but ``spare``)."""
-        if self.driver is not None:
-            with contextlib.suppress(ProcessLookupError):
-                self.driver.kill()
-            self.driver.wait()
+        for driver in [*self.others, self.driver]:
+            if driver is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    driver.kill()
+                driver.wait()
+        self.others = []
         for _ in range(3):
             procs = self.ours(spare)
             if not procs:
@@ -227,6 +231,10 @@ class Soak:
         return True
 
     def _sigstop(self) -> bool:
+        """Freeze a training worker past its lease ttl while a second invocation of the sweep
+        (its own driver, as when a sweep is resubmitted while the first still runs) waits for
+        the folder and takes it over; then wake the frozen one, whose Ray is still alive: it
+        must stop at its next write (fenced) and its trial be retried and found trained."""
         from alcot.orchestrator.lease import read_holder
 
         if self.driver is None or self.driver.poll() is not None:
@@ -238,28 +246,23 @@ class Soak:
         before = read_holder(folder)
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGSTOP)
-        log(f"sigstop: pid {pid} ({folder.name}) frozen; driver killed and resubmitted")
-        self.kill_driver(spare={pid})
+        log(f"sigstop: pid {pid} ({folder.name}) frozen; a second driver submitted")
+        self.others.append(self.driver)  # the first driver goes on (its worker frozen)
         self.submit()
-        deadline = time.time() + max(90.0, 4 * TTL)
+        deadline = time.time() + max(120.0, 6 * TTL)
         took_over = False
         while time.time() < deadline:  # until another process has taken the folder over
             holder = read_holder(folder)
             if holder is not None and before and holder.generation > before.generation:
                 took_over = True
                 break
-            if (folder / "run_status.json").exists() and time.time() > deadline - 60:
+            if self.driver.poll() is not None:
                 break
             time.sleep(0.5)
-        time.sleep(self.rng.uniform(0, 3))
+        time.sleep(self.rng.uniform(0, 4))
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
         log(f"sigstop: pid {pid} continued ({'after a takeover' if took_over else 'no takeover'})")
-        # it must stop by itself (fenced, or its Ray is gone); what is left after 20 s is killed
-        with contextlib.suppress(psutil.Error):
-            psutil.Process(pid).wait(20)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
         return True
 
     def _truncated_journal(self) -> bool:
@@ -325,8 +328,11 @@ class Soak:
         next_at = time.time() + self.rng.uniform(2, 6)
         while True:
             now = time.time()
+            self.others = [d for d in self.others if d.poll() is None]
             code = self.driver.poll() if self.driver else None
-            if code is not None:
+            if code is not None and self.others:
+                pass  # an earlier driver still runs: the round ends when it does
+            elif code is not None:
                 if code != 0:
                     log(f"driver exited {code}: resubmitting")
                     self.submit()
