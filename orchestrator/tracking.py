@@ -667,7 +667,7 @@ class _Unreachable(Exception):
 
 
 def folder_tracker(
-    run_dir: Path, uri: str | None = None, tags: dict[str, str] | None = None, log=print
+    run_dir: Path, uri: str | None = None, tags: dict[str, str] | None = None, log=print, fence=None
 ) -> Tracker | None:
     """A Tracker on a run folder that is not training: its own store (or ``uri``), the
     experiment and run name its ``tracking.json`` keeps, existing runs left where they are.
@@ -689,6 +689,7 @@ def folder_tracker(
         tags=tags,
         log=log,
         retag=False,
+        fence=fence,
     )
 
 
@@ -698,11 +699,13 @@ def deliver(
     tags: dict[str, str] | None = None,
     log=print,
     timeout: float | None = None,
+    fence=None,
 ) -> Delivery:
     """Bring a run folder's MLflow run up to date: in its own store, or in ``uri`` (a store
     that does not know the folder gets a new run with everything imported). The run gets the
-    folder's final status once everything is there."""
-    tracker = folder_tracker(run_dir, uri, tags, log)
+    folder's final status once everything is there. ``fence``: the caller's ``Lease.check``
+    (see Tracker)."""
+    tracker = folder_tracker(run_dir, uri, tags, log, fence)
     if tracker is None:
         raise ConfigError(str(run_dir), "no tracking.json here: not a tracked run folder")
     before = tracker.pending()

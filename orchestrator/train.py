@@ -148,7 +148,7 @@ def _train_claimed(cfg, resolved, data, h, out_dir, is_rank0, progress, log, ext
         and resume_from.step >= cfg.train.steps
         and read_status(out_dir) == "FINISHED"
     ):
-        return _finished_before(cfg, out_dir, h, resume_from, log, extra_tags, is_rank0)
+        return _finished_before(cfg, out_dir, h, resume_from, log, extra_tags, is_rank0, claim)
     if cfg.train.resume == "never" and is_rank0:
         set_aside_records(out_dir, log)
     settings = resolved.to_dict()
@@ -285,7 +285,7 @@ def set_aside_records(out_dir: Path, log) -> None:
     log(f"train.resume is never: the folder's earlier records are in {dest}")
 
 
-def _finished_before(cfg, out_dir, h, info, log, extra_tags, is_rank0) -> RunOutcome:
+def _finished_before(cfg, out_dir, h, info, log, extra_tags, is_rank0, claim=None) -> RunOutcome:
     """The folder holds a finished training (another invocation ran it while this one waited,
     or a sweep was resubmitted): deliver what its MLflow run lacks, train nothing."""
     log(f"{out_dir}: already trained to step {info.step}; not training again")
@@ -294,6 +294,7 @@ def _finished_before(cfg, out_dir, h, info, log, extra_tags, is_rank0) -> RunOut
     owed, uri, run_id = Delivery(), None, None
     if cfg.tracking.enabled and is_rank0:
         uri, _ = resolve_uri(cfg.tracking.uri, alcot_home())
-        owed = deliver(out_dir, uri, tags=extra_tags, log=log)
+        fence = claim.check if claim is not None else None
+        owed = deliver(out_dir, uri, tags=extra_tags, log=log, fence=fence)
         run_id = owed.run_id
     return RunOutcome(result, run_id, uri, out_dir, h, owed.complete, owed)
