@@ -232,15 +232,28 @@ def on_finished(
     tracker.log_model(Path(result.checkpoint))
 
 
+def model_problem(checkpoint: Path) -> str | None:
+    """Why ``checkpoint`` can never be logged as a model (it does not verify, or holds
+    tensor-parallel shards), or None."""
+    from alcot.model.checkpoints import verify
+    from alcot.model.reshard import saved_layout
+
+    try:
+        verify(Path(checkpoint))
+        tp, _, _ = saved_layout(Path(checkpoint))
+    except ValueError as err:
+        return str(err)
+    if tp != 1:
+        return f"{checkpoint} holds {tp} tensor-parallel shards; only checkpoints without them"
+    return None
+
+
 def deliver_model(tracker, run_id: str, checkpoint: Path) -> str:
     """Log the folder's model (``checkpoint`` with the folder's ``config.yaml``) on
-    ``run_id`` and tag the run with its URI; called by the Tracker's delivery. Raises
-    ValueError for a checkpoint that does not verify (it cannot be delivered, ever)."""
+    ``run_id`` and tag the run with its URI; called by the Tracker's delivery (which checks
+    :func:`model_problem` first). A store error propagates: the delivery retries."""
     import yaml
 
-    from alcot.model.checkpoints import verify
-
-    verify(checkpoint)
     settings = yaml.safe_load((tracker.run_dir / "config.yaml").read_text())
     uri = log_model(tracker.uri, run_id, checkpoint, settings)
     tracker.client.set_tag(run_id, MODEL_URI_TAG, uri)

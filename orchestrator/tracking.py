@@ -506,14 +506,14 @@ class Tracker:
     def _deliver_model(self, rid: str, checkpoint: Path) -> None:
         """Log a manifest's model entry (``mlflow_meta.deliver_model``); a checkpoint that
         does not verify is a warning and the tag ``alcot.model_error``, not a retry."""
-        from .mlflow_meta import deliver_model
+        from .mlflow_meta import deliver_model, model_problem
 
-        try:
+        problem = model_problem(checkpoint)
+        if problem is None:
             deliver_model(self, rid, checkpoint)
-        except ValueError as err:
-            msg = f"{type(err).__name__}: {err}"
-            self.log(f"warning: could not log the model ({msg})")
-            self.client.set_tag(rid, "alcot.model_error", msg[:5000])
+        else:
+            self.log(f"warning: could not log the model ({problem})")
+            self.client.set_tag(rid, "alcot.model_error", problem[:5000])
 
     def _warn(self, err: BaseException) -> None:
         self._failures += 1

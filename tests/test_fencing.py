@@ -207,3 +207,24 @@ def test_model_and_artifacts_of_a_run_ending_in_an_outage_are_delivered_by_sync(
 class _Hook:
     def __init__(self, fn):
         self.on_metrics = fn
+
+
+def test_a_model_whose_checkpoint_does_not_verify_is_an_error_tag_not_a_retry(tmp_path):
+    from alcot.orchestrator.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run = tmp_path / "run"
+    bad = run / "checkpoints" / "step_00000005"
+    bad.mkdir(parents=True)
+    (bad / "tp0.pt").write_bytes(b"garbage")
+    (bad / "meta.json").write_text('{"step": 5, "files": {"tp0.pt": "0"}}')
+    logs: list[str] = []
+    tracker = Tracker(uri, "tests", run, "badmodel", flush_seconds=0.05, log=logs.append)
+    tracker.on_metrics(1, {"train/loss": 1.0})
+    tracker.log_model(bad)
+    assert tracker.finish("FINISHED", timeout=30)
+    got = open_client(uri).get_run(tracker.run_id)
+    assert got.info.status == "FINISHED"
+    assert "checksum mismatch" in got.data.tags["alcot.model_error"]
+    assert "alcot.model_uri" not in got.data.tags
+    assert any("could not log the model" in line for line in logs), logs
