@@ -188,9 +188,10 @@ class Soak:
                 continue
             with contextlib.suppress(psutil.Error):
                 proc = psutil.Process(holder.pid)
-                if proc.status() != psutil.STATUS_STOPPED and proc.environ().get(
-                    "ALCOT_CHAOS"
-                ) == self.token:
+                if (
+                    proc.status() != psutil.STATUS_STOPPED
+                    and proc.environ().get("ALCOT_CHAOS") == self.token
+                ):
                     out.append((holder.pid, lease.parent))
         return out
 

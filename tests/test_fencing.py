@@ -133,9 +133,7 @@ def server(tmp_path):
 
 
 @pytest.mark.slow
-def test_model_and_artifacts_of_a_run_ending_in_an_outage_are_delivered_by_sync(
-    tmp_path, server
-):
+def test_model_and_artifacts_of_a_run_ending_in_an_outage_are_delivered_by_sync(tmp_path, server):
     """The server is away when the run ends: the model and every artifact stay in the folder's
     manifest; `alcot tracking sync` (server back) logs the model and uploads the artifacts, and
     only then is the run FINISHED."""
