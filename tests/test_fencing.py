@@ -59,6 +59,14 @@ def test_a_woken_holder_renews_before_anyone_took_over(tmp_path):
     a.release()
 
 
+@pytest.fixture
+def server(tmp_path):
+    srv = MlflowServer(tmp_path / "server")
+    srv.root.mkdir()
+    yield srv
+    srv.stop()
+
+
 def train_cmd(run: Path, steps: int) -> list[str]:
     return [
         str(BIN / "alcot"), "train", "configs/train_adaptive.yaml", *SETS,
@@ -76,12 +84,19 @@ def wait_rows(run: Path, n: int, proc: subprocess.Popen, timeout: float = 300) -
 
 
 @pytest.mark.slow
-def test_a_trainer_frozen_past_its_lease_is_replaced_and_writes_nothing_when_it_wakes(tmp_path):
+def test_a_trainer_frozen_past_its_lease_is_replaced_and_writes_nothing_when_it_wakes(
+    tmp_path, server
+):
     """SIGSTOP a trainer past ALCOT_LEASE_TTL, let a second process take the folder over and
     finish, SIGCONT the first: it exits with a clear message before writing again; the journal
-    has each (metric, step) once, every checkpoint loads, the MLflow run is FINISHED, once."""
+    has each (metric, step) once, every checkpoint loads, the MLflow run is FINISHED, once.
+    A tracking server, not the embedded sqlite file: a client frozen mid-transaction would hold
+    the sqlite file's lock, and the second process could deliver nothing until it woke."""
     home, run, steps = tmp_path / "home", tmp_path / "run", 60
-    env = dict(os.environ, ALCOT_HOME=str(home), ALCOT_LEASE_TTL="3")
+    server.start()
+    env = dict(
+        os.environ, ALCOT_HOME=str(home), ALCOT_LEASE_TTL="3", MLFLOW_TRACKING_URI=server.uri
+    )
     first = subprocess.Popen(
         train_cmd(run, steps), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
@@ -112,8 +127,7 @@ def test_a_trainer_frozen_past_its_lease_is_replaced_and_writes_nothing_when_it_
         info = checkpoints.verify(path)
         torch.load(path / "tp0.pt", map_location="cpu", weights_only=True)
         assert info.step % 5 == 0
-    uri = f"sqlite:///{home / 'mlflow.db'}"
-    client = open_client(uri)
+    client = open_client(server.uri)
     exp = client.get_experiment_by_name("tests")
     found = client.search_runs([exp.experiment_id])
     assert len(found) == 1 and found[0].info.status == "FINISHED"
@@ -124,14 +138,6 @@ def test_a_trainer_frozen_past_its_lease_is_replaced_and_writes_nothing_when_it_
 
 
 # ---------------------------------------------------------------------------- delivery
-@pytest.fixture
-def server(tmp_path):
-    srv = MlflowServer(tmp_path / "server")
-    srv.root.mkdir()
-    yield srv
-    srv.stop()
-
-
 @pytest.mark.slow
 def test_model_and_artifacts_of_a_run_ending_in_an_outage_are_delivered_by_sync(tmp_path, server):
     """The server is away when the run ends: the model and every artifact stay in the folder's
