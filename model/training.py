@@ -322,12 +322,17 @@ def train(
     log=print,
     resume_from: checkpoints.CheckpointInfo | None | object = FIND,
     probe=None,
+    fence=None,
 ) -> TrainResult:
     """Train (or resume) one run. ``data`` is an :class:`alcot.data.PreparedData`.
 
     With ``train.resume: auto`` the run continues from ``resume_from``, by default the newest
     valid checkpoint in ``out_dir`` (a caller that already looked passes what it found, or
     None, so that checkpoints are not read and checksummed twice).
+
+    ``fence``: a callable "may I still write?" that raises to stop the run; called before each
+    metrics emission and each checkpoint save (the orchestrator backs it with its lease on
+    the run folder, so that a process that lost the folder writes nothing more).
 
     ``probe(step, model, input_ids, labels)``, if given, sees each step's first micro-batch
     before the step's forward, with the weights the step starts from (one pipeline stage only:
@@ -541,6 +546,8 @@ def train(
                 metrics.update(ev)
                 hist = [ev[f"val/depth_frac_{k}"] for k in range(model_cfg.l_max + 1)]
             if rank == 0 and (log_now or "val/loss" in metrics):
+                if fence is not None:
+                    fence()
                 for cb in callbacks:
                     cb.on_metrics(step, metrics)
             if bar is not None:
@@ -551,6 +558,8 @@ def train(
                 )
                 bar.update(1)
             if ckpt_now:
+                if fence is not None:
+                    fence()
                 last_ckpt_path = checkpoint(step)
             since.update(t=time.perf_counter(), steps=0)
     except NonFiniteLoss as err:
@@ -568,6 +577,8 @@ def train(
     token_depth = None
     if has_token_depth(model_cfg):  # per-token diagnostics for analysis (METHOD.md claim 4)
         batches = data.eval_batches(seq_len, micro, tcfg.eval_batches)
+        if fence is not None:
+            fence()
         token_depth = write_token_depth(
             model, batches, out_dir / "token_depth.csv", write=rank == 0
         )

@@ -45,6 +45,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    from .lease import LeaseLost
     from .train import run_training
 
     try:
@@ -52,6 +53,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     except ConfigError as err:  # problems found while preparing (data path, tracking store)
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except LeaseLost as err:  # frozen past the lease ttl and replaced: the other one goes on
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     res = outcome.result
     print(f"run folder: {outcome.out_dir}")
     if outcome.run_id:

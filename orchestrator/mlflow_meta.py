@@ -27,7 +27,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -216,37 +215,48 @@ def on_data(tracker, data_cfg, prepared) -> None:
 
 def on_finished(
     tracker, cfg, settings: dict, result, log_weights: bool = True, retry_seconds=None
-) -> str | None:
+) -> None:
     """After a finished run: final metrics into its description and, with ``log_weights``, the
-    final weights as an MLflow model. Returns the model URI (None if not logged). Never fatal:
-    the run's metrics and checkpoints are what matter, so a failure is a warning."""
+    final weights as an MLflow model. The model is an entry of the folder's delivery manifest
+    (``artifacts.json``), logged by the run's delivery like any artifact: now if the store
+    answers, else by a later delivery (``alcot tracking sync``, a resubmitted sweep). Never
+    fatal: a model that cannot be logged is a warning and the run tag ``alcot.model_error``.
+    ``retry_seconds`` is unused (the delivery retries); kept for callers."""
     from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
     from .config import flatten
 
     tracker.set_tag(MLFLOW_RUN_NOTE, describe_run(flatten(settings), result.metrics))
     if not log_weights or result.checkpoint is None:
-        return None
-    if tracker.run_id is None:  # the store has not answered since the run started
-        tracker.log("warning: could not log the model (the tracking store is unreachable)")
-        return None
-    from .tracking import patience
+        return
+    tracker.log_model(Path(result.checkpoint))
 
-    # a tracking server restarting: try again, as long as the run's own delivery does
-    deadline = time.time() + (patience() if retry_seconds is None else retry_seconds)
-    while True:
-        try:
-            uri = log_model(tracker.uri, tracker.run_id, result.checkpoint, settings)
-            break
-        except Exception as err:
-            if time.time() < deadline:
-                time.sleep(5)
-                continue
-            msg = f"{type(err).__name__}: {err}"
-            tracker.log(f"warning: could not log the model ({msg})")
-            tracker.set_tag("alcot.model_error", msg)  # visible on the run, also under Ray
-            return None
-    tracker.set_tag(MODEL_URI_TAG, uri)
+
+def model_problem(checkpoint: Path) -> str | None:
+    """Why ``checkpoint`` can never be logged as a model (it does not verify, or holds
+    tensor-parallel shards), or None."""
+    from alcot.model.checkpoints import verify
+    from alcot.model.reshard import saved_layout
+
+    try:
+        verify(Path(checkpoint))
+        tp, _, _ = saved_layout(Path(checkpoint))
+    except ValueError as err:
+        return str(err)
+    if tp != 1:
+        return f"{checkpoint} holds {tp} tensor-parallel shards; only checkpoints without them"
+    return None
+
+
+def deliver_model(tracker, run_id: str, checkpoint: Path) -> str:
+    """Log the folder's model (``checkpoint`` with the folder's ``config.yaml``) on
+    ``run_id`` and tag the run with its URI; called by the Tracker's delivery (which checks
+    :func:`model_problem` first). A store error propagates: the delivery retries."""
+    import yaml
+
+    settings = yaml.safe_load((tracker.run_dir / "config.yaml").read_text())
+    uri = log_model(tracker.uri, run_id, checkpoint, settings)
+    tracker.client.set_tag(run_id, MODEL_URI_TAG, uri)
     return uri
 
 
@@ -336,15 +346,20 @@ def log_model(
         mlflow.set_tracking_uri(tracking_uri)
         try:
             # Through the run as the active run, so that the logged model belongs to the run's
-            # experiment (the UI lists a run's models from there). Leaving the context marks
-            # the run FINISHED; the caller sets the final status afterwards anyway.
-            with mlflow.start_run(run_id=run_id):
+            # experiment (the UI lists a run's models from there). The run is left RUNNING:
+            # its delivery sets the final status once everything else is there too (a run
+            # marked FINISHED early would be skipped by a resubmitted sweep while it still
+            # lacks metrics).
+            mlflow.start_run(run_id=run_id)
+            try:
                 info = mlflow.pyfunc.log_model(
                     name=name,
                     python_model=AlcotLM(),
                     artifacts={"weights": str(weights), "config": str(config)},
                     pip_requirements=reqs,
                 )
+            finally:
+                mlflow.end_run(status="RUNNING")
         finally:
             mlflow.set_tracking_uri(previous)
             if previous_env is None:

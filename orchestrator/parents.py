@@ -14,6 +14,8 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from alcot.model.typed import ConfigError
+
 from .lease import Lease, read_holder
 from .sweep import Sweep
 from .tracking import ensure_experiment, open_client, resolve_uri, retrying
@@ -86,15 +88,23 @@ def open_parent(sweep: Sweep, home: Path, kind: str, log=print) -> Parent:
     """Open this invocation's parent run (after closing the stale ones), holding its lease."""
     uri, artifact_root = resolve_uri(sweep.spec.tracking_uri, home)
     client = open_client(uri)
-    exp_id = ensure_experiment(client, sweep.spec.study, artifact_root)
-    mark_stale_parents(client, exp_id, home, log)
     tags: dict[str, Any] = {
         "alcot.sweep_id": sweep.sweep_id,
         "alcot.kind": kind,
         "alcot.driver_home": str(home),
         "alcot.driver_host": socket.gethostname(),
     }
-    run = client.create_run(exp_id, run_name=f"{kind}-{sweep.sweep_id}", tags=tags)
+
+    def create():
+        exp_id = ensure_experiment(client, sweep.spec.study, artifact_root)
+        mark_stale_parents(client, exp_id, home, log)
+        return client.create_run(exp_id, run_name=f"{kind}-{sweep.sweep_id}", tags=tags)
+
+    # a store restarting as the driver starts: retried (with backoff) like the plan's query,
+    # then a clear error instead of a traceback
+    run = retrying(create, f"open the sweep's parent run in {uri}", log)
+    if run is None:
+        raise ConfigError("tracking.uri", f"cannot reach the tracking store {uri}")
     folder = home / "sweeps" / run.info.run_id
     lease = Lease(folder, label=f"sweep driver {run.info.run_id[:8]}")
     lease.acquire(wait=False)

@@ -234,8 +234,8 @@ def _deliver_trained(todo: list[PlannedTrial], home: Path, parent_id: str, sweep
             "alcot.sweep_id": sweep.sweep_id,
             "alcot.trial": p.trial.hash,
         }
-        with Lease(folder, label="sweep driver delivering") as _:
-            owed = deliver(folder, uri, tags=tags, log=log)
+        with Lease(folder, label="sweep driver delivering") as claim:
+            owed = deliver(folder, uri, tags=tags, log=log, fence=claim.check)
         metrics = results_from_run_dir(p.trial.config.to_dict(), str(home))
         metrics["run_id"] = owed.run_id or ""
         metrics["owed"] = "" if owed.complete else owed.describe()

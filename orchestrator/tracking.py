@@ -44,6 +44,7 @@ from alcot.model.typed import ConfigError
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
+MODEL_URI_TAG = "alcot.model_uri"  # = mlflow_meta.MODEL_URI_TAG (a logged model's URI)
 FOLDER_TAG = "alcot.folder"  # the run folder's id on each of its runs (idempotent creation)
 MAX_BACKOFF = 30.0  # seconds between delivery attempts at most, while the store is away
 
@@ -251,10 +252,24 @@ class Tracker:
         log=print,
         params: dict[str, Any] | None = None,
         retag: bool = True,
+        fence=None,
+        writer: int | None = None,
+        replay_from: int | None = None,
     ):
         """``tags`` go on a new run; on the folder's existing run too when ``retag`` (a sweep
-        resuming the run takes it over), not when only delivering (the run stays where it is)."""
+        resuming the run takes it over), not when only delivering (the run stays where it is).
+
+        ``fence`` (e.g. ``Lease.check``) is called before every write to the folder and every
+        MLflow call, and raises (``LeaseLost``) once the process no longer holds the folder:
+        the tracker then stops for good, writing nothing more (see :meth:`abandon`).
+        ``writer`` (the lease generation) is stamped on each journal row. ``replay_from``: the
+        step training resumed from; a step after it that the journal already holds with the
+        same keys is a replay (exact resume) and is not journalled twice."""
         self.uri, self.log = uri, log
+        self._fence = fence
+        self.fenced: BaseException | None = None
+        self._writer = writer
+        self._replay_from = replay_from
         self.experiment, self.run_name = experiment, run_name
         self.artifact_root = artifact_root
         self.run_dir = Path(run_dir)
@@ -271,6 +286,9 @@ class Tracker:
         self.resumed = False
         self._lock = threading.Lock()
         self._rows: list[dict] = read_journal(self.run_dir)
+        self._journalled: dict[int, set[str]] = {}
+        for row in self._rows:
+            self._journalled.setdefault(row["step"], set()).update(row["metrics"])
         self._cursor = 0  # rows before it were checked against MLflow (sent or present)
         self._have: dict[str, set[int]] = {}
         params_file = self.run_dir / "params.json"
@@ -371,6 +389,8 @@ class Tracker:
                 for key in keys:
                     have[key] = {m.step for m in self.client.get_metric_history(rid, key)}
                 present = self._artifact_paths(rid)
+                if run.data.tags.get(MODEL_URI_TAG):
+                    present |= {self._dest(a) for a in self._artifacts if a.get("kind")}
                 self._uploaded = {
                     i for i, a in enumerate(self._artifacts) if self._dest(a) in present
                 }
@@ -401,7 +421,7 @@ class Tracker:
 
     def _artifact_paths(self, run_id: str) -> set[str]:
         out: set[str] = set()
-        folders = {os.path.dirname(self._dest(a)) for a in self._artifacts}
+        folders = {os.path.dirname(self._dest(a)) for a in self._artifacts if not a.get("kind")}
         for folder in folders:
             for info in self.client.list_artifacts(run_id, folder or None):
                 out.add(info.path)
@@ -409,6 +429,8 @@ class Tracker:
 
     @staticmethod
     def _dest(item: dict) -> str:
+        if item.get("kind") == "model":
+            return f"model from {item['path']}"
         name = Path(item["path"]).name
         return f"{item['artifact_path']}/{name}" if item.get("artifact_path") else name
 
@@ -416,6 +438,8 @@ class Tracker:
         """One pass: connect, then send what MLflow lacks. True when nothing is left."""
         from mlflow.entities import Metric, Param, RunTag
 
+        if not self._may_write():
+            return False
         try:
             self._connect()
             rid = self.run_id
@@ -445,6 +469,7 @@ class Tracker:
                         if row["step"] not in self._have.get(key, ()):
                             todo[key, row["step"]] = Metric(key, float(value), ts, row["step"])
                 if todo:
+                    self._check_fence()
                     self.client.log_batch(rid, metrics=list(todo.values()))
                 with self._lock:
                     for key, step in todo:
@@ -455,7 +480,11 @@ class Tracker:
                     path = Path(item["path"])
                     if not path.is_absolute():
                         path = self.run_dir / path
-                    if path.exists():
+                    if item.get("kind") == "model":
+                        self._check_fence()
+                        self._deliver_model(rid, path)
+                    elif path.exists():
+                        self._check_fence()
                         self.client.log_artifact(rid, str(path), item.get("artifact_path"))
                     else:
                         self.log(f"warning: artifact {path} is gone; not uploaded")
@@ -463,6 +492,8 @@ class Tracker:
         except ConfigError:
             raise
         except Exception as err:
+            if self.fenced is not None:
+                return False
             cause = err.cause if isinstance(err, _Unreachable) else err
             self._warn(cause)
             return False
@@ -471,6 +502,18 @@ class Tracker:
             self._warned = False
         self._failures = 0
         return True
+
+    def _deliver_model(self, rid: str, checkpoint: Path) -> None:
+        """Log a manifest's model entry (``mlflow_meta.deliver_model``); a checkpoint that
+        does not verify is a warning and the tag ``alcot.model_error``, not a retry."""
+        from .mlflow_meta import deliver_model, model_problem
+
+        problem = model_problem(checkpoint)
+        if problem is None:
+            deliver_model(self, rid, checkpoint)
+        else:
+            self.log(f"warning: could not log the model ({problem})")
+            self.client.set_tag(rid, "alcot.model_error", problem[:5000])
 
     def _warn(self, err: BaseException) -> None:
         self._failures += 1
@@ -488,6 +531,37 @@ class Tracker:
     def _loop(self) -> None:
         while not self._stop.wait(self._backoff() if self._failures else self.flush_seconds):
             self._deliver_once()
+            if self.fenced is not None:
+                return
+
+    # ------------------------------------------------------------------ fencing
+    def _check_fence(self) -> None:
+        """Raise if the folder is no longer ours (and remember it: nothing is written after)."""
+        if self.fenced is not None:
+            raise self.fenced
+        if self._fence is None:
+            return
+        try:
+            self._fence()
+        except Exception as err:
+            self.fenced = err
+            raise
+
+    def _may_write(self) -> bool:
+        try:
+            self._check_fence()
+            return True
+        except Exception:
+            return False
+
+    def abandon(self) -> None:
+        """Stop without another write (the folder was taken over): the delivery thread ends,
+        the journal is closed, no status is kept or sent."""
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+        with contextlib.suppress(ValueError, OSError):
+            self._journal.close()
 
     def pending(self) -> Delivery:
         with self._lock:
@@ -511,16 +585,42 @@ class Tracker:
 
     def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
         """Called by the training loop: cheap (a journal line and a list append)."""
+        self._check_fence()
+        if (
+            self._replay_from is not None
+            and step > self._replay_from
+            and set(metrics) <= self._journalled.get(step, set())
+        ):
+            return  # a step re-trained after a resume: journalled (and delivered) once
         row = {"step": step, "metrics": metrics, "time": time.time()}
+        if self._writer is not None:
+            row["writer"] = self._writer
         self._journal.write(json.dumps(row) + "\n")
         with self._lock:
             self._rows.append(row)
+            self._journalled.setdefault(step, set()).update(metrics)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """Record ``path`` as an artifact of the run; it is uploaded with the next delivery."""
+        self._check_fence()
         path = Path(path)
         stored = path.relative_to(self.run_dir) if path.is_relative_to(self.run_dir) else path
         item = {"path": str(stored), "artifact_path": artifact_path}
+        if item not in self._artifacts:
+            self._artifacts.append(item)
+            _write_json(self.run_dir / "artifacts.json", self._artifacts)
+
+    def log_model(self, checkpoint: Path) -> None:
+        """Record the weights in ``checkpoint`` as the run's MLflow model (an entry of the
+        delivery manifest); logged with the next delivery that reaches the store."""
+        self._check_fence()
+        checkpoint = Path(checkpoint)
+        stored = (
+            checkpoint.relative_to(self.run_dir)
+            if checkpoint.is_relative_to(self.run_dir)
+            else checkpoint
+        )
+        item = {"path": str(stored), "artifact_path": None, "kind": "model"}
         if item not in self._artifacts:
             self._artifacts.append(item)
             _write_json(self.run_dir / "artifacts.json", self._artifacts)
@@ -533,13 +633,16 @@ class Tracker:
         self._thread.join()
         with contextlib.suppress(ValueError):
             self._journal.close()
+        self._check_fence()  # a process that lost the folder keeps and sends nothing
         if status is not None:
             _write_json(self.run_dir / "run_status.json", {"status": status})
         deadline = time.time() + (patience() if timeout is None else timeout)
-        while not self._deliver_once() and time.time() < deadline:
+        while not self._deliver_once() and time.time() < deadline and self.fenced is None:
             time.sleep(min(self._backoff(), max(0.0, deadline - time.time())))
+        self._check_fence()
         owed = self.pending()
         if owed.complete and status is not None:
+            self._check_fence()
             try:
                 self.client.set_terminated(self.run_id, status=status)
             except Exception as err:
@@ -564,7 +667,7 @@ class _Unreachable(Exception):
 
 
 def folder_tracker(
-    run_dir: Path, uri: str | None = None, tags: dict[str, str] | None = None, log=print
+    run_dir: Path, uri: str | None = None, tags: dict[str, str] | None = None, log=print, fence=None
 ) -> Tracker | None:
     """A Tracker on a run folder that is not training: its own store (or ``uri``), the
     experiment and run name its ``tracking.json`` keeps, existing runs left where they are.
@@ -586,6 +689,7 @@ def folder_tracker(
         tags=tags,
         log=log,
         retag=False,
+        fence=fence,
     )
 
 
@@ -595,11 +699,13 @@ def deliver(
     tags: dict[str, str] | None = None,
     log=print,
     timeout: float | None = None,
+    fence=None,
 ) -> Delivery:
     """Bring a run folder's MLflow run up to date: in its own store, or in ``uri`` (a store
     that does not know the folder gets a new run with everything imported). The run gets the
-    folder's final status once everything is there."""
-    tracker = folder_tracker(run_dir, uri, tags, log)
+    folder's final status once everything is there. ``fence``: the caller's ``Lease.check``
+    (see Tracker)."""
+    tracker = folder_tracker(run_dir, uri, tags, log, fence)
     if tracker is None:
         raise ConfigError(str(run_dir), "no tracking.json here: not a tracked run folder")
     before = tracker.pending()

@@ -20,7 +20,7 @@ from alcot.model.config import count_parameters
 from alcot.model.training import TrainResult, train
 
 from .config import RunConfig, alcot_home, config_hash, flatten, run_dir
-from .lease import Lease
+from .lease import Lease, LeaseLost
 from .tracking import Delivery, Tracker, deliver, last_metrics, read_status, resolve_uri
 
 
@@ -123,13 +123,18 @@ def run_training(
     if claim is not None:
         claim.acquire(log=log)
     try:
-        return _train_claimed(cfg, resolved, data, h, out_dir, is_rank0, progress, log, extra_tags)
+        return _train_claimed(
+            cfg, resolved, data, h, out_dir, is_rank0, progress, log, extra_tags, claim
+        )
     finally:
         if claim is not None:
             claim.release()
 
 
-def _train_claimed(cfg, resolved, data, h, out_dir, is_rank0, progress, log, extra_tags):
+def _train_claimed(cfg, resolved, data, h, out_dir, is_rank0, progress, log, extra_tags, claim):
+    """Train a claimed folder. Every write to it (journal line, checkpoint, artifact, MLflow
+    call, final status) is fenced by ``claim.check``: once another process has taken the
+    folder over, this one raises LeaseLost before its next write and leaves it alone."""
     import torch.distributed as dist
 
     home = alcot_home()
@@ -143,10 +148,11 @@ def _train_claimed(cfg, resolved, data, h, out_dir, is_rank0, progress, log, ext
         and resume_from.step >= cfg.train.steps
         and read_status(out_dir) == "FINISHED"
     ):
-        return _finished_before(cfg, out_dir, h, resume_from, log, extra_tags, is_rank0)
+        return _finished_before(cfg, out_dir, h, resume_from, log, extra_tags, is_rank0, claim)
     if cfg.train.resume == "never" and is_rank0:
         set_aside_records(out_dir, log)
     settings = resolved.to_dict()
+    fence = claim.check if claim is not None else None
     if cfg.tracking.enabled and is_rank0:
         from . import mlflow_meta
 
@@ -178,6 +184,9 @@ def _train_claimed(cfg, resolved, data, h, out_dir, is_rank0, progress, log, ext
             flush_seconds=cfg.tracking.flush_seconds,
             log=log,
             params=params,
+            fence=fence,
+            writer=claim.generation if claim is not None else None,
+            replay_from=resume_from.step if resume_from is not None else None,
         )
         where = f"run {tracker.run_id}" if tracker.run_id else "a run (created when it answers)"
         log(f"MLflow {where} (experiment {cfg.tracking.experiment!r}, store {uri})")
@@ -185,6 +194,8 @@ def _train_claimed(cfg, resolved, data, h, out_dir, is_rank0, progress, log, ext
     status = "FAILED"
     result = None
     try:
+        if fence is not None:
+            fence()
         (out_dir / "config.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
         if tracker is not None:
             tracker.log_artifact(out_dir / "config.yaml")
@@ -202,6 +213,7 @@ def _train_claimed(cfg, resolved, data, h, out_dir, is_rank0, progress, log, ext
             progress=progress,
             log=log,
             resume_from=resume_from,
+            fence=fence,
         )
         status = "FINISHED" if result.status == "finished" else "FAILED"
         if tracker is not None and result.status != "finished":
@@ -209,6 +221,8 @@ def _train_claimed(cfg, resolved, data, h, out_dir, is_rank0, progress, log, ext
         elif tracker is not None:
             mlflow_meta.on_finished(tracker, cfg, settings, result, cfg.tracking.log_model)
         if result.depth_histogram and tracker:
+            if fence is not None:
+                fence()
             plot = depth_histogram_plot(
                 result.depth_histogram,
                 out_dir / "depth_histogram.png",
@@ -220,14 +234,24 @@ def _train_claimed(cfg, resolved, data, h, out_dir, is_rank0, progress, log, ext
     except KeyboardInterrupt:
         status = "KILLED"
         raise
+    except LeaseLost:
+        status = None  # another process has the folder: nothing more is written here
+        if tracker is not None:
+            tracker.abandon()
+        log("stopped: this process lost the run folder's lease (see the error)")
+        raise
     except Exception as err:
         if tracker is not None:
             tracker.set_tag("alcot.error", f"{type(err).__name__}: {err}")
         raise
     finally:
-        if tracker is not None:
+        if status is None:
+            pass
+        elif tracker is not None:
             tracker.finish(status)
         elif is_rank0:
+            if fence is not None:
+                fence()
             (out_dir / "run_status.json").write_text(json.dumps({"status": status}))
     owed = tracker.owed if tracker else Delivery()
     run_id = tracker.run_id if tracker else None
@@ -261,7 +285,7 @@ def set_aside_records(out_dir: Path, log) -> None:
     log(f"train.resume is never: the folder's earlier records are in {dest}")
 
 
-def _finished_before(cfg, out_dir, h, info, log, extra_tags, is_rank0) -> RunOutcome:
+def _finished_before(cfg, out_dir, h, info, log, extra_tags, is_rank0, claim=None) -> RunOutcome:
     """The folder holds a finished training (another invocation ran it while this one waited,
     or a sweep was resubmitted): deliver what its MLflow run lacks, train nothing."""
     log(f"{out_dir}: already trained to step {info.step}; not training again")
@@ -270,6 +294,7 @@ def _finished_before(cfg, out_dir, h, info, log, extra_tags, is_rank0) -> RunOut
     owed, uri, run_id = Delivery(), None, None
     if cfg.tracking.enabled and is_rank0:
         uri, _ = resolve_uri(cfg.tracking.uri, alcot_home())
-        owed = deliver(out_dir, uri, tags=extra_tags, log=log)
+        fence = claim.check if claim is not None else None
+        owed = deliver(out_dir, uri, tags=extra_tags, log=log, fence=fence)
         run_id = owed.run_id
     return RunOutcome(result, run_id, uri, out_dir, h, owed.complete, owed)

@@ -374,3 +374,25 @@ def test_resume_never_starts_a_new_record(tmp_path):
         assert steps_of(uri, out.run_id, "train/loss") == list(range(1, 11))
     assert [row["step"] for row in read_journal(run_dir)] == list(range(1, 11))
     assert len(list((run_dir / "previous").glob("*/metrics.jsonl"))) == 1
+
+
+def test_a_driver_whose_store_goes_away_before_its_parent_run_says_so(tmp_path, monkeypatch):
+    """The store answered the plan, then went away (a restart) before the parent run was
+    opened: the driver retries for ALCOT_TRACKING_PATIENCE, then a ConfigError naming the
+    store (exit code 2 from the CLI), not a traceback."""
+    from conftest import free_port
+
+    from alcot.orchestrator.parents import open_parent
+    from alcot.orchestrator.sweep import load_sweep
+
+    sweep_path = tmp_path / "s.yaml"
+    dead = f"http://127.0.0.1:{free_port()}"
+    sweep_path.write_text(
+        f"study: away\nbase: {ROOT / 'configs/train_adaptive.yaml'}\ngrid: {{seed: [0]}}\n"
+        f"tracking_uri: {dead}\n"
+    )
+    monkeypatch.setenv("ALCOT_TRACKING_PATIENCE", "1")
+    logs: list[str] = []
+    with pytest.raises(ConfigError, match="cannot reach the tracking store"):
+        open_parent(load_sweep(sweep_path), tmp_path / "home", "sweep", logs.append)
+    assert any("could not open the sweep's parent run" in line for line in logs), logs
