@@ -108,9 +108,13 @@ def cmd_ui(args: argparse.Namespace) -> int:
     print(f"MLflow UI for {uri} at {base}{UI_HOME} (Ctrl-C to stop)", flush=True)
     views = _experiment_views(uri)
     if views:
-        print("experiments (runs by validation perplexity, key settings and metrics):")
+        print(
+            "experiments (runs by validation perplexity, key settings and metrics; charts: "
+            "perplexity vs FLOPs, Pareto, parallel coordinates):"
+        )
     for name, path in views:
         print(f"  {name}: {base}{path}", flush=True)
+        print(f"  {name} charts: {base}{path}&compareRunsMode=CHART", flush=True)
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     return os.spawnve(os.P_WAIT, cmd[0], cmd, env) if os.path.isabs(cmd[0]) else 1
 
@@ -488,6 +492,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
+        return 2
+    import os
+
+    from alcot.model.typed import ConfigError
+
+    from .config import check_uri_credentials
+
+    try:  # the URI is recorded (tracking.json, Ray job env): never with a password in it
+        check_uri_credentials(os.environ.get("MLFLOW_TRACKING_URI"), "MLFLOW_TRACKING_URI")
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     return args.func(args)
 

@@ -56,6 +56,26 @@ def study_slug(name: str) -> str:
     return name.replace("/", "__")
 
 
+def check_uri_credentials(uri: str | None, field_path: str) -> None:
+    """A tracking URI must not carry a password (``https://user:pw@host``, ``postgresql://u:pw@``):
+    alcot records the URI (run params, ``tracking.json``, the Ray job's environment), so the
+    password would be too. MLflow takes it from ``MLFLOW_TRACKING_USERNAME`` /
+    ``MLFLOW_TRACKING_PASSWORD`` (or ``MLFLOW_TRACKING_TOKEN``); PostgreSQL from ``PGPASSWORD`` or
+    ``~/.pgpass``."""
+    from urllib.parse import urlsplit
+
+    try:
+        password = urlsplit(uri).password if uri else None
+    except ValueError:
+        return
+    if password:
+        raise ConfigError(
+            field_path,
+            "holds a password: it would be recorded with every run; put it in "
+            "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (PGPASSWORD for a database)",
+        )
+
+
 @dataclass
 class TrackingConfig:
     """Where runs are recorded. ``uri`` > ``$MLFLOW_TRACKING_URI`` > the embedded default, a
@@ -70,6 +90,7 @@ class TrackingConfig:
 
     def __post_init__(self):
         check_study_name(self.experiment, "tracking.experiment")
+        check_uri_credentials(self.uri, "tracking.uri")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], prefix: str = "tracking") -> TrackingConfig:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from services import ROOT, mlflow_server, postgres
+from services import ROOT, find_secrets, mlflow_server, postgres, run_record_secrets
 
 BIN = Path(sys.executable).parent
 ADMIN_PW = "admin-pw-for-tests-0123"
@@ -234,6 +234,16 @@ def test_sweep_on_postgres_server_survives_a_restart_and_reads_back(tmp_path, mo
             ]
             logged = {a.path for a in client.list_artifacts(parents[0].info.run_id, "analysis")}
             assert "analysis/report.html" in logged
+
+            # no credential in what the sweep recorded: its log, the run folders (journals,
+            # tracking.json, trial logs, Ray's results), the server's artifacts (the sweep's
+            # recorded copy, configs, models), the runs' params and tags, the server's log
+            secrets = [ADMIN_PW, "mlflow-db-pw"]
+            copies = [a.path for a in client.list_artifacts(parents[0].info.run_id)]
+            assert "sweep.yaml" in copies  # the recorded copy is among what is searched
+            written = [tmp_path / "sweep.log", home, artifacts, out, tmp_path / "mlflow.log"]
+            assert not find_secrets(written, secrets), find_secrets(written, secrets)
+            assert not run_record_secrets(client, "pgserver", secrets)
     figures_path = Path(os.environ.get("ALCOT_TEST_ARTIFACTS", tmp_path)) / "server_restart.json"
     figures_path.parent.mkdir(parents=True, exist_ok=True)
     figures_path.write_text(json.dumps(figures, indent=1))

@@ -35,8 +35,26 @@ def test_a_finished_run_shows_what_the_ui_needs(alcot_home, tmp_path):
     view = json.loads(exp.tags["mlflow.sharedViewState.alcot-runs"])
     assert "metrics.`val/ppl`" in view["selectedColumns"]
     assert "params.`model.halting.lambda`" in view["selectedColumns"]
+    # the scaling study's charts in the same view; each names a param or metric a run logs
+    charts = {c["type"]: c for c in view["compareRunCharts"]}
+    assert sorted(charts) == ["LINE", "PARALLEL", "SCATTER"]
+    line = charts["LINE"]
+    assert (line["metricKey"], line["xAxisKey"], line["xAxisScaleType"]) == (
+        "val/ppl",
+        "metric",
+        "log",
+    )
+    assert line["selectedXAxisMetricKey"] == "flops/realised" and not line["useGlobalXaxisKey"]
+    assert charts["SCATTER"]["xaxis"] == {"key": "flops/realised", "type": "METRIC"}
+    assert charts["SCATTER"]["yaxis"] == {"key": "val/ppl", "type": "METRIC"}
+    sections = {s["uuid"] for s in view["compareRunSections"]}
+    assert all(c["metricSectionId"] in sections for c in view["compareRunCharts"])
 
     run = client.get_run(outcome.run_id)
+    parallel = charts["PARALLEL"]
+    assert parallel["selectedParams"] == ["model.size", "model.method", "model.halting.lambda"]
+    assert set(parallel["selectedParams"]) <= set(run.data.params)
+    assert {"val/ppl", "flops/realised"} <= set(run.data.metrics)
     assert run.info.run_name == f"adaptive-tiny-lam0.03-L2-{outcome.config_hash[:6]}"
     tags = run.data.tags
     assert tags["mlflow.source.type"] == "LOCAL"
