@@ -5,7 +5,7 @@ Each simulated trial is an :class:`alcot.orchestrator.tracking.Tracker` on its o
 (journal + background delivery, exactly what a training run uses) fed by a thread that logs, at
 ``--step-rate`` steps per second, what the trainer logs every step (loss terms, grad norm, lr,
 tokens, the four FLOPs counters, throughput, step time: 13 values) and every 50 steps the
-validation metrics (7 more). Trials run as threads in ``--procs`` client processes; PostgreSQL
+validation metrics (8 more). Trials run as threads in ``--procs`` client processes; PostgreSQL
 and the server are started here on 127.0.0.1 (``tests/services.py``, the same as the tests).
 
 For ``--seconds`` the trials log; then each finishes (delivers the rest, marks its run
@@ -77,6 +77,7 @@ def step_metrics(step: int, trial: int) -> dict[str, float]:
     if step % VAL_EVERY == 0:
         m.update({"val/loss": loss + 0.1, "val/ppl": math.exp(loss + 0.1), "val/mean_depth": 1.4})
         m.update({f"val/depth_frac_{k}": 0.25 for k in range(4)})
+        m["flops/realised_log10"] = math.log10(m["flops/realised"])  # mlflow_meta.ScalingMetrics
     return m
 
 
@@ -91,6 +92,7 @@ def client_process(
     from alcot.orchestrator.tracking import Tracker
 
     lags: list[float] = []
+    warnings: list[str] = []  # what the trackers said about the store (first few kept)
     acked_in_window = [0]
     lock = threading.Lock()
     window_end = [math.inf]
@@ -116,7 +118,7 @@ def client_process(
             f"load-trial{i:03d}",
             tags={"alcot.sweep_id": "load", "alcot.kind": "trial"},
             flush_seconds=flush,
-            log=lambda *a: None,
+            log=lambda msg: warnings.append(str(msg)[:300]) if "warning" in str(msg) else None,
             params={"model.size": "nano", "model.method": "adaptive", "trial": i},
         )
         t.client.log_batch = timed(t.client.log_batch)
@@ -168,6 +170,7 @@ def client_process(
         "owed": sum(owed),
         "finished_at": time.time(),
         "runs": {str(t.run_dir): t.run_id for t in trackers},
+        "warnings": warnings[:5],
     }
     Path(out).write_text(json.dumps(result))
 
@@ -221,6 +224,7 @@ def run_load(n: int, args, pg, server, folder: Path) -> dict:
     from alcot.orchestrator.tracking import read_journal
 
     ctx = mp.get_context("spawn")
+    log_start = server.log.stat().st_size if server.log.exists() else 0
     ready, go = ctx.Queue(), ctx.Event()
     stop_at = ctx.Value("d", math.inf)
     experiment = f"load-{n}-{int(time.time())}"
@@ -261,6 +265,13 @@ def run_load(n: int, args, pg, server, folder: Path) -> dict:
                 expected += 1
                 lost += (rid, key, row["step"]) not in stored
     duplicates = sum(c - 1 for c in stored.values() if c > 1)
+    for w in {w for r in results for w in r["warnings"]}:
+        print(f"  trials={n} client: {w}", file=sys.stderr)
+    with open(server.log, errors="replace") as f:
+        f.seek(log_start)
+        errors = [ln for ln in f.read().splitlines() if "ERROR" in ln or "Error" in ln]
+    for line in errors[-5:]:
+        print(f"  trials={n} server: {line[:300]}", file=sys.stderr)
     written = sum(r["written"] for r in results)
     acked = sum(r["acked_in_window"] for r in results)
     return {
@@ -277,6 +288,7 @@ def run_load(n: int, args, pg, server, folder: Path) -> dict:
         "owed_after_finish": sum(r["owed"] for r in results),
         "drain_s": round(done - stop_at.value, 1),
         "postgres_cpu_s": round(pg_cpu, 1),
+        "server_errors": len(errors),
     }
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import getpass
 import json
+import math
 import os
 import subprocess
 import sys
@@ -89,21 +90,40 @@ def view_state() -> dict[str, Any]:
 
 # The charts a scaling study is read by, in the same saved view (its Chart tab, opened directly
 # by ``ui_path(..., charts=True)``). MLflow 3.17 keeps the runs-compare charts of a shared view
-# in ``compareRunCharts`` (one card per chart, the UI's RunsChartsCardConfig fields) and
-# ``compareRunSections``; the cards below are what its chart editor saves for these settings.
-# MLflow adds a card per other logged metric after them (in sections of their own, below ours
-# since ``isAccordionReordered`` keeps the given order).
+# in ``compareRunCharts`` (one card per chart, the fields of the UI's RunsChartsCardConfig
+# classes) and ``compareRunSections``; the cards below are what its chart editor saves for these
+# settings. MLflow adds a card per other logged metric after them, in sections of their own
+# (below ours: ``isAccordionReordered`` keeps the given order).
+#
+# Log-scale FLOPs: MLflow 3.17 draws a line chart's x-axis on a log scale only when the x-axis
+# is the step (``xAxisScaleType`` is ignored for a metric x-axis), and its scatter charts have no
+# log axes at all. So each evaluation also logs ``flops/realised_log10`` (:class:`ScalingMetrics`)
+# and the two FLOPs charts use it as their x-axis: a linear axis over log10 FLOPs.
 CHART_SECTION = "alcot-scaling"
 FLOPS_METRIC = "flops/realised"
+FLOPS_LOG_METRIC = "flops/realised_log10"
 PPL_METRIC = "val/ppl"
 PARALLEL_PARAMS = ("model.size", "model.method", "model.halting.lambda")
 
 
-def _card(uuid: str, kind: str, name: str, **fields) -> dict[str, Any]:
+class ScalingMetrics:
+    """The training callback in front of a run's tracker: rows with a validation perplexity
+    also get ``flops/realised_log10`` (the x-axis of the saved view's FLOPs charts)."""
+
+    def __init__(self, tracker):
+        self.tracker = tracker
+
+    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        flops = metrics.get(FLOPS_METRIC)
+        if PPL_METRIC in metrics and flops is not None and flops > 0:
+            metrics = {**metrics, FLOPS_LOG_METRIC: math.log10(flops)}
+        self.tracker.on_metrics(step, metrics)
+
+
+def _card(uuid: str, kind: str, **fields) -> dict[str, Any]:
     return {
         "uuid": uuid,
         "type": kind,
-        "displayName": name,
         "metricSectionId": CHART_SECTION,
         "runsCountToCompare": 100,
         "deleted": False,
@@ -113,20 +133,19 @@ def _card(uuid: str, kind: str, name: str, **fields) -> dict[str, Any]:
 
 
 def view_charts() -> dict[str, Any]:
-    """The saved view's charts: validation perplexity against realised training FLOPs (the FLOPs
-    metric as x-axis, log scale; every trial a line), final perplexity against final FLOPs (a
-    scatter of the trials: the Pareto view) and size / method / lambda against perplexity
-    (parallel coordinates). All trials are shown (not MLflow's first ten)."""
+    """The saved view's charts: validation perplexity against realised training FLOPs (log10
+    FLOPs as x-axis; every trial a line through its evaluations), final perplexity against
+    final FLOPs (a scatter of the trials: the Pareto view) and size / method / lambda against
+    perplexity (parallel coordinates). All trials are shown (not MLflow's first ten)."""
     line = _card(
         "alcot-ppl-vs-flops",
         "LINE",
-        f"{PPL_METRIC} vs {FLOPS_METRIC}",
         metricKey=PPL_METRIC,
         selectedMetricKeys=[PPL_METRIC],
         xAxisKey="metric",
-        selectedXAxisMetricKey=FLOPS_METRIC,
+        selectedXAxisMetricKey=FLOPS_LOG_METRIC,
         useGlobalXaxisKey=False,
-        xAxisScaleType="log",
+        xAxisScaleType="linear",  # the metric is log10 FLOPs already
         scaleType="linear",
         lineSmoothness=0,
         useGlobalLineSmoothing=False,
@@ -138,14 +157,12 @@ def view_charts() -> dict[str, Any]:
     scatter = _card(
         "alcot-pareto",
         "SCATTER",
-        f"final {PPL_METRIC} vs final {FLOPS_METRIC} (Pareto)",
-        xaxis={"key": FLOPS_METRIC, "type": "METRIC"},
+        xaxis={"key": FLOPS_LOG_METRIC, "type": "METRIC"},
         yaxis={"key": PPL_METRIC, "type": "METRIC"},
     )
     parallel = _card(
         "alcot-parallel",
         "PARALLEL",
-        f"size / method / lambda vs {PPL_METRIC}",
         selectedParams=list(PARALLEL_PARAMS),
         selectedMetrics=[PPL_METRIC],
         showAllRuns=False,
