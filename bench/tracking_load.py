@@ -325,6 +325,18 @@ def main() -> int:
         default=60,
         help="ALCOT_MLFLOW_AUTH_CACHE_SECONDS of serve.sh (0: hash every request)",
     )
+    p.add_argument(
+        "--http-timeout",
+        type=float,
+        default=10.0,
+        help="MLFLOW_HTTP_REQUEST_TIMEOUT of the trials (tracking.py's default: 10)",
+    )
+    p.add_argument(
+        "--pool-size",
+        type=int,
+        default=0,
+        help="MLFLOW_SQLALCHEMYSTORE_POOL_SIZE of the server (0: MLflow's default, 5 + 10)",
+    )
     p.add_argument("--procs", type=int, default=4, help="client processes hosting the trials")
     p.add_argument(
         "--drain",
@@ -336,8 +348,10 @@ def main() -> int:
     for name in ("seconds", "step_rate", "flush"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
-    if args.workers < 1 or args.procs < 1 or args.auth_cache < 0:
-        p.error("--workers and --procs must be >= 1, --auth-cache >= 0")
+    if args.workers < 1 or args.procs < 1 or args.auth_cache < 0 or args.pool_size < 0:
+        p.error("--workers and --procs must be >= 1, --auth-cache and --pool-size >= 0")
+    if args.http_timeout <= 0:
+        p.error("--http-timeout must be positive")
 
     sys.path.insert(0, str(ROOT / "tests"))
     from services import MlflowServer, Postgres  # the tests' real services on 127.0.0.1
@@ -350,7 +364,7 @@ def main() -> int:
     os.environ["MLFLOW_TRACKING_PASSWORD"] = ADMIN_PW
     # as a trial's delivery thread has them (tracking.py), also in the spawned processes
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = f"{args.http_timeout:g}"
     pg = Postgres()
     server = None
     table = []
@@ -368,6 +382,9 @@ def main() -> int:
             ALCOT_MLFLOW_AUTH_CACHE_SECONDS=str(args.auth_cache),
             MLFLOW_WORKERS=str(args.workers),
         )
+        if args.pool_size:
+            env["MLFLOW_SQLALCHEMYSTORE_POOL_SIZE"] = str(args.pool_size)
+            env["MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW"] = str(args.pool_size)
         server = MlflowServer(env, folder / "mlflow.log").start()
         for n in args.trials:
             row = run_load(n, args, pg, server, folder / f"n{n}")
@@ -381,6 +398,7 @@ def main() -> int:
     settings = {
         "seconds": args.seconds, "step_rate": args.step_rate, "flush_seconds": args.flush,
         "workers": args.workers, "auth_cache_seconds": args.auth_cache, "procs": args.procs,
+        "http_timeout": args.http_timeout, "pool_size": args.pool_size or "default",
         "cpus": os.cpu_count(),
     }  # fmt: skip
     print(json.dumps({"settings": settings, "table": table}))

@@ -248,3 +248,27 @@ def test_sweep_on_postgres_server_survives_a_restart_and_reads_back(tmp_path, mo
     figures_path.parent.mkdir(parents=True, exist_ok=True)
     figures_path.write_text(json.dumps(figures, indent=1))
     print(json.dumps(figures, indent=1))
+
+
+@pytest.mark.slow
+def test_load_bench_smoke():
+    """bench/tracking_load.py end to end at a tiny size: its own PostgreSQL and auth server,
+    two simulated trials for a few seconds; the last line has exactly the issue's keys."""
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "bench/tracking_load.py"), "--trials", "2", "--seconds", "4",
+         "--procs", "1", "--drain", "60"],
+        capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    lines = res.stdout.strip().splitlines()
+    last = json.loads(lines[-1])
+    assert list(last) == ["trials", "points_per_s", "p99_delivery_lag_s", "lost", "server_cpu_s"]
+    assert last["trials"] == 2 and last["lost"] == 0 and last["points_per_s"] > 0
+    assert 0 < last["p99_delivery_lag_s"] < 60 and last["server_cpu_s"] > 0
+    table = json.loads(lines[-2])["table"]
+    assert table[0]["journalled"] > 0 and table[0]["duplicates"] == 0
+    bad = subprocess.run(
+        [sys.executable, str(ROOT / "bench/tracking_load.py"), "--trials", "2,x"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "--trials" in bad.stderr

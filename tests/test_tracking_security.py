@@ -9,7 +9,10 @@ not in the process list.
 The sweep test in ``test_infra_mlflow.py`` checks the rest on a real sweep: no credential in its
 logs, run folders, run params and tags, the sweep's recorded copy, or the server's log."""
 
+import contextlib
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -258,3 +261,90 @@ def test_a_tracking_uri_with_a_password_is_refused_before_anything_is_recorded(t
 
     check_uri_credentials("https://mlflow.example.org:5000", "tracking.uri")
     check_uri_credentials("postgresql+psycopg://mlflow@db/mlflow", "tracking.uri")
+
+
+_JOB_PROBE = """
+import json, sys, time
+from ray.job_submission import JobSubmissionClient
+address, job_id = sys.argv[1:]
+jobs = JobSubmissionClient(address)
+deadline = time.time() + 120
+while time.time() < deadline and not jobs.get_job_status(job_id).is_terminal():
+    time.sleep(2)
+if not jobs.get_job_status(job_id).is_terminal():
+    jobs.stop_job(job_id)
+info = jobs.get_job_info(job_id)
+print(json.dumps({"info": {"entrypoint": info.entrypoint, "runtime_env": info.runtime_env,
+                           "metadata": info.metadata}, "logs": jobs.get_job_logs(job_id)},
+                 default=str))
+"""
+
+
+@pytest.mark.slow
+def test_a_submitted_sweep_ships_no_credentials_to_the_ray_job(tmp_path):
+    """``alcot sweep submit`` from a shell holding the tracking credentials: the Ray job's
+    recorded metadata (entrypoint, runtime env, metadata) and its logs do not hold them. A real
+    single-node Ray cluster (head with the job server), stopped by its own process group."""
+    import tempfile
+
+    from services import free_port, wait_for
+
+    secret = "tracking-pw-in-the-shell-0123"
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "sweep.yaml").write_text(
+        "study: shipped\ngrid:\n  model.method: [vanilla]\nbudget: {tokens: 1024}\n"
+    )
+    port, dash = free_port(), free_port()
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # unix socket paths must stay short
+    env = dict(os.environ, ALCOT_HOME=str(tmp_path / "home"), RAY_AUTH_MODE="token",
+               PATH=f"{BIN}:{os.environ['PATH']}")  # fmt: skip
+    env.pop("MLFLOW_TRACKING_PASSWORD", None)
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+         f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         "--include-dashboard=true", "--num-cpus=1", f"--temp-dir={temp}",
+         "--disable-usage-stats"],
+        env=env, stdout=open(tmp_path / "ray.log", "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
+        start_new_session=True,
+    )  # fmt: skip
+    address = f"http://127.0.0.1:{dash}"
+
+    def up() -> bool:  # the job server answers (token auth may refuse an anonymous request)
+        try:
+            return requests.get(address + "/api/version", timeout=2).status_code in (200, 401)
+        except OSError:
+            return False
+
+    try:
+        wait_for(up, 240, "ray head", head, tmp_path / "ray.log")
+        shell = dict(env, MLFLOW_TRACKING_URI="http://127.0.0.1:9",
+                     MLFLOW_TRACKING_USERNAME="alice", MLFLOW_TRACKING_PASSWORD=secret)  # fmt: skip
+        sub = subprocess.run(
+            [str(BIN / "alcot"), "sweep", "submit", "sweep.yaml", "--address", address],
+            cwd=work, env=shell, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert sub.returncode == 0, sub.stdout + sub.stderr
+        job_id = sub.stdout.split("submitted job ")[1].split()[0]
+        # the job as Ray recorded it, read by a client in the cluster's (token) environment
+        probe = subprocess.run(
+            [sys.executable, "-c", _JOB_PROBE, address, job_id],
+            env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert probe.returncode == 0, probe.stdout[-2000:] + probe.stderr[-3000:]
+        job = json.loads(probe.stdout.strip().splitlines()[-1])
+        recorded = json.dumps(job["info"])
+        assert "MLFLOW_TRACKING_URI" in recorded  # what is shipped is recorded here
+        assert secret not in recorded and "MLFLOW_TRACKING_PASSWORD" not in recorded, recorded
+        assert job["logs"] and secret not in job["logs"]
+    finally:
+        import signal
+
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(10)
+        shutil.rmtree(temp, ignore_errors=True)
