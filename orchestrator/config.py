@@ -85,7 +85,9 @@ class TrackingConfig:
     uri: str | None = None
     experiment: str = "alcot"
     run_name: str | None = None
-    flush_seconds: float = 1.0  # metrics are sent in batches from a background thread
+    # metrics are sent in batches from a background thread, one request per interval: every
+    # second, a tracking server collapsed under 64 trials (docs/cluster.md, under load)
+    flush_seconds: float = 5.0
     log_model: bool = True  # a finished run's final weights as an MLflow model (mlflow_meta)
 
     def __post_init__(self):
