@@ -1,8 +1,9 @@
 """The MLflow UI as a user sees it after ``alcot ui``, in a real headless Chromium (Debian's
 ``chromium``, driven by Playwright): the experiment opens in the training-runs view, the trials
 have readable names, key settings and final metrics as columns, their dataset with its digest,
-the code version and their logged model. Screenshots go to ``$ALCOT_TEST_ARTIFACTS/ui`` (CI keeps
-them) or the test's temp folder."""
+the code version and their logged model; the saved view's Chart tab draws the scaling study's
+charts (perplexity against log10 FLOPs, the Pareto scatter, parallel coordinates). Screenshots
+go to ``$ALCOT_TEST_ARTIFACTS/ui`` (CI keeps them) or the test's temp folder."""
 
 import math
 import os
