@@ -339,8 +339,9 @@ def _b64(text: str) -> str:
 
 
 def find_secrets(paths, secrets: list[str]) -> list[str]:
-    """Files under ``paths`` that hold one of ``secrets`` (as text or base64): used by the sweep
-    test in test_infra_mlflow.py on everything the sweep wrote."""
+    """Files under ``paths`` that hold one of ``secrets`` as text or base64 (pass ``user:pw``
+    too to catch a basic-auth header): the sweep test in test_infra_mlflow.py runs it on
+    everything the sweep wrote."""
     needles = [s.encode() for s in secrets] + [_b64(s).encode() for s in secrets]
     hits = []
     for base in paths:

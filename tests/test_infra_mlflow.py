@@ -238,7 +238,7 @@ def test_sweep_on_postgres_server_survives_a_restart_and_reads_back(tmp_path, mo
             # no credential in what the sweep recorded: its log, the run folders (journals,
             # tracking.json, trial logs, Ray's results), the server's artifacts (the sweep's
             # recorded copy, configs, models), the runs' params and tags, the server's log
-            secrets = [ADMIN_PW, "mlflow-db-pw"]
+            secrets = [ADMIN_PW, "mlflow-db-pw", f"admin:{ADMIN_PW}"]
             copies = [a.path for a in client.list_artifacts(parents[0].info.run_id)]
             assert "sweep.yaml" in copies  # the recorded copy is among what is searched
             written = [tmp_path / "sweep.log", home, artifacts, out, tmp_path / "mlflow.log"]

@@ -348,3 +348,19 @@ def test_a_submitted_sweep_ships_no_credentials_to_the_ray_job(tmp_path):
             os.killpg(head.pid, signal.SIGKILL)
             head.wait(10)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_the_secret_search_finds_what_it_looks_for(tmp_path):
+    """The search the sweep test runs over everything a sweep wrote: plain text and base64 (of
+    ``user:password``, a basic-auth header kept somewhere) both count, clean files do not."""
+    import base64
+
+    from services import find_secrets
+
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "plain.json").write_text('{"uri": "http://u:s3cret-pw@h"}')
+    header = base64.b64encode(b"alice:s3cret-pw").decode()
+    (tmp_path / "a" / "hdr.log").write_text(f"Authorization: Basic {header}")
+    (tmp_path / "a" / "clean.txt").write_text("nothing here")
+    found = sorted(Path(p).name for p in find_secrets([tmp_path], ["s3cret-pw", "alice:s3cret-pw"]))
+    assert found == ["hdr.log", "plain.json"]
