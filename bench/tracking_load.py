@@ -1,5 +1,7 @@
-"""The team tracking server under the load of a sweep: N simulated trials deliver their metric
-streams through alcot's own tracking path to ``infra/mlflow/serve.sh`` on PostgreSQL, auth on.
+"""The team tracking server under the load of a sweep (N simulated trials, 8, 32 and 64).
+
+N simulated trials deliver their metric streams through alcot's own tracking path to
+``infra/mlflow/serve.sh`` on PostgreSQL, auth on.
 
 Each simulated trial is an :class:`alcot.orchestrator.tracking.Tracker` on its own run folder
 (journal + background delivery, exactly what a training run uses) fed by a thread that logs, at
@@ -25,7 +27,8 @@ Prints one line per N, then a JSON line with every N's figures and the settings,
 one JSON line with exactly ``trials``, ``points_per_s``, ``p99_delivery_lag_s``, ``lost``,
 ``server_cpu_s`` for the largest N. Not a test: a figure for docs/cluster.md.
 
-    nice -n 10 .venv/bin/python bench/tracking_load.py --trials 8,32,64 --seconds 60
+    nice -n 10 .venv/bin/python bench/tracking_load.py --trials 8,32,64 --seconds 60 \
+        --http-timeout 120    # the settings docs/cluster.md recommends
 """
 
 from __future__ import annotations
@@ -315,8 +318,8 @@ def main() -> int:
     p.add_argument(
         "--flush",
         type=float,
-        default=1.0,
-        help="tracking.flush_seconds of each trial (delivery interval)",
+        default=None,
+        help="tracking.flush_seconds of each trial (default: the run config's default)",
     )
     p.add_argument("--workers", type=int, default=2, help="MLFLOW_WORKERS of serve.sh")
     p.add_argument(
@@ -328,8 +331,9 @@ def main() -> int:
     p.add_argument(
         "--http-timeout",
         type=float,
-        default=10.0,
-        help="MLFLOW_HTTP_REQUEST_TIMEOUT of the trials (tracking.py's default: 10)",
+        default=float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")),
+        help="MLFLOW_HTTP_REQUEST_TIMEOUT of the trials (default: as a trial gets it, 10 s "
+        "unless set in the environment)",
     )
     p.add_argument(
         "--pool-size",
@@ -345,6 +349,10 @@ def main() -> int:
         help="seconds each trial's finish may take to deliver the rest",
     )
     args = p.parse_args()  # fmt: skip
+    if args.flush is None:
+        from alcot.orchestrator.config import TrackingConfig
+
+        args.flush = TrackingConfig().flush_seconds
     for name in ("seconds", "step_rate", "flush"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
