@@ -112,16 +112,17 @@ def cmd_ui(args: argparse.Namespace) -> int:
             "experiments (runs by validation perplexity, key settings and metrics; charts: "
             "perplexity vs FLOPs, Pareto, parallel coordinates):"
         )
-    for name, path in views:
+    for name, path, charts in views:
         print(f"  {name}: {base}{path}", flush=True)
-        print(f"  {name} charts: {base}{path}&compareRunsMode=CHART", flush=True)
+        print(f"  {name} charts: {base}{charts}", flush=True)
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     return os.spawnve(os.P_WAIT, cmd[0], cmd, env) if os.path.isabs(cmd[0]) else 1
 
 
-def _experiment_views(uri: str) -> list[tuple[str, str]]:
-    """(experiment, UI route of alcot's saved view) for the store's alcot experiments: runs
-    sorted by validation perplexity, key settings and final metrics as columns."""
+def _experiment_views(uri: str) -> list[tuple[str, str, str]]:
+    """(experiment, UI routes of alcot's saved view: runs table, charts) for the store's alcot
+    experiments: runs sorted by validation perplexity, key settings and final metrics as
+    columns; the scaling study's charts."""
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():
         return []
     try:
@@ -133,7 +134,7 @@ def _experiment_views(uri: str) -> list[tuple[str, str]]:
     except Exception:  # the UI still starts; the store may be unreadable until then
         return []
     return [
-        (e.name, ui_path(e.experiment_id))
+        (e.name, ui_path(e.experiment_id), ui_path(e.experiment_id, charts=True))
         for e in exps
         if EXPERIMENT_KIND_TAG in e.tags and VIEW_TAG_PREFIX + VIEW_KEY in e.tags
     ]
