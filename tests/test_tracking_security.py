@@ -336,7 +336,7 @@ def test_a_submitted_sweep_ships_no_credentials_to_the_ray_job(tmp_path):
         recorded = json.dumps(job["info"])
         assert "MLFLOW_TRACKING_URI" in recorded  # what is shipped is recorded here
         assert secret not in recorded and "MLFLOW_TRACKING_PASSWORD" not in recorded, recorded
-        assert job["logs"] and secret not in job["logs"]
+        assert secret not in job["logs"]  # (empty if the job was stopped before it printed)
     finally:
         import signal
 
