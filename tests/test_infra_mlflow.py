@@ -256,7 +256,7 @@ def test_load_bench_smoke():
     two simulated trials for a few seconds; the last line has exactly the issue's keys."""
     res = subprocess.run(
         [sys.executable, str(ROOT / "bench/tracking_load.py"), "--trials", "2", "--seconds", "4",
-         "--procs", "1", "--drain", "60"],
+         "--flush", "1", "--procs", "1", "--drain", "60"],
         capture_output=True, text=True, timeout=400,
     )  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
