@@ -143,16 +143,21 @@ def cmd_ui(args: argparse.Namespace) -> int:
     print(f"MLflow UI for {uri} at {base}{UI_HOME} (Ctrl-C to stop)", flush=True)
     views = _experiment_views(uri)
     if views:
-        print("experiments (runs by validation perplexity, key settings and metrics):")
-    for name, path in views:
+        print(
+            "experiments (runs by validation perplexity, key settings and metrics; charts: "
+            "perplexity vs FLOPs, Pareto, parallel coordinates):"
+        )
+    for name, path, charts in views:
         print(f"  {name}: {base}{path}", flush=True)
+        print(f"  {name} charts: {base}{charts}", flush=True)
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     return os.spawnve(os.P_WAIT, cmd[0], cmd, env) if os.path.isabs(cmd[0]) else 1
 
 
-def _experiment_views(uri: str) -> list[tuple[str, str]]:
-    """(experiment, UI route of alcot's saved view) for the store's alcot experiments: runs
-    sorted by validation perplexity, key settings and final metrics as columns."""
+def _experiment_views(uri: str) -> list[tuple[str, str, str]]:
+    """(experiment, UI routes of alcot's saved view: runs table, charts) for the store's alcot
+    experiments: runs sorted by validation perplexity, key settings and final metrics as
+    columns; the scaling study's charts."""
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():
         return []
     try:
@@ -164,7 +169,7 @@ def _experiment_views(uri: str) -> list[tuple[str, str]]:
     except Exception:  # the UI still starts; the store may be unreadable until then
         return []
     return [
-        (e.name, ui_path(e.experiment_id))
+        (e.name, ui_path(e.experiment_id), ui_path(e.experiment_id, charts=True))
         for e in exps
         if EXPERIMENT_KIND_TAG in e.tags and VIEW_TAG_PREFIX + VIEW_KEY in e.tags
     ]
@@ -584,6 +589,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
+        return 2
+    import os
+
+    from alcot.model.typed import ConfigError
+
+    from .config import check_uri_credentials
+
+    try:  # the URI is recorded (tracking.json, Ray job env): never with a password in it
+        check_uri_credentials(os.environ.get("MLFLOW_TRACKING_URI"), "MLFLOW_TRACKING_URI")
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     return args.func(args)
 

@@ -56,6 +56,26 @@ def study_slug(name: str) -> str:
     return name.replace("/", "__")
 
 
+def check_uri_credentials(uri: str | None, field_path: str) -> None:
+    """A tracking URI must not carry a password (``https://user:pw@host``, ``postgresql://u:pw@``):
+    alcot records the URI (run params, ``tracking.json``, the Ray job's environment), so the
+    password would be too. MLflow takes it from ``MLFLOW_TRACKING_USERNAME`` /
+    ``MLFLOW_TRACKING_PASSWORD`` (or ``MLFLOW_TRACKING_TOKEN``); PostgreSQL from ``PGPASSWORD`` or
+    ``~/.pgpass``."""
+    from urllib.parse import urlsplit
+
+    try:
+        password = urlsplit(uri).password if uri else None
+    except ValueError:
+        return
+    if password:
+        raise ConfigError(
+            field_path,
+            "holds a password: it would be recorded with every run; put it in "
+            "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (PGPASSWORD for a database)",
+        )
+
+
 @dataclass
 class TrackingConfig:
     """Where runs are recorded. ``uri`` > ``$MLFLOW_TRACKING_URI`` > the embedded default, a
@@ -65,11 +85,14 @@ class TrackingConfig:
     uri: str | None = None
     experiment: str = "alcot"
     run_name: str | None = None
-    flush_seconds: float = 1.0  # metrics are sent in batches from a background thread
+    # metrics are sent in batches from a background thread, one request per interval: every
+    # second, a tracking server collapsed under 64 trials (docs/cluster.md, under load)
+    flush_seconds: float = 5.0
     log_model: bool = True  # a finished run's final weights as an MLflow model (mlflow_meta)
 
     def __post_init__(self):
         check_study_name(self.experiment, "tracking.experiment")
+        check_uri_credentials(self.uri, "tracking.uri")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], prefix: str = "tracking") -> TrackingConfig:

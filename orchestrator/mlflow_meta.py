@@ -15,7 +15,8 @@ Kept apart from ``tracking.py`` (which moves metrics reliably) so the two change
 * A finished run's final weights are logged as an MLflow model (a pyfunc wrapping
   :class:`AlcotLM`) that loads back with ``mlflow.pyfunc.load_model`` and can be registered.
 * Each experiment also holds a saved UI view (:func:`view_state`, :func:`ui_path`): runs sorted
-  by validation perplexity with the key settings and final metrics as columns.
+  by validation perplexity with the key settings and final metrics as columns, and the scaling
+  study's charts (:func:`view_charts`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import getpass
 import json
+import math
 import os
 import subprocess
 import sys
@@ -81,6 +83,103 @@ def view_state() -> dict[str, Any]:
         "orderByKey": f"metrics.`{KEY_METRICS[0]}`",
         "orderByAsc": True,
         "selectedColumns": columns,
+        **view_charts(),
+    }
+
+
+# The charts a scaling study is read by, in the same saved view (its Chart tab, opened directly
+# by ``ui_path(..., charts=True)``). MLflow 3.17 keeps the runs-compare charts of a shared view
+# in ``compareRunCharts`` (one card per chart, the fields of the UI's RunsChartsCardConfig
+# classes) and ``compareRunSections``; the cards below are what its chart editor saves for these
+# settings. MLflow adds a card per other logged metric after them, in sections of their own
+# (below ours: ``isAccordionReordered`` keeps the given order).
+#
+# Log-scale FLOPs: MLflow 3.17 draws a line chart's x-axis on a log scale only when the x-axis
+# is the step (``xAxisScaleType`` is ignored for a metric x-axis), and its scatter charts have no
+# log axes at all. So each evaluation also logs ``flops/realised_log10`` (:class:`ScalingMetrics`)
+# and the two FLOPs charts use it as their x-axis: a linear axis over log10 FLOPs.
+CHART_SECTION = "alcot-scaling"
+FLOPS_METRIC = "flops/realised"
+FLOPS_LOG_METRIC = "flops/realised_log10"
+PPL_METRIC = "val/ppl"
+PARALLEL_PARAMS = ("model.size", "model.method", "model.halting.lambda")
+
+
+class ScalingMetrics:
+    """The training callback in front of a run's tracker: rows with a validation perplexity
+    also get ``flops/realised_log10`` (the x-axis of the saved view's FLOPs charts)."""
+
+    def __init__(self, tracker):
+        self.tracker = tracker
+
+    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        flops = metrics.get(FLOPS_METRIC)
+        if PPL_METRIC in metrics and flops is not None and flops > 0:
+            metrics = {**metrics, FLOPS_LOG_METRIC: math.log10(flops)}
+        self.tracker.on_metrics(step, metrics)
+
+
+def _card(uuid: str, kind: str, **fields) -> dict[str, Any]:
+    return {
+        "uuid": uuid,
+        "type": kind,
+        "metricSectionId": CHART_SECTION,
+        "runsCountToCompare": 100,
+        "deleted": False,
+        "isGenerated": False,
+        **fields,
+    }
+
+
+def view_charts() -> dict[str, Any]:
+    """The saved view's charts: validation perplexity against realised training FLOPs (log10
+    FLOPs as x-axis; every trial a line through its evaluations), final perplexity against
+    final FLOPs (a scatter of the trials: the Pareto view) and size / method / lambda against
+    perplexity (parallel coordinates). All trials are shown (not MLflow's first ten)."""
+    line = _card(
+        "alcot-ppl-vs-flops",
+        "LINE",
+        metricKey=PPL_METRIC,
+        selectedMetricKeys=[PPL_METRIC],
+        xAxisKey="metric",
+        selectedXAxisMetricKey=FLOPS_LOG_METRIC,
+        useGlobalXaxisKey=False,
+        xAxisScaleType="linear",  # the metric is log10 FLOPs already
+        scaleType="linear",
+        lineSmoothness=0,
+        useGlobalLineSmoothing=False,
+        yAxisKey="metric",
+        yAxisExpressions=[],
+        ignoreOutliers=False,
+        range={},
+    )
+    scatter = _card(
+        "alcot-pareto",
+        "SCATTER",
+        xaxis={"key": FLOPS_LOG_METRIC, "type": "METRIC"},
+        yaxis={"key": PPL_METRIC, "type": "METRIC"},
+    )
+    parallel = _card(
+        "alcot-parallel",
+        "PARALLEL",
+        selectedParams=list(PARALLEL_PARAMS),
+        selectedMetrics=[PPL_METRIC],
+        showAllRuns=False,
+    )
+    section = {
+        "uuid": CHART_SECTION,
+        "name": "Scaling study",
+        "display": True,
+        "isReordered": True,
+        "deleted": False,
+        "isGenerated": False,
+    }
+    return {
+        "compareRunCharts": [line, scatter, parallel],
+        "compareRunSections": [section],
+        "isAccordionReordered": True,
+        "runsHiddenMode": "SHOW_ALL",
+        "hideEmptyCharts": True,
     }
 
 
@@ -91,9 +190,11 @@ WORKFLOW = "workflowType=machine_learning"
 UI_HOME = f"/#/experiments?{WORKFLOW}"
 
 
-def ui_path(experiment_id: str) -> str:
-    """The UI route (after the server's address) that opens ``experiment_id`` in alcot's view."""
-    return f"/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}&{WORKFLOW}"
+def ui_path(experiment_id: str, charts: bool = False) -> str:
+    """The UI route (after the server's address) that opens ``experiment_id`` in alcot's view:
+    its runs table, or with ``charts`` its Chart tab (:func:`view_charts`)."""
+    mode = "&compareRunsMode=CHART" if charts else ""
+    return f"/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}&{WORKFLOW}{mode}"
 
 
 # ------------------------------------------------------------------------------ run names

@@ -208,7 +208,7 @@ def _train_claimed(cfg, resolved, data, h, out_dir, is_rank0, progress, log, ext
             cfg.seed,
             out_dir,
             cfg.data.seq_len,
-            callbacks=[tracker] if tracker else [],
+            callbacks=[mlflow_meta.ScalingMetrics(tracker)] if tracker else [],
             run_meta={"config_hash": h},
             progress=progress,
             log=log,

@@ -9,8 +9,10 @@ test fails, so CI cannot pass by skipping.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import glob
+import json
 import os
 import shutil
 import signal
@@ -329,3 +331,43 @@ def slurm_cluster():
         yield cluster.start()
     finally:
         cluster.stop()
+
+
+# ------------------------------------------------------------------------------ secrets
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def find_secrets(paths, secrets: list[str]) -> list[str]:
+    """Files under ``paths`` that hold one of ``secrets`` as text or base64 (pass ``user:pw``
+    too to catch a basic-auth header): the sweep test in test_infra_mlflow.py runs it on
+    everything the sweep wrote."""
+    needles = [s.encode() for s in secrets] + [_b64(s).encode() for s in secrets]
+    hits = []
+    for base in paths:
+        base = Path(base)
+        files = [base] if base.is_file() else [p for p in base.rglob("*") if p.is_file()]
+        for f in files:
+            try:
+                data = f.read_bytes()
+            except OSError:
+                continue
+            if any(n in data for n in needles):
+                hits.append(str(f))
+    return hits
+
+
+def run_record_secrets(client, experiment: str, secrets: list[str]) -> list[str]:
+    """Params and tags of every run of ``experiment`` (and the experiment's tags) that hold one
+    of ``secrets``."""
+    exp = client.get_experiment_by_name(experiment)
+    found = [f"experiment tag {k}" for k, v in exp.tags.items() if any(s in v for s in secrets)]
+    for r in client.search_runs([exp.experiment_id]):
+        data = {**r.data.params, **r.data.tags}
+        found += [
+            f"{r.info.run_name}: {k}" for k, v in data.items() if any(s in str(v) for s in secrets)
+        ]
+        found += [
+            f"{r.info.run_name}: run info" for s in secrets if s in json.dumps(r.to_dictionary())
+        ]
+    return found

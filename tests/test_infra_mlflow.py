@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from services import ROOT, mlflow_server, postgres
+from services import ROOT, find_secrets, mlflow_server, postgres, run_record_secrets
 
 BIN = Path(sys.executable).parent
 ADMIN_PW = "admin-pw-for-tests-0123"
@@ -234,7 +234,41 @@ def test_sweep_on_postgres_server_survives_a_restart_and_reads_back(tmp_path, mo
             ]
             logged = {a.path for a in client.list_artifacts(parents[0].info.run_id, "analysis")}
             assert "analysis/report.html" in logged
+
+            # no credential in what the sweep recorded: its log, the run folders (journals,
+            # tracking.json, trial logs, Ray's results), the server's artifacts (the sweep's
+            # recorded copy, configs, models), the runs' params and tags, the server's log
+            secrets = [ADMIN_PW, "mlflow-db-pw", f"admin:{ADMIN_PW}"]
+            copies = [a.path for a in client.list_artifacts(parents[0].info.run_id)]
+            assert "sweep.yaml" in copies  # the recorded copy is among what is searched
+            written = [tmp_path / "sweep.log", home, artifacts, out, tmp_path / "mlflow.log"]
+            assert not find_secrets(written, secrets), find_secrets(written, secrets)
+            assert not run_record_secrets(client, "pgserver", secrets)
     figures_path = Path(os.environ.get("ALCOT_TEST_ARTIFACTS", tmp_path)) / "server_restart.json"
     figures_path.parent.mkdir(parents=True, exist_ok=True)
     figures_path.write_text(json.dumps(figures, indent=1))
     print(json.dumps(figures, indent=1))
+
+
+@pytest.mark.slow
+def test_load_bench_smoke():
+    """bench/tracking_load.py end to end at a tiny size: its own PostgreSQL and auth server,
+    two simulated trials for a few seconds; the last line has exactly the issue's keys."""
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "bench/tracking_load.py"), "--trials", "2", "--seconds", "4",
+         "--flush", "1", "--procs", "1", "--drain", "60"],
+        capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    lines = res.stdout.strip().splitlines()
+    last = json.loads(lines[-1])
+    assert list(last) == ["trials", "points_per_s", "p99_delivery_lag_s", "lost", "server_cpu_s"]
+    assert last["trials"] == 2 and last["lost"] == 0 and last["points_per_s"] > 0
+    assert 0 < last["p99_delivery_lag_s"] < 60 and last["server_cpu_s"] > 0
+    table = json.loads(lines[-2])["table"]
+    assert table[0]["journalled"] > 0 and table[0]["duplicates"] == 0
+    bad = subprocess.run(
+        [sys.executable, str(ROOT / "bench/tracking_load.py"), "--trials", "2,x"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "--trials" in bad.stderr

@@ -35,8 +35,30 @@ def test_a_finished_run_shows_what_the_ui_needs(alcot_home, tmp_path):
     view = json.loads(exp.tags["mlflow.sharedViewState.alcot-runs"])
     assert "metrics.`val/ppl`" in view["selectedColumns"]
     assert "params.`model.halting.lambda`" in view["selectedColumns"]
+    # the scaling study's charts in the same view; each names a param or metric a run logs
+    charts = {c["type"]: c for c in view["compareRunCharts"]}
+    assert sorted(charts) == ["LINE", "PARALLEL", "SCATTER"]
+    line = charts["LINE"]
+    assert (line["metricKey"], line["xAxisKey"]) == ("val/ppl", "metric")
+    assert (
+        line["selectedXAxisMetricKey"] == "flops/realised_log10" and not line["useGlobalXaxisKey"]
+    )
+    assert charts["SCATTER"]["xaxis"] == {"key": "flops/realised_log10", "type": "METRIC"}
+    assert charts["SCATTER"]["yaxis"] == {"key": "val/ppl", "type": "METRIC"}
+    sections = {s["uuid"] for s in view["compareRunSections"]}
+    assert all(c["metricSectionId"] in sections for c in view["compareRunCharts"])
 
     run = client.get_run(outcome.run_id)
+    parallel = charts["PARALLEL"]
+    assert parallel["selectedParams"] == ["model.size", "model.method", "model.halting.lambda"]
+    assert set(parallel["selectedParams"]) <= set(run.data.params)
+    assert {"val/ppl", "flops/realised"} <= set(run.data.metrics)
+    # log10 FLOPs (the charts' x-axis) at every evaluation, the same steps as val/ppl
+    ppl = {m.step for m in client.get_metric_history(outcome.run_id, "val/ppl")}
+    flops = {m.step: m.value for m in client.get_metric_history(outcome.run_id, "flops/realised")}
+    log10 = client.get_metric_history(outcome.run_id, "flops/realised_log10")
+    assert {m.step for m in log10} == ppl and len(ppl) >= 2
+    assert all(abs(m.value - np.log10(flops[m.step])) < 1e-9 for m in log10)
     assert run.info.run_name == f"adaptive-tiny-lam0.03-L2-{outcome.config_hash[:6]}"
     tags = run.data.tags
     assert tags["mlflow.source.type"] == "LOCAL"

@@ -1,9 +1,11 @@
 """The MLflow UI as a user sees it after ``alcot ui``, in a real headless Chromium (Debian's
 ``chromium``, driven by Playwright): the experiment opens in the training-runs view, the trials
 have readable names, key settings and final metrics as columns, their dataset with its digest,
-the code version and their logged model. Screenshots go to ``$ALCOT_TEST_ARTIFACTS/ui`` (CI keeps
-them) or the test's temp folder."""
+the code version and their logged model; the saved view's Chart tab draws the scaling study's
+charts (perplexity against log10 FLOPs, the Pareto scatter, parallel coordinates). Screenshots
+go to ``$ALCOT_TEST_ARTIFACTS/ui`` (CI keeps them) or the test's temp folder."""
 
+import math
 import os
 import re
 import shutil
@@ -108,10 +110,13 @@ def test_alcot_ui_in_a_real_browser(tmp_path):
         home_url = re.search(r"MLflow UI for \S+ at (http://\S+)", log.read_text()).group(1)
         assert home_url.endswith("#/experiments?workflowType=machine_learning")
         assert "viewStateShareKey=alcot-runs" in view_url
+        charts_url = re.search(r"uitest charts: (http://\S+)", log.read_text()).group(1)
+        assert charts_url == view_url + "&compareRunsMode=CHART"
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
             try:
                 _check_pages(browser, home_url, view_url, adaptive, vanilla, ppl, commit, shots)
+                _check_charts(browser, charts_url, (adaptive, vanilla), shots)
             finally:
                 browser.close()
     finally:
@@ -122,6 +127,7 @@ def test_alcot_ui_in_a_real_browser(tmp_path):
         "2-alcot-view.png",
         "3-experiment-clicked.png",
         "4-run-page.png",
+        "5-charts.png",
     ]
 
 
@@ -192,3 +198,59 @@ def _check_pages(browser, home_url, view_url, adaptive, vanilla, ppl, commit, sh
     assert commit[:7] in text  # Source: the code version
     assert "Logged models (1)" in text
     assert f"final val/ppl = {ppl:.4g}" in text.replace("`", "")
+
+
+# What each chart of the saved view drew: Plotly's own figure state of its line and scatter
+# charts (x-axis title, trace kind, points) and the axis labels of the parallel coordinates
+# chart (MLflow draws that one with d3's parcoords).
+_CHARTS_JS = """() => ({
+  plots: Array.from(document.querySelectorAll('.js-plotly-plot')).map(gd => ({
+    xtitle: gd._fullLayout && gd._fullLayout.xaxis && gd._fullLayout.xaxis.title
+      ? String(gd._fullLayout.xaxis.title.text || '') : '',
+    traces: (gd.data || []).map(d => ({mode: d.mode || '',
+      x: (d.x || []).filter(v => v !== null && v !== undefined)})),
+  })),
+  parallel: Array.from(document.querySelectorAll('.parcoords .label'))
+    .map(e => e.textContent || ''),
+})"""
+
+
+def _check_charts(browser, charts_url, runs, shots):
+    """5. the saved view's Chart tab: the scaling study's three charts, drawn from the runs."""
+    from alcot.orchestrator.mlflow_meta import FLOPS_LOG_METRIC, PARALLEL_PARAMS, PPL_METRIC
+
+    final = {round(math.log10(r.data.metrics["flops/realised"]), 6) for r in runs}
+    page = browser.new_page(viewport={"width": 2400, "height": 1400})
+    page.goto(charts_url)
+    page.get_by_text("Scaling study").first.wait_for(timeout=60_000)
+    _close_assistant(page)
+
+    def drawn_as_configured():
+        drawn = page.evaluate(_CHARTS_JS)
+        on_flops = [p for p in drawn["plots"] if p["xtitle"] == FLOPS_LOG_METRIC]
+        lines = [t for p in on_flops for t in p["traces"] if "lines" in t["mode"] and t["x"]]
+        dots = [t for p in on_flops for t in p["traces"] if t["mode"] == "markers"]
+        return drawn, lines, dots
+
+    deadline = time.time() + 90
+    while True:  # the charts fetch the metric histories after the cards are shown
+        drawn, lines, dots = drawn_as_configured()
+        if lines and dots and len(drawn["parallel"]) >= 4:
+            break
+        if time.time() > deadline:
+            page.screenshot(path=str(shots / "5-charts.png"), full_page=True)
+            pytest.fail(f"the saved view's charts were not drawn as configured: {drawn}")
+        time.sleep(2)
+    time.sleep(1)
+    page.screenshot(path=str(shots / "5-charts.png"), full_page=True)
+    # perplexity against log10 FLOPs: a line per trial through its evaluations (steps 10, 20),
+    # ending at the trial's final FLOPs
+    assert all(len(t["x"]) == 2 for t in lines), lines
+    assert {round(max(t["x"]), 6) for t in lines} == final, (lines, final)
+    # the Pareto view: one point per trial at its final FLOPs
+    assert {round(x, 6) for t in dots for x in t["x"]} == final, (dots, final)
+    # parallel coordinates over size, method, lambda and perplexity (long labels are shortened)
+    labels = " ".join(drawn["parallel"])
+    for key in (*PARALLEL_PARAMS, PPL_METRIC):
+        assert key[:5] in labels and key[-5:] in labels, (key, drawn["parallel"])
+    page.close()

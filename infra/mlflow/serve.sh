@@ -41,8 +41,11 @@ if [ -z "$mlflow_bin" ]; then
     if [ -x "$root/.venv/bin/mlflow" ]; then mlflow_bin="$root/.venv/bin/mlflow"; else mlflow_bin=mlflow; fi
 fi
 
+# The store URI holds the database password: `mlflow server` reads it from the environment
+# (MLFLOW_BACKEND_STORE_URI), so it never shows in the process list (`ps`, /proc/PID/cmdline),
+# which every user of the machine can read.
+export MLFLOW_BACKEND_STORE_URI
 args=(server
-    --backend-store-uri "$MLFLOW_BACKEND_STORE_URI"
     --serve-artifacts --artifacts-destination "$MLFLOW_ARTIFACTS_DESTINATION"
     --host "${MLFLOW_HOST:-127.0.0.1}" --port "${MLFLOW_PORT:-5000}"
     --workers "${MLFLOW_WORKERS:-2}")
