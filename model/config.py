@@ -60,11 +60,11 @@ class HaltingConfig:
     lambda_: float = 0.01  # weight of the adaptive loss (YAML key: ``lambda``)
     beta: float = 1.0  # exponent on sg(q_t(k)[y_t]) in the correctness-aware loss
     loss: str = "gate"  # gate (default formula) | reach | act | pondernet  [open]
-    # router bias starts at logit(init_continue). 0.4, not METHOD.md's 0.9: with 0.9 the
+    # router bias starts at logit(init_continue). 0.5, not METHOD.md's 0.9: with 0.9 the
     # mixing weights put 73 % of each token on step 3 at the start, which left a 4-layer
-    # model a lasting deficit (docs/study/router.md); with 0.4 every token starts at depth 2
-    # with 60 % of its weight on step 0
-    init_continue: float = 0.4
+    # model a lasting deficit (docs/study/router.md); with 0.5 every token starts at depth 3
+    # (tau 0.1) with half its weight on step 0
+    init_continue: float = 0.5
     prior: float = 0.5  # geometric prior's halting probability, for loss=pondernet
     # router weights: normal (std init_std; g spreads around init_continue: w . h has std
     # init_std sqrt(d) for post-norm h) | zero (every token starts exactly at init_continue)

@@ -23,9 +23,9 @@ class Router(nn.Module):
     """Continuation probability from a post-norm hidden state.
 
     ``linear`` (default): one d -> 1 layer shared by all steps; ``per_step``: one per step;
-    ``mlp``: d -> d -> 1 with SiLU. The bias starts at ``logit(init_continue)`` (0.4 by default,
-    every token starting at depth 2 with tau 0.1, most of its weight on step 0; see
-    docs/study/router.md for why not METHOD.md's 0.9).
+    ``mlp``: d -> d -> 1 with SiLU. The bias starts at ``logit(init_continue)`` (0.5 by default,
+    half of every token's weight on step 0; see docs/study/router.md for why not METHOD.md's
+    0.9).
     ``router_init: normal`` draws the output weights with std ``init_std``, so the first g spread
     around that value (for 0.9: about 0.82 to 0.94 at d = 512, wider at d = 2048, since w . h
     has std init_std * sqrt(d) for post-norm h); ``zero`` starts every token exactly at it (the bias

@@ -17,8 +17,8 @@ import sys
 
 ARMS = {  # (init_continue, router_lr_scale) -> label
     ("0.9", "1.0"): "adaptive, before (gate 0.9, router at lr)",
-    ("0.4", "0.1"): "adaptive, defaults (gate 0.4, router at 0.1 lr)",
-    ("0.5", "0.1"): "adaptive, gate 0.5, router at 0.1 lr",
+    ("0.5", "0.1"): "adaptive, defaults (gate 0.5, router at 0.1 lr)",
+    ("0.4", "0.1"): "adaptive, gate 0.4, router at 0.1 lr",
 }
 
 

@@ -151,7 +151,7 @@ def test_diagnose_train_records_what_moves_the_router(alcot_home, tmp_path, caps
             "k0/q",
         ):
             assert key in first and first[key] == first[key], key  # present, not NaN
-        # every token runs step 1 (r(1) about 0.4), most step 2 (r(2) about 0.16 >= tau)
+        # every token runs step 1 (r(1) about 0.5), most step 2 (r(2) about 0.25 >= tau)
         assert first["k0/ran"] == 1.0 and first["k1/ran"] == 1.0 and 1.5 < first["depth"] <= 2
         assert 0 < first["router/share"] < 1
         # the adaptive loss pushes every continuing gate down
