@@ -247,15 +247,25 @@ def _decode_static(model: AlcotModel, tok: Tensor, t: Tensor, rope: Tensor):
         if model.router is not None and not last:
             g = torch.where(active, model.router(out[:, 0], k), torch.zeros_like(r))
         weight, cont, r_next = halting_update(r, active, g, last, cfg.halting.tau)
-        if cfg.mix == "state":  # fp32, as in training
-            contrib = weight[:, None] * h.float()
-            mixed = contrib if mixed is None else mixed + contrib
-        else:
-            term = _log_weight(weight)[:, None] + model._vocab_log_softmax(model._logits(h))
-            mixed = term if mixed is None else torch.logaddexp(mixed, term)
+        mixed = _mix(model, mixed, weight, h)
         r, active = r_next, cont
-    logits = model._logits(mixed.to(model.compute_dtype)) if cfg.mix == "state" else mixed
-    return model._gather_vocab(logits), depth
+    return _mixed_logits(model, mixed), depth
+
+
+def _mix(model: AlcotModel, mixed: Tensor | None, weight: Tensor, h: Tensor) -> Tensor:
+    """Add one latent step's output ``h`` [b, hidden] with its weights [b] to the mixture."""
+    if model.cfg.mix == "state":  # fp32, as in training
+        contrib = weight[:, None] * h.float()
+        return contrib if mixed is None else mixed + contrib
+    term = _log_weight(weight)[:, None] + model._vocab_log_softmax(model._logits(h))
+    return term if mixed is None else torch.logaddexp(mixed, term)
+
+
+def _mixed_logits(model: AlcotModel, mixed: Tensor) -> Tensor:
+    """The next-token logits [b, V] of a finished mixture."""
+    if model.cfg.mix == "state":
+        mixed = model._logits(mixed.to(model.compute_dtype))
+    return model._gather_vocab(mixed)
 
 
 def _decode_static_mor(model: AlcotModel, tok: Tensor, t: Tensor, rope: Tensor):
@@ -309,15 +319,9 @@ def _decode_one(model: AlcotModel, tok: Tensor, t: int, rope: Tensor):
         if model.router is not None and not last:
             g = r.new_zeros(b).index_put((rows,), model.router(out[:, 0], k))
         weight, cont, r_next = halting_update(r, active, g, last, cfg.halting.tau)
-        if cfg.mix == "state":  # fp32, as in training
-            contrib = weight[:, None] * h.float()
-            mixed = contrib if mixed is None else mixed + contrib
-        else:
-            term = _log_weight(weight)[:, None] + model._vocab_log_softmax(model._logits(h))
-            mixed = term if mixed is None else torch.logaddexp(mixed, term)
+        mixed = _mix(model, mixed, weight, h)
         r, active = r_next, cont
-    logits = model._logits(mixed.to(model.compute_dtype)) if cfg.mix == "state" else mixed
-    return model._gather_vocab(logits), depth
+    return _mixed_logits(model, mixed), depth
 
 
 def _decode_one_mor(model: AlcotModel, tok: Tensor, t: int, rope: Tensor):
