@@ -362,7 +362,11 @@ def main() -> int:
         p.error("--http-timeout must be positive")
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from services import MlflowServer, Postgres  # the tests' real services on 127.0.0.1
+    from services import (  # the tests' real services on 127.0.0.1
+        MlflowServer,
+        Postgres,
+        auth_server_env,
+    )
 
     folder = Path(tempfile.mkdtemp(prefix="alcot-load-"))
     artifacts = folder / "artifacts"
@@ -379,14 +383,12 @@ def main() -> int:
     try:
         pg.start()
         pg.create_databases(DB_PW)
-        env = dict(
-            os.environ,
-            MLFLOW_BACKEND_STORE_URI=pg.uri("mlflow", password=DB_PW),
-            MLFLOW_ARTIFACTS_DESTINATION=artifacts.as_uri(),
-            ALCOT_MLFLOW_AUTH="1",
-            MLFLOW_AUTH_DATABASE_URI=pg.uri("mlflow_auth", password=DB_PW),
-            MLFLOW_AUTH_ADMIN_PASSWORD=ADMIN_PW,
-            MLFLOW_FLASK_SERVER_SECRET_KEY="load-bench-secret-key-0123456789",
+        env = auth_server_env(
+            pg,
+            artifacts,
+            DB_PW,
+            ADMIN_PW,
+            "load-bench-secret-key-0123456789",
             ALCOT_MLFLOW_AUTH_CACHE_SECONDS=str(args.auth_cache),
             MLFLOW_WORKERS=str(args.workers),
         )

@@ -213,6 +213,24 @@ class MlflowServer:
             self.proc = None
 
 
+def auth_server_env(
+    pg: Postgres, artifacts: Path, db_password: str, admin_password: str, secret_key: str, **extra
+) -> dict[str, str]:
+    """The environment of ``serve.sh`` for a server with basic auth on PostgreSQL: runs in the
+    database ``mlflow``, users and permissions in ``mlflow_auth`` (both created with
+    ``pg.create_databases(db_password)``), artifacts under ``artifacts``; ``extra`` adds to it."""
+    return dict(
+        os.environ,
+        MLFLOW_BACKEND_STORE_URI=pg.uri("mlflow", password=db_password),
+        MLFLOW_ARTIFACTS_DESTINATION=artifacts.as_uri(),
+        ALCOT_MLFLOW_AUTH="1",
+        MLFLOW_AUTH_DATABASE_URI=pg.uri("mlflow_auth", password=db_password),
+        MLFLOW_AUTH_ADMIN_PASSWORD=admin_password,
+        MLFLOW_FLASK_SERVER_SECRET_KEY=secret_key,
+        **extra,
+    )
+
+
 @contextlib.contextmanager
 def mlflow_server(env: dict[str, str], log: Path):
     server = MlflowServer(env, log)

@@ -12,7 +12,14 @@ from pathlib import Path
 
 import pytest
 import requests
-from services import ROOT, find_secrets, mlflow_server, postgres, run_record_secrets
+from services import (
+    ROOT,
+    auth_server_env,
+    find_secrets,
+    mlflow_server,
+    postgres,
+    run_record_secrets,
+)
 
 BIN = Path(sys.executable).parent
 ADMIN_PW = "admin-pw-for-tests-0123"
@@ -83,14 +90,12 @@ def test_sweep_on_postgres_server_survives_a_restart_and_reads_back(tmp_path, mo
     figures: dict = {}
     with postgres() as pg:
         pg.create_databases("mlflow-db-pw")
-        env = dict(
-            os.environ,
-            MLFLOW_BACKEND_STORE_URI=pg.uri("mlflow", password="mlflow-db-pw"),
-            MLFLOW_ARTIFACTS_DESTINATION=artifacts.as_uri(),
-            ALCOT_MLFLOW_AUTH="1",
-            MLFLOW_AUTH_DATABASE_URI=pg.uri("mlflow_auth", password="mlflow-db-pw"),
-            MLFLOW_AUTH_ADMIN_PASSWORD=ADMIN_PW,
-            MLFLOW_FLASK_SERVER_SECRET_KEY="test-secret-key-0123456789abcdef",
+        env = auth_server_env(
+            pg,
+            artifacts,
+            "mlflow-db-pw",
+            ADMIN_PW,
+            "test-secret-key-0123456789abcdef",
             ALCOT_MLFLOW_AUTH_CACHE_SECONDS="60",
         )
         with mlflow_server(env, tmp_path / "mlflow.log") as server:

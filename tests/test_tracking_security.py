@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from services import mlflow_server, postgres
+from services import auth_server_env, mlflow_server, postgres
 
 BIN = Path(sys.executable).parent
 ADMIN_PW = "admin-pw-security-0123"
@@ -37,14 +37,12 @@ def server(tmp_path_factory):
     artifacts.mkdir()
     with postgres() as pg:
         pg.create_databases(DB_PW)
-        env = dict(
-            os.environ,
-            MLFLOW_BACKEND_STORE_URI=pg.uri("mlflow", password=DB_PW),
-            MLFLOW_ARTIFACTS_DESTINATION=artifacts.as_uri(),
-            ALCOT_MLFLOW_AUTH="1",
-            MLFLOW_AUTH_DATABASE_URI=pg.uri("mlflow_auth", password=DB_PW),
-            MLFLOW_AUTH_ADMIN_PASSWORD=ADMIN_PW,
-            MLFLOW_FLASK_SERVER_SECRET_KEY="security-test-key-0123456789abcdef",
+        env = auth_server_env(
+            pg,
+            artifacts,
+            DB_PW,
+            ADMIN_PW,
+            "security-test-key-0123456789abcdef",
             MLFLOW_AUTH_DEFAULT_PERMISSION="NO_PERMISSIONS",
             ALCOT_MLFLOW_AUTH_CACHE_SECONDS="60",
         )
