@@ -279,7 +279,7 @@ def test_the_model_vocabulary_is_padded_from_the_tokenizer(tmp_path, alcot_home)
     )
 
 
-def test_bad_input_exits_2_and_leaves_nothing_half_written(tmp_path, capsys):
+def test_bad_input_exits_2_and_leaves_nothing_half_written(tmp_path, capsys, monkeypatch):
     from alcot.orchestrator.cli import main
 
     folder = write_corpus(tmp_path / "corpus", n_files=2)
@@ -291,17 +291,12 @@ def test_bad_input_exits_2_and_leaves_nothing_half_written(tmp_path, capsys):
         "seq_len: 16}\n"
     )
     cache = tmp_path / "home" / "cache"
-    import os
-
-    os.environ["ALCOT_HOME"] = str(tmp_path / "home")
-    try:
-        assert main(["data", "prepare", str(config)]) == 2
-        err = capsys.readouterr().err
-        assert "1.txt" in err and "data.path" in err and "not valid utf-8" in err
-        assert [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] == []
-        (folder / "1.txt").unlink()
-        assert main(["data", "prepare", str(config), "--set", "data.workers=2"]) == 0
-        out = capsys.readouterr().out
-        assert "train_00000" in out and "prepared" in out
-    finally:
-        del os.environ["ALCOT_HOME"]
+    monkeypatch.setenv("ALCOT_HOME", str(tmp_path / "home"))  # restored after the test
+    assert main(["data", "prepare", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "1.txt" in err and "data.path" in err and "not valid utf-8" in err
+    assert [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] == []
+    (folder / "1.txt").unlink()
+    assert main(["data", "prepare", str(config), "--set", "data.workers=2"]) == 0
+    out = capsys.readouterr().out
+    assert "train_00000" in out and "prepared" in out
