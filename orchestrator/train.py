@@ -69,12 +69,13 @@ def resolve(cfg: RunConfig, vocab_size: int) -> RunConfig:
 
 
 def depth_histogram_plot(hist: list[float], path: Path, title: str) -> Path:
-    import matplotlib
+    # A Figure of its own, not pyplot: pyplot's first figure looks IPython up in sys.modules,
+    # and the tracker's delivery thread may be importing it at that moment (logging the model):
+    # a half-imported module there failed the run.
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig = Figure(figsize=(5, 3.2))
+    ax = fig.subplots()
     ax.bar(range(len(hist)), hist, color="#3b6ea8")
     ax.set_xlabel("executed latent steps K_t")
     ax.set_ylabel("fraction of validation tokens")
@@ -83,7 +84,6 @@ def depth_histogram_plot(hist: list[float], path: Path, title: str) -> Path:
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
