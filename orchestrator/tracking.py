@@ -372,6 +372,10 @@ class Tracker:
             if run is None:
                 exp_id = ensure_experiment(self.client, self.experiment, self.artifact_root)
                 run = self._created_earlier(exp_id)
+            # Fenced right before the run is made or taken: a process frozen while its search
+            # was in flight (a chaos soak's SIGSTOP, often during a server restart) wakes here
+            # after another process took the folder over and already made the folder's run.
+            self._check_fence()
             if run is None:
                 tags = {**self._base_tags, FOLDER_TAG: self.folder_id}
                 run = self.client.create_run(exp_id, run_name=self.run_name, tags=tags)

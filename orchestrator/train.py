@@ -68,10 +68,24 @@ def resolve(cfg: RunConfig, vocab_size: int) -> RunConfig:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=padded))
 
 
+def settle_matplotlib() -> None:
+    """Draw and save one empty figure, on this thread, before the tracker's delivery thread starts.
+
+    Each matplotlib canvas class looks IPython up in ``sys.modules`` the first time one is made
+    (once per class and process: the check is cached). ``mlflow.start_run`` on the delivery
+    thread imports IPython (its notebook context), and a canvas made while that import is half
+    done read a partial module and failed the run, in CI, twice. Doing the check here, before
+    any second thread exists, leaves nothing for later figures to race on."""
+    import io
+
+    from matplotlib.figure import Figure
+
+    Figure(figsize=(1, 1)).savefig(io.BytesIO(), format="png")
+
+
 def depth_histogram_plot(hist: list[float], path: Path, title: str) -> Path:
-    # A Figure of its own, not pyplot: pyplot's first figure looks IPython up in sys.modules,
-    # and the tracker's delivery thread may be importing it at that moment (logging the model):
-    # a half-imported module there failed the run.
+    # A Figure of its own, not pyplot (whose state is process-wide); settle_matplotlib() ran at
+    # the start of the run, so the canvas made here does not look at a half-imported IPython.
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(5, 3.2))
@@ -139,6 +153,7 @@ def _train_claimed(cfg, resolved, data, h, out_dir, is_rank0, progress, log, ext
 
     home = alcot_home()
     m = cfg.model
+    settle_matplotlib()
     tracker, uri = None, None
     resume_from = (
         checkpoints.latest_valid(out_dir / "checkpoints") if cfg.train.resume == "auto" else None

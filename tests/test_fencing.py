@@ -232,3 +232,30 @@ def test_a_model_whose_checkpoint_does_not_verify_is_an_error_tag_not_a_retry(tm
     assert "checksum mismatch" in got.data.tags["alcot.model_error"]
     assert "alcot.model_uri" not in got.data.tags
     assert any("could not log the model" in line for line in logs), logs
+
+
+def test_a_process_fenced_while_it_searched_for_its_run_creates_none(tmp_path, monkeypatch):
+    # Frozen while the search for the folder's run was in flight, replaced, woken: the search
+    # came back empty (the new holder had not made the run yet), and the woken process must not
+    # make a second run for the folder (a chaos soak counted one such duplicate).
+    from alcot.orchestrator.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    lost = []
+
+    def fence():
+        if lost:
+            raise LeaseLost("taken over")
+
+    def search_then_lose(self, exp_id):
+        lost.append(True)
+        return None
+
+    monkeypatch.setattr(Tracker, "_created_earlier", search_then_lose)
+    tracker = Tracker(uri, "tests", tmp_path / "run", "fenced", flush_seconds=0.05, fence=fence)
+    assert isinstance(tracker.fenced, LeaseLost)
+    assert tracker.run_id is None
+    tracker.abandon()
+    client = open_client(uri)
+    exp = client.get_experiment_by_name("tests")
+    assert client.search_runs([exp.experiment_id]) == []

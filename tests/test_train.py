@@ -287,3 +287,35 @@ def test_checkpoints_load_with_weights_only(alcot_home, tmp_path):
     payload = torch.load(info.path / "tp0.pt", weights_only=True)
     assert {"model", "optimizer", "scheduler", "data", "counters", "rng"} <= set(payload)
     assert info.meta["config_hash"]
+
+
+PARTIAL_IPYTHON = """
+import sys, types
+from pathlib import Path
+from alcot.orchestrator.train import depth_histogram_plot, settle_matplotlib
+if sys.argv[1] == "settled":
+    settle_matplotlib()
+# What a canvas sees while another thread is half-way through `import IPython`
+# (mlflow.start_run on the tracker's delivery thread): a module without its attributes yet.
+sys.modules["IPython"] = types.ModuleType("IPython")
+depth_histogram_plot([0.5, 0.5], Path(sys.argv[2]), "t")
+print("drawn")
+"""
+
+
+@pytest.mark.parametrize("mode", ["settled", "unsettled"])
+def test_depth_histogram_does_not_race_a_half_imported_ipython(tmp_path, mode):
+    # The run settles matplotlib before its tracker thread starts; without that, the same
+    # figure fails on the partial module (the control case shows the test can fail).
+    res = subprocess.run(
+        [sys.executable, "-c", PARTIAL_IPYTHON, mode, str(tmp_path / "h.png")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if mode == "settled":
+        assert res.returncode == 0 and "drawn" in res.stdout, res.stderr[-2000:]
+        assert (tmp_path / "h.png").stat().st_size > 0
+    else:
+        assert res.returncode != 0 and "version_info" in res.stderr, res.stdout + res.stderr
