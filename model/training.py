@@ -41,6 +41,9 @@ class TrainerConfig:
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # cosine decays to this fraction of lr
     warmup_frac: float = 0.02
+    # A warm-up of this many optimizer steps instead of warmup_frac x steps (0: use the
+    # fraction). A study whose arms train for different lengths warms each up alike.
+    warmup_steps: int = 0
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -80,6 +83,8 @@ class TrainerConfig:
             raise ConfigError("train.min_lr_ratio", "must be in [0, 1]")
         if not (0.0 <= self.warmup_frac < 1.0):
             raise ConfigError("train.warmup_frac", "must be in [0, 1)")
+        if self.warmup_steps < 0:
+            raise ConfigError("train.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError("train.precision", "must be auto, fp32 or bf16")
         if self.resume not in ("auto", "never"):
@@ -167,7 +172,10 @@ class TrainResult:
 
 
 def lr_lambda(tcfg: TrainerConfig):
-    warmup = max(1, round(tcfg.warmup_frac * tcfg.steps)) if tcfg.warmup_frac > 0 else 0
+    if tcfg.warmup_steps > 0:
+        warmup = min(tcfg.warmup_steps, tcfg.steps)
+    else:
+        warmup = max(1, round(tcfg.warmup_frac * tcfg.steps)) if tcfg.warmup_frac > 0 else 0
 
     def f(step: int) -> float:  # step = optimizer steps taken so far
         if step < warmup:

@@ -200,6 +200,7 @@ _LATER_FIELDS = {
     ("model", "halting", "router_warmup_frac"): 0.0,
     ("model", "halting", "lambda_warmup_frac"): 0.0,
     ("model", "halting", "router_lr_scale"): 1.0,
+    ("train", "warmup_steps"): 0,
 }
 
 # Halting defaults changed since runs were recorded, at their former values: a model without a

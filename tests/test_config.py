@@ -151,3 +151,19 @@ def test_canonical_config_resets_method_specific_sections():
     assert p.canonical().ponder_update == "reset"
     m = ModelConfig.from_dict({"method": "mor", "mor": {"alpha": 1}})
     assert m.canonical().mor.alpha == 1.0
+
+
+def test_warmup_steps_override_the_fraction_and_stay_out_of_older_identities():
+    from alcot.model.training import TrainerConfig, lr_lambda
+    from alcot.orchestrator.config import config_hash, load_run_config
+
+    f = lr_lambda(TrainerConfig(steps=1000, warmup_frac=0.02, warmup_steps=50))
+    assert f(0) == pytest.approx(1 / 50) and f(49) == pytest.approx(1.0) and f(50) <= 1.0
+    g = lr_lambda(TrainerConfig(steps=1000, warmup_frac=0.02))
+    assert g(19) == pytest.approx(1.0) and g(0) == pytest.approx(1 / 20)
+    with pytest.raises(ConfigError, match="train.warmup_steps"):
+        TrainerConfig(warmup_steps=-1)
+    base = load_run_config("configs/train_adaptive.yaml")
+    same = load_run_config("configs/train_adaptive.yaml", ["train.warmup_steps=0"])
+    other = load_run_config("configs/train_adaptive.yaml", ["train.warmup_steps=50"])
+    assert config_hash(base) == config_hash(same) != config_hash(other)
