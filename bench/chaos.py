@@ -179,7 +179,7 @@ class Soak:
     # -------------------------------------------------------------- trainers
     def trainers(self) -> list[tuple[int, Path]]:
         """(pid, run folder) of every worker training now (holding its folder's lease)."""
-        from alcot.orchestrator.lease import read_holder
+        from alcot.orchestrator.tracking.lease import read_holder
 
         out = []
         for lease in self.home.glob("runs/*/*/lease.json"):
@@ -236,7 +236,7 @@ class Soak:
         (its own driver, as when a sweep is resubmitted while the first still runs) waits for
         the folder and takes it over; then wake the frozen one, whose Ray is still alive: it
         must stop at its next write (fenced) and its trial be retried and found trained."""
-        from alcot.orchestrator.lease import read_holder
+        from alcot.orchestrator.tracking.lease import read_holder
 
         if self.driver is None or self.driver.poll() is not None:
             return False
@@ -365,8 +365,8 @@ def check(soak: Soak) -> dict:
 
     from alcot.model import checkpoints
     from alcot.orchestrator.config import run_dir
-    from alcot.orchestrator.sweep import load_sweep
-    from alcot.orchestrator.tracking import open_client, read_journal, read_status
+    from alcot.orchestrator.sweeps.spec import load_sweep
+    from alcot.orchestrator.tracking.tracker import open_client, read_journal, read_status
 
     client = open_client(soak.server.url)
     out = Counter()

@@ -37,7 +37,7 @@ def main() -> None:
     home = Path(tempfile.mkdtemp(prefix="alcot-orch-"))
     from ray import tune
 
-    from alcot.orchestrator.raytune import in_home, init_ray
+    from alcot.orchestrator.sweeps.ray_tune import in_home, init_ray
 
     with in_home(home):
         init_ray(None, home, log=print)

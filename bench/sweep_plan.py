@@ -28,9 +28,9 @@ def main() -> None:
     args = p.parse_args()
     home = Path(tempfile.mkdtemp(prefix="alcot-plan-"))
     os.environ["ALCOT_HOME"] = str(home)
-    from alcot.orchestrator.runner import plan
-    from alcot.orchestrator.sweep import load_sweep
-    from alcot.orchestrator.tracking import default_store, ensure_experiment, open_client
+    from alcot.orchestrator.sweeps.runner import plan
+    from alcot.orchestrator.sweeps.spec import load_sweep
+    from alcot.orchestrator.tracking.tracker import default_store, ensure_experiment, open_client
 
     seeds = 10
     lambdas = ", ".join(f"{0.001 * (i + 1):.4f}" for i in range(args.trials // seeds))

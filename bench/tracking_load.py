@@ -3,11 +3,11 @@
 N simulated trials deliver their metric streams through alcot's own tracking path to
 ``infra/mlflow/serve.sh`` on PostgreSQL, auth on.
 
-Each simulated trial is an :class:`alcot.orchestrator.tracking.Tracker` on its own run folder
-(journal + background delivery, exactly what a training run uses) fed by a thread that logs, at
-``--step-rate`` steps per second, what the trainer logs every step (loss terms, grad norm, lr,
-tokens, the four FLOPs counters, throughput, step time: 13 values) and every 50 steps the
-validation metrics (8 more). Trials run as threads in ``--procs`` client processes; PostgreSQL
+Each simulated trial is an :class:`alcot.orchestrator.tracking.tracker.Tracker` on its own run
+folder (journal + background delivery, exactly what a training run uses) fed by a thread that
+logs, at ``--step-rate`` steps per second, what the trainer logs every step (loss terms, grad
+norm, lr, tokens, the four FLOPs counters, throughput, step time: 13 values) and every 50 steps
+the validation metrics (8 more). Trials run as threads in ``--procs`` client processes; PostgreSQL
 and the server are started here on 127.0.0.1 (``tests/services.py``, the same as the tests).
 
 For ``--seconds`` the trials log; then each finishes (delivers the rest, marks its run
@@ -92,7 +92,7 @@ def client_process(
     """One client process: a Tracker per trial (delivery thread) and a logging thread each."""
     os.environ["ALCOT_HOME"] = folder
     sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (MLflow prints each run's address)
-    from alcot.orchestrator.tracking import Tracker
+    from alcot.orchestrator.tracking.tracker import Tracker
 
     lags: list[float] = []
     warnings: list[str] = []  # what the trackers said about the store (first few kept)
@@ -224,7 +224,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def run_load(n: int, args, pg, server, folder: Path) -> dict:
-    from alcot.orchestrator.tracking import read_journal
+    from alcot.orchestrator.tracking.tracker import read_journal
 
     ctx = mp.get_context("spawn")
     log_start = server.log.stat().st_size if server.log.exists() else 0

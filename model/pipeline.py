@@ -47,12 +47,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .network import AlcotModel, ModelOutput, PassRequest
+from .outputs import ModelOutput, PassRequest
+
+if TYPE_CHECKING:  # annotations only: the model imports this module for its pipeline forward
+    from .network import AlcotModel
 
 _KINDS = ("packed", "causal", "pause")
 

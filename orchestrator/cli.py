@@ -37,16 +37,15 @@ def cmd_smoke(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from alcot.model.typed import ConfigError
-
-    from .config import load_run_config
+    from alcot.orchestrator.config import load_run_config
 
     try:
         cfg = load_run_config(args.config, args.set or [])
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from .lease import LeaseLost
-    from .train import run_training
+    from alcot.orchestrator.tracking.tracker.lease import LeaseLost
+    from alcot.orchestrator.training_run import run_training
 
     try:
         outcome = run_training(cfg, progress=not args.no_progress)
@@ -77,8 +76,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     """Tokenise a run config's corpus into the token cache (Megatron-Core .bin/.idx shards)."""
     from alcot.data.preparation import check_enough, prepare
     from alcot.model.typed import ConfigError
-
-    from .config import alcot_home, load_run_config
+    from alcot.orchestrator.config import alcot_home, load_run_config
 
     try:
         cfg = load_run_config(args.config, args.set or [])
@@ -105,8 +103,8 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def ui_hint(uri: str | None) -> str:
-    from .config import alcot_home
-    from .tracking import default_store
+    from alcot.orchestrator.config import alcot_home
+    from alcot.orchestrator.tracking.tracker.tracker import default_store
 
     if uri and uri == default_store(alcot_home())[0]:
         return "alcot ui   (then open http://127.0.0.1:5000)"
@@ -117,8 +115,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
     import os
     import shutil
 
-    from .config import alcot_home
-    from .tracking import default_store
+    from alcot.orchestrator.config import alcot_home
+    from alcot.orchestrator.tracking.tracker.tracker import default_store
 
     uri, artifacts = default_store(alcot_home())
     uri = args.backend_store_uri or os.environ.get("MLFLOW_TRACKING_URI") or uri
@@ -137,7 +135,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
         "--workers",
         "1",
     ]
-    from .mlflow_meta import UI_HOME
+    from alcot.orchestrator.tracking.tracker.metadata import UI_HOME
 
     base = f"http://{args.host}:{args.port}"
     print(f"MLflow UI for {uri} at {base}{UI_HOME} (Ctrl-C to stop)", flush=True)
@@ -163,7 +161,12 @@ def _experiment_views(uri: str) -> list[tuple[str, str, str]]:
     try:
         from mlflow.tracking import MlflowClient
 
-        from .mlflow_meta import EXPERIMENT_KIND_TAG, VIEW_KEY, VIEW_TAG_PREFIX, ui_path
+        from alcot.orchestrator.tracking.tracker.metadata import (
+            EXPERIMENT_KIND_TAG,
+            VIEW_KEY,
+            VIEW_TAG_PREFIX,
+            ui_path,
+        )
 
         exps = MlflowClient(uri).search_experiments()
     except Exception:  # the UI still starts; the store may be unreadable until then
@@ -177,8 +180,7 @@ def _experiment_views(uri: str) -> list[tuple[str, str, str]]:
 
 def cmd_tracking_sync(args: argparse.Namespace) -> int:
     from alcot.model.typed import ConfigError
-
-    from .tracking import sync
+    from alcot.orchestrator.tracking.tracker.tracker import sync
 
     try:
         owed = sync(args.run_dir)
@@ -190,8 +192,7 @@ def cmd_tracking_sync(args: argparse.Namespace) -> int:
 
 def _load_sweep(path: str, overrides: list[str] | None = None):
     from alcot.model.typed import ConfigError
-
-    from .sweep import SweepError, load_sweep
+    from alcot.orchestrator.sweeps.spec import SweepError, load_sweep
 
     try:
         return load_sweep(path, overrides or [])
@@ -211,7 +212,7 @@ def cmd_sweep_run(args: argparse.Namespace) -> int:
     if sweep is None:
         return 2
     if args.slurm:
-        from .slurm import SlurmError, submit
+        from alcot.orchestrator.sweeps.slurm import SlurmError, submit
 
         try:
             return submit(args.sweep, args.set, args.sbatch, dry_run=args.dry_run)
@@ -221,9 +222,9 @@ def cmd_sweep_run(args: argparse.Namespace) -> int:
     from alcot.model.typed import ConfigError
 
     if sweep.spec.search is not None:
-        from .search import run_search as run
+        from alcot.orchestrator.sweeps.search import run_search as run
     else:
-        from .runner import run_sweep as run
+        from alcot.orchestrator.sweeps.runner import run_sweep as run
     try:
         return run(sweep, address=args.address, dry_run=args.dry_run, log=print)
     except ConfigError as err:  # e.g. a tracking store that cannot be reached
@@ -316,9 +317,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
     from alcot.model.typed import ConfigError
-
-    from .evaluate import load_run
-    from .gradshare import gradient_share, record
+    from alcot.orchestrator.evaluation.gradient_share import gradient_share, record
+    from alcot.orchestrator.evaluation.loading import load_run
 
     if args.train is not None:
         return _diagnose_training(args)
@@ -343,9 +343,8 @@ def _diagnose_training(args: argparse.Namespace) -> int:
     import json
 
     from alcot.model.typed import ConfigError
-
-    from .config import load_run_config
-    from .gradshare import training_dynamics
+    from alcot.orchestrator.config import load_run_config
+    from alcot.orchestrator.evaluation.gradient_share import training_dynamics
 
     if args.out is None:
         print("error: --out FOLDER is needed with --train", file=sys.stderr)
@@ -578,7 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("run_dir")
     q.set_defaults(func=cmd_tracking_sync)
 
-    from .eval_cli import add_parsers as add_eval_parsers
+    from alcot.orchestrator.evaluation.cli import add_parsers as add_eval_parsers
 
     add_eval_parsers(sub)  # eval, generate, export
     return parser
@@ -593,8 +592,7 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     from alcot.model.typed import ConfigError
-
-    from .config import check_uri_credentials
+    from alcot.orchestrator.config import check_uri_credentials
 
     try:  # the URI is recorded (tracking.json, Ray job env): never with a password in it
         check_uri_credentials(os.environ.get("MLFLOW_TRACKING_URI"), "MLFLOW_TRACKING_URI")

@@ -28,5 +28,5 @@ fi
 # `lm_eval --model alcot`: lm-eval loads no plugins, so a one-line .pth registers the model name
 # in lm-eval's registry whenever lm-eval is imported (alcot/orchestrator/lmeval_plugin.py)
 site=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-echo "import alcot.orchestrator.lmeval_plugin as p; p.install()" > "$site/alcot-lm-eval.pth"
+echo "import alcot.orchestrator.evaluation.lmeval_plugin as p; p.install()" > "$site/alcot-lm-eval.pth"
 .venv/bin/python -W ignore -c "import torch, megatron.core; print('alcot installed: torch', torch.__version__)"

@@ -265,7 +265,7 @@ def test_the_model_vocabulary_is_padded_from_the_tokenizer(tmp_path, alcot_home)
     from conftest import small_run
 
     from alcot.orchestrator.config import config_hash, identity_dict
-    from alcot.orchestrator.train import resolve
+    from alcot.orchestrator.training_run import resolve
 
     folder, size = neox_like(tmp_path, extra=2)
     cfg = small_run(tmp_path / "r", f"data.tokenizer={folder}", "data.vocab_size=null")

@@ -47,7 +47,7 @@ def _pick_seq_len(alcot_home, run_dir) -> list[str]:
 
 @pytest.fixture(scope="module")
 def trained(alcot_home, tmp_path_factory):
-    from alcot.orchestrator.train import run_training
+    from alcot.orchestrator.training_run import run_training
 
     run_dir = tmp_path_factory.mktemp("eval_run")
     extra = _pick_seq_len(alcot_home, run_dir)
@@ -66,7 +66,7 @@ def trained(alcot_home, tmp_path_factory):
 
 
 def _mlflow_eval_keys(out) -> set[str]:
-    from alcot.orchestrator.tracking import open_client
+    from alcot.orchestrator.tracking.tracker import open_client
 
     run = open_client(out.tracking_uri).get_run(out.run_id)
     return {k for k in run.data.metrics if k.startswith("eval/")}
@@ -100,7 +100,7 @@ def test_text_perplexity_equals_training_validation(trained, tmp_path, capsys):
 
 
 def test_a_run_is_named_by_folder_checkpoint_or_mlflow_id(trained):
-    from alcot.orchestrator.evaluate import resolve_target
+    from alcot.orchestrator.evaluation.loading import resolve_target
 
     _, out = trained
     newest = sorted((out.out_dir / "checkpoints").glob("step_*"))[-1]
@@ -110,7 +110,8 @@ def test_a_run_is_named_by_folder_checkpoint_or_mlflow_id(trained):
 
 
 def test_sliding_windows_score_every_token_once(trained, tmp_path):
-    from alcot.orchestrator.evaluate import load_run, sliding_nll, token_stream
+    from alcot.orchestrator.evaluation.loading import load_run
+    from alcot.orchestrator.evaluation.perplexity import sliding_nll, token_stream
 
     _, out = trained
     loaded = load_run(out.out_dir)
@@ -122,7 +123,9 @@ def test_sliding_windows_score_every_token_once(trained, tmp_path):
 
 
 def test_a_continuation_longer_than_the_context_is_scored_in_windows(trained):
-    from alcot.orchestrator.evaluate import load_run, score_continuations, sliding_nll
+    from alcot.orchestrator.evaluation.loading import load_run
+    from alcot.orchestrator.evaluation.perplexity import sliding_nll
+    from alcot.orchestrator.evaluation.scoring import score_continuations
 
     _, out = trained
     loaded = load_run(out.out_dir)
@@ -156,7 +159,7 @@ def test_two_budgets_give_different_depths_and_flops(trained, tmp_path):
 
 
 def _lm_eval_cli(run_dir, tasks, limit, out_dir):
-    from alcot.orchestrator.lmeval_tasks import render_tasks
+    from alcot.orchestrator.evaluation.lmeval_tasks import render_tasks
 
     include = render_tasks(FIXTURES, out_dir / "tasks")
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
@@ -224,8 +227,8 @@ def test_rolling_loglikelihood_task(trained, tmp_path):
 def test_generate_until_through_the_cached_decoder(trained):
     from lm_eval.api.instance import Instance
 
-    from alcot.orchestrator.evaluate import load_run
-    from alcot.orchestrator.lmeval_model import AlcotLM
+    from alcot.orchestrator.evaluation.lmeval_model import AlcotLM
+    from alcot.orchestrator.evaluation.loading import load_run
 
     _, out = trained
     lm = AlcotLM(loaded=load_run(out.out_dir), batch_size=4)

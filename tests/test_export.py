@@ -116,8 +116,9 @@ def test_export_refuses_a_non_empty_folder(tmp_path, tokenizer, parallel, capsys
 def test_lm_eval_hf_model_scores_like_alcot(tmp_path, tokenizer, parallel, monkeypatch):
     import lm_eval
 
-    from alcot.orchestrator.evaluate import EvalSpec, load_run, run_eval
-    from alcot.orchestrator.lmeval_tasks import task_manager
+    from alcot.orchestrator.evaluation.lmeval_tasks import task_manager
+    from alcot.orchestrator.evaluation.loading import load_run
+    from alcot.orchestrator.evaluation.suite import EvalSpec, run_eval
     from tests.test_eval import FIXTURES
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

@@ -15,7 +15,7 @@ from conftest import SMALL_RUN, MlflowServer, home_at, small_run
 
 from alcot.model.typed import ConfigError
 from alcot.orchestrator.cli import main
-from alcot.orchestrator.tracking import open_client, read_journal
+from alcot.orchestrator.tracking.tracker import open_client, read_journal
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -72,7 +72,7 @@ def test_two_processes_on_one_run_train_it_once(tmp_path):
 
 
 def test_lease_is_exclusive_and_a_dead_holder_is_replaced(tmp_path):
-    from alcot.orchestrator.lease import Lease, read_holder
+    from alcot.orchestrator.tracking.lease import Lease, read_holder
 
     a = Lease(tmp_path, label="a", ttl=30)
     assert a.try_acquire() is None
@@ -87,7 +87,7 @@ def test_lease_is_exclusive_and_a_dead_holder_is_replaced(tmp_path):
         [
             sys.executable,
             "-c",
-            "import sys, time; from alcot.orchestrator.lease import Lease; "
+            "import sys, time; from alcot.orchestrator.tracking.lease import Lease; "
             f"Lease({str(tmp_path)!r}, label='victim', ttl=30).try_acquire(); "
             "print('held', flush=True); time.sleep(60)",
         ],
@@ -131,7 +131,7 @@ def test_switching_tracking_store_imports_the_run(tmp_path, monkeypatch):
 
 
 def run_training_quiet(cfg, logs):
-    from alcot.orchestrator.train import run_training
+    from alcot.orchestrator.training_run import run_training
 
     return run_training(cfg, progress=False, log=logs.append)
 
@@ -230,7 +230,7 @@ def test_a_run_created_but_unanswered_is_taken_over_not_duplicated(tmp_path, mon
     """The store commits the run and the answer never arrives: the next delivery attempt finds
     that run by the folder's tag and delivers into it; the store ends with exactly one run,
     FINISHED, holding every step."""
-    import alcot.orchestrator.tracking as tracking
+    import alcot.orchestrator.tracking.tracker as tracking
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     real_open = tracking.open_client
@@ -296,7 +296,7 @@ def test_nested_study_names_stay_under_alcot_home(tmp_path):
 
 
 def test_sqlite_uri_keeps_artifacts_beside_the_store(tmp_path):
-    from alcot.orchestrator.tracking import resolve_uri
+    from alcot.orchestrator.tracking.tracker import resolve_uri
 
     uri, root = resolve_uri(f"sqlite:///{tmp_path / 'db' / 'x.db'}", tmp_path / "home")
     assert root == (tmp_path / "db" / "mlartifacts").as_uri()
@@ -382,8 +382,8 @@ def test_a_driver_whose_store_goes_away_before_its_parent_run_says_so(tmp_path, 
     store (exit code 2 from the CLI), not a traceback."""
     from conftest import free_port
 
-    from alcot.orchestrator.parents import open_parent
-    from alcot.orchestrator.sweep import load_sweep
+    from alcot.orchestrator.sweeps.parent_runs import open_parent
+    from alcot.orchestrator.sweeps.spec import load_sweep
 
     sweep_path = tmp_path / "s.yaml"
     dead = f"http://127.0.0.1:{free_port()}"

@@ -16,8 +16,8 @@ from conftest import SMALL_RUN, MlflowServer, home_at, small_run
 
 from alcot.model import checkpoints
 from alcot.orchestrator.cli import main
-from alcot.orchestrator.lease import Lease, LeaseLost, read_holder
-from alcot.orchestrator.tracking import open_client, read_journal
+from alcot.orchestrator.tracking.lease import Lease, LeaseLost, read_holder
+from alcot.orchestrator.tracking.tracker import open_client, read_journal
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -143,7 +143,7 @@ def test_model_and_artifacts_of_a_run_ending_in_an_outage_are_delivered_by_sync(
     """The server is away when the run ends: the model and every artifact stay in the folder's
     manifest; `alcot tracking sync` (server back) logs the model and uploads the artifacts, and
     only then is the run FINISHED."""
-    from alcot.orchestrator.train import run_training
+    from alcot.orchestrator.training_run import run_training
 
     run = tmp_path / "run"
     with home_at(tmp_path / "home"):
@@ -157,7 +157,7 @@ def test_model_and_artifacts_of_a_run_ending_in_an_outage_are_delivered_by_sync(
                 if step == 19:  # the last steps, the model and the artifacts find it away
                     server.stop()
 
-            import alcot.orchestrator.train as train_mod
+            import alcot.orchestrator.training_run as train_mod
 
             real_train = train_mod.train
 
@@ -214,7 +214,7 @@ class _Hook:
 
 
 def test_a_model_whose_checkpoint_does_not_verify_is_an_error_tag_not_a_retry(tmp_path):
-    from alcot.orchestrator.tracking import Tracker
+    from alcot.orchestrator.tracking.tracker import Tracker
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run = tmp_path / "run"
@@ -238,7 +238,7 @@ def test_a_process_fenced_while_it_searched_for_its_run_creates_none(tmp_path, m
     # Frozen while the search for the folder's run was in flight, replaced, woken: the search
     # came back empty (the new holder had not made the run yet), and the woken process must not
     # make a second run for the folder (a chaos soak counted one such duplicate).
-    from alcot.orchestrator.tracking import Tracker
+    from alcot.orchestrator.tracking.tracker import Tracker
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     lost = []

@@ -12,7 +12,7 @@ from conftest import small_run
 def _client(home):
     from mlflow.tracking import MlflowClient
 
-    from alcot.orchestrator.tracking import default_store
+    from alcot.orchestrator.tracking.tracker import default_store
 
     return MlflowClient(default_store(home)[0])
 
@@ -20,8 +20,8 @@ def _client(home):
 def test_a_finished_run_shows_what_the_ui_needs(alcot_home, tmp_path):
     import mlflow
 
-    from alcot.orchestrator import mlflow_meta
-    from alcot.orchestrator.train import run_training
+    from alcot.orchestrator.tracking import metadata as mlflow_meta
+    from alcot.orchestrator.training_run import run_training
 
     cfg = small_run(tmp_path / "run", "tracking.experiment=meta", "model.halting.lambda=0.03")
     assert "MLFLOW_TRACKING_URI" not in os.environ
@@ -100,7 +100,7 @@ def test_a_finished_run_shows_what_the_ui_needs(alcot_home, tmp_path):
     # a second run of the same data shares the digest; an experiment made before the tags
     # existed gets them when alcot uses it again
     old = client.create_experiment("made-before")
-    from alcot.orchestrator.tracking import ensure_experiment
+    from alcot.orchestrator.tracking.tracker import ensure_experiment
 
     assert ensure_experiment(client, "made-before", None) == old
     assert client.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
@@ -108,7 +108,7 @@ def test_a_finished_run_shows_what_the_ui_needs(alcot_home, tmp_path):
 
 def test_run_names_tell_the_trials_of_a_sweep_apart():
     from alcot.model import ModelConfig
-    from alcot.orchestrator.mlflow_meta import run_name
+    from alcot.orchestrator.tracking.metadata import run_name
 
     h = "0123456789abcdef"
     assert run_name(ModelConfig.from_dict({"method": "vanilla", "size": "mini"}), h) == (

@@ -39,9 +39,9 @@ budget: {tokens: 5120}
 def _store(home: Path, tmp: Path):
     """A sweep's runs as ``run_sweep`` records them (a parent run, one nested run per trial),
     trained in this process instead of on Ray."""
-    from alcot.orchestrator.parents import open_parent
-    from alcot.orchestrator.sweep import load_sweep
-    from alcot.orchestrator.train import run_training
+    from alcot.orchestrator.sweeps.parent_runs import open_parent
+    from alcot.orchestrator.sweeps.spec import load_sweep
+    from alcot.orchestrator.training_run import run_training
 
     path = tmp / "sweep.yaml"
     path.write_text(textwrap.dedent(SWEEP))
@@ -217,7 +217,7 @@ _CHARTS_JS = """() => ({
 
 def _check_charts(browser, charts_url, runs, shots):
     """5. the saved view's Chart tab: the scaling study's three charts, drawn from the runs."""
-    from alcot.orchestrator.mlflow_meta import FLOPS_LOG_METRIC, PARALLEL_PARAMS, PPL_METRIC
+    from alcot.orchestrator.tracking.metadata import FLOPS_LOG_METRIC, PARALLEL_PARAMS, PPL_METRIC
 
     final = {round(math.log10(r.data.metrics["flops/realised"]), 6) for r in runs}
     page = browser.new_page(viewport={"width": 2400, "height": 1400})

@@ -60,7 +60,7 @@ def test_checkpoint_resumes_at_another_layout(alcot_home, tmp_path, written, res
     for step, loss in again:
         assert abs(loss - first[step]) < 1e-5, (step, loss, first[step])
     # evaluation loads the final checkpoint (written at `resumed`) as one process
-    from alcot.orchestrator.evaluate import load_run
+    from alcot.orchestrator.evaluation.loading import load_run
 
     loaded = load_run(out)
     assert loaded.checkpoint.step == 5

@@ -49,9 +49,9 @@ def test_plan_and_trial_without_ray(tmp_path):
     new eval section evaluates the finished trial again without training it."""
     from conftest import home_at
 
-    from alcot.orchestrator.runner import plan
-    from alcot.orchestrator.sweep import load_sweep
-    from alcot.orchestrator.trial import trial_body
+    from alcot.orchestrator.sweeps.runner import plan
+    from alcot.orchestrator.sweeps.spec import load_sweep
+    from alcot.orchestrator.sweeps.trial import trial_body
 
     home = tmp_path / "home"
     path = tmp_path / "sweep.yaml"
@@ -83,7 +83,7 @@ def test_plan_and_trial_without_ray(tmp_path):
 
 @pytest.mark.slow
 def test_eval_section_runs_once_and_is_skipped_on_resubmission(tmp_path):
-    from alcot.orchestrator.tracking import open_client
+    from alcot.orchestrator.tracking.tracker import open_client
 
     home = tmp_path / "home"
     path = tmp_path / "sweep.yaml"

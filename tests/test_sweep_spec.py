@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from alcot.orchestrator.cli import main
-from alcot.orchestrator.sweep import SweepError, load_sweep
+from alcot.orchestrator.sweeps.spec import SweepError, load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -362,7 +362,7 @@ def test_the_trial_cap_says_how_many_and_how_to_raise_it(tmp_path, capsys):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_sweep_is_valid(path, monkeypatch, tmp_path):
-    from alcot.orchestrator.lmeval_tasks import data_files, shipped
+    from alcot.orchestrator.evaluation.lmeval_tasks import data_files, shipped
 
     wikitext = tmp_path / "wikitext-2"  # the training corpus is referenced, not read, here;
     wikitext.mkdir()  # an eval: section checks that its test file exists
@@ -376,7 +376,7 @@ def test_every_shipped_sweep_is_valid(path, monkeypatch, tmp_path):
     sweep = load_sweep(path)
     trials = sweep.trials
     if sweep.spec.search is not None:  # a search draws its trials: check every grid corner
-        from alcot.orchestrator.sweep import make_trial
+        from alcot.orchestrator.sweeps.spec import make_trial
 
         space = sweep.spec.search.space
         values = {

@@ -13,13 +13,13 @@ from conftest import SMALL_RUN, small_run
 
 from alcot.model import checkpoints
 from alcot.orchestrator.cli import main
-from alcot.orchestrator.train import run_training
+from alcot.orchestrator.training_run import run_training
 
 BIN = Path(sys.executable).parent
 
 
 def journal(run_dir: Path) -> dict[int, dict]:
-    from alcot.orchestrator.tracking import read_journal
+    from alcot.orchestrator.tracking.tracker import read_journal
 
     rows = {}
     for row in read_journal(run_dir):  # a line torn by a SIGKILL is skipped
@@ -31,7 +31,7 @@ def mlflow_client():
     from mlflow.tracking import MlflowClient
 
     from alcot.orchestrator.config import alcot_home
-    from alcot.orchestrator.tracking import default_store
+    from alcot.orchestrator.tracking.tracker import default_store
 
     return MlflowClient(default_store(alcot_home())[0])
 
@@ -257,9 +257,9 @@ def test_tracking_down_at_the_end_is_imported_by_sync(alcot_home, tmp_path, monk
     monkeypatch.setattr(MlflowClient, "set_terminated", lambda *a, **k: None)
     run_dir = tmp_path / "run"
     logs = []
-    from alcot.orchestrator import tracking
+    from alcot.orchestrator.tracking.tracker import Tracker
 
-    monkeypatch.setattr(tracking.Tracker, "finish", _short_finish(tracking.Tracker.finish))
+    monkeypatch.setattr(Tracker, "finish", _short_finish(Tracker.finish))
     out = run_training(small_run(run_dir, "train.steps=10"), progress=False, log=logs.append)
     assert not out.all_metrics_sent
     assert any("alcot tracking sync" in line for line in logs)
@@ -292,7 +292,7 @@ def test_checkpoints_load_with_weights_only(alcot_home, tmp_path):
 PARTIAL_IPYTHON = """
 import sys, types
 from pathlib import Path
-from alcot.orchestrator.train import depth_histogram_plot, settle_matplotlib
+from alcot.orchestrator.training_run import depth_histogram_plot, settle_matplotlib
 if sys.argv[1] == "settled":
     settle_matplotlib()
 # What a canvas sees while another thread is half-way through `import IPython`

@@ -299,7 +299,7 @@ def start_tags(cfg, extra_tags: dict[str, str] | None = None) -> dict[str, str]:
     sweep's trial (``alcot.sweep_id`` in ``extra_tags``) names its sweep as the source."""
     from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
-    from .config import flatten
+    from alcot.orchestrator.config import flatten
 
     sweep = (extra_tags or {}).get("alcot.sweep_id")
     source = source_tags(f"alcot sweep {sweep}", job=True) if sweep else source_tags()
@@ -325,7 +325,7 @@ def on_finished(
     ``retry_seconds`` is unused (the delivery retries); kept for callers."""
     from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
-    from .config import flatten
+    from alcot.orchestrator.config import flatten
 
     tracker.set_tag(MLFLOW_RUN_NOTE, describe_run(flatten(settings), result.metrics))
     if not log_weights or result.checkpoint is None:

@@ -15,10 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from alcot.model.typed import ConfigError
-
-from .lease import Lease, read_holder
-from .sweep import Sweep
-from .tracking import ensure_experiment, open_client, resolve_uri, retrying
+from alcot.orchestrator.sweeps.spec import Sweep
+from alcot.orchestrator.tracking.lease import Lease, read_holder
+from alcot.orchestrator.tracking.tracker import (
+    ensure_experiment,
+    open_client,
+    resolve_uri,
+    retrying,
+)
 
 
 class Parent:

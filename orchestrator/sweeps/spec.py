@@ -63,9 +63,14 @@ import yaml
 
 from alcot.model.config import count_parameters
 from alcot.model.typed import ConfigError, build
-
-from .config import RunConfig, apply_overrides, check_study_name, config_hash, set_values
-from .yamlloc import load_with_lines
+from alcot.orchestrator.config import (
+    RunConfig,
+    apply_overrides,
+    check_study_name,
+    config_hash,
+    set_values,
+)
+from alcot.orchestrator.sweeps.yaml_lines import load_with_lines
 
 SAMPLERS = ("tpe", "random", "nsga2", "grid")
 OBJECTIVE_METRICS = (
@@ -122,7 +127,7 @@ class SearchSpec:
 
 
 @dataclass
-class Budget:
+class TrainingBudget:
     tokens: int | None = None
     flops: float | None = None
 
@@ -194,7 +199,7 @@ class SweepSpec:
     include: list[dict[str, Any]] = field(default_factory=list)  # extra points after the grid
     overrides: list[Override] = field(default_factory=list)
     search: SearchSpec | None = None
-    budget: Budget | None = None
+    budget: TrainingBudget | None = None
     resources: Resources = field(default_factory=Resources)
     max_concurrent: int = 2
     retries: int = 1
@@ -374,7 +379,7 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
 
 def _check_eval(section: EvalSection, path: Path, lines: dict[str, int]) -> None:
     """The eval section's files and tasks exist, before anything runs."""
-    from .evaluate import check_spec, spec_from_section
+    from alcot.orchestrator.evaluation.suite import check_spec, spec_from_section
 
     try:
         check_spec(spec_from_section(section.resolved(path.parent)))

@@ -1,7 +1,7 @@
 """Downstream tasks through the lm-eval harness (0.4.x), read from local data files.
 
-``orchestrator/tasks/*.yaml.in`` are lm-eval task configs whose data files sit under a data
-folder laid out like the project's shared data (``lambada/lambada_test.jsonl``,
+``orchestrator/evaluation/tasks/*.yaml.in`` are lm-eval task configs whose data files sit under
+a data folder laid out like the project's shared data (``lambada/lambada_test.jsonl``,
 ``llm-foundry-mc/arc_easy.jsonl``, ...). :func:`render_tasks` writes them, with the data folder
 filled in, into a folder lm-eval reads with ``include_path``. Short names (``lambada``,
 ``arc_easy``, ...) stand for the shipped tasks; any other name is passed to lm-eval as it is
@@ -133,7 +133,7 @@ def evaluate_tasks(loaded, spec):
 
     import lm_eval
 
-    from .lmeval_model import AlcotLM
+    from alcot.orchestrator.evaluation.lmeval_model import AlcotLM
 
     # lm-eval bootstraps stderrs (perplexity's) in a fork-based multiprocessing pool: forked
     # from a multi-threaded process (a Ray worker, torch's threads) its workers can hang for

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import os
 
-from .config import alcot_home, study_slug
-from .parents import open_parent
-from .raytune import in_home, init_ray, live_table, tune_run_config
-from .sweep import Sweep, make_trial
-from .trial import RESULT_KEYS, error_line, trial_body
+from alcot.orchestrator.config import alcot_home, study_slug
+from alcot.orchestrator.sweeps.parent_runs import open_parent
+from alcot.orchestrator.sweeps.ray_tune import in_home, init_ray, live_table, tune_run_config
+from alcot.orchestrator.sweeps.spec import Sweep, make_trial
+from alcot.orchestrator.sweeps.trial import RESULT_KEYS, error_line, trial_body
 
 
 def _key(axis: str) -> str:

@@ -6,9 +6,10 @@ test-time halting; ``config`` reads the model from another ``config.yaml``. Scor
 the model's forward; ``generate_until`` goes through the cached latent decoder
 (:func:`alcot.model.generate.generate`), batching requests whose contexts have equal length.
 
-The harness's own CLI finds this model through ``alcot.orchestrator.lmeval_plugin`` (installed
-by ``scripts/install.sh`` as a ``.pth`` hook that registers the name when lm-eval loads its
-registry); in Python, importing this module registers it.
+The harness's own CLI finds this model through
+``alcot.orchestrator.evaluation.lmeval_plugin`` (installed by ``scripts/install.sh`` as a
+``.pth`` hook that registers the name when lm-eval loads its registry); in Python, importing
+this module registers it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from .evaluate import Stats, apply_budget, budgets, load_run, score_continuations
+from alcot.orchestrator.evaluation.budgets import apply_budget, budgets
+from alcot.orchestrator.evaluation.loading import load_run
+from alcot.orchestrator.evaluation.scoring import Stats, score_continuations
 
 
 @register_model("alcot")

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import run_dir
-from .tracking import last_metrics, read_record
+from alcot.orchestrator.config import run_dir
+from alcot.orchestrator.tracking.tracker import last_metrics, read_record
 
 # What a trial reports to Tune: run metric -> result key (also the Optuna objectives' names).
 RESULT_KEYS = {
@@ -42,7 +42,7 @@ def report(
 
 def trial_config(trial_cfg: dict):
     """The RunConfig of a planned trial (its vocabulary is derived from the tokenizer again)."""
-    from .config import RunConfig
+    from alcot.orchestrator.config import RunConfig
 
     cfg_dict = {**trial_cfg, "model": dict(trial_cfg["model"])}
     cfg_dict["model"].pop("vocab_size", None)
@@ -102,7 +102,7 @@ def trial_body(
     os.environ["ALCOT_HOME"] = home
     import torch
 
-    from .train import run_training
+    from alcot.orchestrator.training_run import run_training
 
     if threads:
         torch.set_num_threads(threads)
@@ -116,7 +116,7 @@ def trial_body(
     if res.status != "finished":
         raise RuntimeError(res.message)
     if eval_section and lease:  # gang workers (lease=False): the gang's process evaluates
-        from .evaluate import evaluate_trial
+        from alcot.orchestrator.evaluation.results import evaluate_trial
 
         evaluate_trial(outcome.out_dir, eval_section, log=log)
     journalled, _ = last_metrics(outcome.out_dir)

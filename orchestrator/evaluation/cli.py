@@ -19,8 +19,9 @@ def _ints(text: str) -> list[int]:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from alcot.model.typed import ConfigError
-
-    from .evaluate import EvalSpec, check_spec, load_run, record, run_eval, table
+    from alcot.orchestrator.evaluation.loading import load_run
+    from alcot.orchestrator.evaluation.results import record
+    from alcot.orchestrator.evaluation.suite import EvalSpec, check_spec, run_eval, table
 
     tasks = [t for item in args.tasks or [] for t in item.split(",") if t.strip()]
     spec = EvalSpec(
@@ -53,9 +54,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from alcot.model.typed import ConfigError
-
-    from .depthview import ansi, generate_view, html_page, read_prompts
-    from .evaluate import apply_budget, budgets, load_run, log_artifacts
+    from alcot.orchestrator.evaluation.budgets import apply_budget, budgets
+    from alcot.orchestrator.evaluation.generation_view import (
+        ansi,
+        generate_view,
+        html_page,
+        read_prompts,
+    )
+    from alcot.orchestrator.evaluation.loading import load_run
+    from alcot.orchestrator.evaluation.results import log_artifacts
 
     try:
         if (args.prompt is None) == (args.prompt_file is None):
@@ -104,11 +111,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from alcot.model.typed import ConfigError
-
-    from .evaluate import load_run
+    from alcot.orchestrator.evaluation.loading import load_run
 
     try:
-        from .export import export_hf
+        from alcot.orchestrator.export.hf import export_hf
 
         loaded = load_run(args.run, args.config)
         out = export_hf(loaded, Path(args.hf), overwrite=args.overwrite)

@@ -23,14 +23,19 @@ from typing import Any
 
 from alcot.model import checkpoints
 from alcot.model.typed import ConfigError
-
-from .config import alcot_home, run_dir
-from .lease import Lease, default_ttl, read_holder
-from .parents import open_parent
-from .raytune import in_home, init_ray, live_table, tune_run_config
-from .sweep import Sweep, Trial, describe
-from .tracking import deliver, open_client, read_status, resolve_uri, retrying
-from .trial import backoff, error_line, results_from_run_dir, trial_body
+from alcot.orchestrator.config import alcot_home, run_dir
+from alcot.orchestrator.sweeps.parent_runs import open_parent
+from alcot.orchestrator.sweeps.ray_tune import in_home, init_ray, live_table, tune_run_config
+from alcot.orchestrator.sweeps.spec import Sweep, Trial, describe
+from alcot.orchestrator.sweeps.trial import backoff, error_line, results_from_run_dir, trial_body
+from alcot.orchestrator.tracking.lease import Lease, default_ttl, read_holder
+from alcot.orchestrator.tracking.tracker import (
+    deliver,
+    open_client,
+    read_status,
+    resolve_uri,
+    retrying,
+)
 
 
 @dataclass
@@ -111,7 +116,8 @@ def eval_pending(sweep: Sweep, trial, home: Path) -> bool:
     """The sweep has an ``eval:`` section and the trial's folder has no result of it yet."""
     if sweep.spec.eval is None:
         return False
-    from .evaluate import done_before, spec_from_section
+    from alcot.orchestrator.evaluation.results import done_before
+    from alcot.orchestrator.evaluation.suite import spec_from_section
 
     spec = spec_from_section(sweep.spec.eval.resolved(sweep.path.parent))
     return done_before(run_dir(trial.config, home, trial.hash), spec) is None
@@ -170,7 +176,7 @@ def gang_trainable(
     from ray import train, tune
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from .trial import TrialLog, trial_config
+    from alcot.orchestrator.sweeps.trial import TrialLog, trial_config
 
     point = {
         **config["p"],
@@ -199,7 +205,7 @@ def gang_trainable(
     with Lease(folder, label=f"gang trial {point['hash'][:10]}") as _:
         trainer.fit()  # raises if a worker failed
     if point.get("eval"):  # evaluation runs in this process, on one worker's worth of CPU
-        from .evaluate import evaluate_trial
+        from alcot.orchestrator.evaluation.results import evaluate_trial
 
         evaluate_trial(folder, point["eval"], log=log)
     tune.report(results_from_run_dir(point["trial"], home))

@@ -18,10 +18,16 @@ import yaml
 from alcot.model import checkpoints
 from alcot.model.config import count_parameters
 from alcot.model.training import TrainResult, train
-
-from .config import RunConfig, alcot_home, config_hash, flatten, run_dir
-from .lease import Lease, LeaseLost
-from .tracking import Delivery, Tracker, deliver, last_metrics, read_status, resolve_uri
+from alcot.orchestrator.config import RunConfig, alcot_home, config_hash, flatten, run_dir
+from alcot.orchestrator.tracking.lease import Lease, LeaseLost
+from alcot.orchestrator.tracking.tracker import (
+    Delivery,
+    Tracker,
+    deliver,
+    last_metrics,
+    read_status,
+    resolve_uri,
+)
 
 
 @dataclass
@@ -169,7 +175,7 @@ def _train_claimed(cfg, resolved, data, h, out_dir, is_rank0, progress, log, ext
     settings = resolved.to_dict()
     fence = claim.check if claim is not None else None
     if cfg.tracking.enabled and is_rank0:
-        from . import mlflow_meta
+        from alcot.orchestrator.tracking import metadata
 
         uri, artifact_root = resolve_uri(cfg.tracking.uri, home)
         params = flatten(settings)
@@ -180,7 +186,7 @@ def _train_claimed(cfg, resolved, data, h, out_dir, is_rank0, progress, log, ext
             uri,
             cfg.tracking.experiment,
             out_dir,
-            run_name=cfg.tracking.run_name or mlflow_meta.run_name(m, h),
+            run_name=cfg.tracking.run_name or metadata.run_name(m, h),
             artifact_root=artifact_root,
             tags={
                 "config_hash": h,
@@ -193,7 +199,7 @@ def _train_claimed(cfg, resolved, data, h, out_dir, is_rank0, progress, log, ext
                     if dist.is_initialized()
                     else int(os.environ.get("WORLD_SIZE", 1))
                 ),
-                **mlflow_meta.start_tags(cfg, extra_tags),
+                **metadata.start_tags(cfg, extra_tags),
                 **(extra_tags or {}),
             },
             flush_seconds=cfg.tracking.flush_seconds,
@@ -215,7 +221,7 @@ def _train_claimed(cfg, resolved, data, h, out_dir, is_rank0, progress, log, ext
         if tracker is not None:
             tracker.log_artifact(out_dir / "config.yaml")
             if not tracker.resumed:  # the dataset input, once per run
-                mlflow_meta.on_data(tracker, cfg.data, data)
+                metadata.on_data(tracker, cfg.data, data)
         result = train(
             resolved.model,
             data,
@@ -223,7 +229,7 @@ def _train_claimed(cfg, resolved, data, h, out_dir, is_rank0, progress, log, ext
             cfg.seed,
             out_dir,
             cfg.data.seq_len,
-            callbacks=[mlflow_meta.ScalingMetrics(tracker)] if tracker else [],
+            callbacks=[metadata.ScalingMetrics(tracker)] if tracker else [],
             run_meta={"config_hash": h},
             progress=progress,
             log=log,
@@ -234,7 +240,7 @@ def _train_claimed(cfg, resolved, data, h, out_dir, is_rank0, progress, log, ext
         if tracker is not None and result.status != "finished":
             tracker.set_tag("alcot.error", result.message)
         elif tracker is not None:
-            mlflow_meta.on_finished(tracker, cfg, settings, result, cfg.tracking.log_model)
+            metadata.on_finished(tracker, cfg, settings, result, cfg.tracking.log_model)
         if result.depth_histogram and tracker:
             if fence is not None:
                 fence()

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from alcot.model.typed import ConfigError
-
-from .evaluate import LoadedRun, read_documents, token_stream
+from alcot.orchestrator.evaluation.loading import LoadedRun
+from alcot.orchestrator.evaluation.perplexity import read_documents, token_stream
 
 
 def _windows(ids: list[int], seq: int, n: int) -> torch.Tensor:
@@ -90,7 +90,7 @@ def gradient_share(loaded: LoadedRun, path: Path, batches: int = 4, batch_size: 
 def record(loaded: LoadedRun, result: dict, log=print) -> Path:
     """Keep ``result`` as ``diag/<time>-grad.json`` in the run folder and send its metrics
     (``diag/grad/<name>``) to the run's MLflow entry through the folder's journal."""
-    from .evaluate import keep_result
+    from alcot.orchestrator.evaluation.results import keep_result
 
     metrics = {f"diag/grad/{k}": v for k, v in result["metrics"].items()}
     return keep_result(loaded, result, "diag", "grad", metrics, "diagnosis", log)
@@ -208,9 +208,8 @@ def training_dynamics(
     Returns (probe rows, the trainer's metrics every step); nothing goes to MLflow."""
     from alcot.data.preparation import check_enough, prepare
     from alcot.model.training import train
-
-    from .config import alcot_home
-    from .train import resolve
+    from alcot.orchestrator.config import alcot_home
+    from alcot.orchestrator.training_run import resolve
 
     m = cfg.model
     if not m.uses_router:

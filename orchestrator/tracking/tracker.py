@@ -115,7 +115,7 @@ def ensure_experiment(client, name: str, artifact_root: str | None) -> str:
     """The id of experiment ``name``, created (with ``artifact_root``) if it does not exist,
     with the tags that make the MLflow UI show it as model training (``mlflow_meta``); two
     processes creating it at once both get the one that exists."""
-    from .mlflow_meta import experiment_tags, mark_experiment
+    from alcot.orchestrator.tracking.metadata import experiment_tags, mark_experiment
 
     exp = client.get_experiment_by_name(name)
     if exp is not None:
@@ -510,7 +510,7 @@ class Tracker:
     def _deliver_model(self, rid: str, checkpoint: Path) -> None:
         """Log a manifest's model entry (``mlflow_meta.deliver_model``); a checkpoint that
         does not verify is a warning and the tag ``alcot.model_error``, not a retry."""
-        from .mlflow_meta import deliver_model, model_problem
+        from alcot.orchestrator.tracking.metadata import deliver_model, model_problem
 
         problem = model_problem(checkpoint)
         if problem is None:
@@ -676,7 +676,7 @@ def folder_tracker(
     """A Tracker on a run folder that is not training: its own store (or ``uri``), the
     experiment and run name its ``tracking.json`` keeps, existing runs left where they are.
     None when the folder was never tracked."""
-    from .config import alcot_home
+    from alcot.orchestrator.config import alcot_home
 
     run_dir = Path(run_dir)
     record = read_record(run_dir)

@@ -1,0 +1,1 @@
+"""Evaluation of trained runs: loading, perplexity, lm-eval tasks, test-time budgets."""

@@ -1,0 +1,1 @@
+"""Export of trained runs: Hugging Face folders and MLflow models."""

@@ -1,0 +1,1 @@
+"""Sweeps: the sweep file (spec), its plan, scheduling on Ray / Slurm, trials, parent runs."""
