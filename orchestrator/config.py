@@ -203,6 +203,9 @@ _LATER_FIELDS = {
     ("train", "warmup_steps"): 0,
 }
 
+# The model fields of the parallel layout (left out of a run's identity).
+LAYOUT_FIELDS = ("tensor_parallel_size", "pipeline_parallel_size")
+
 # Halting defaults changed since runs were recorded, at their former values: a model without a
 # router (where halting cannot matter) keeps the identity it had.
 _FORMER_HALTING = {"init_continue": 0.9}
@@ -223,6 +226,12 @@ def identity_dict(cfg: RunConfig) -> dict[str, Any]:
             node.pop(keys[-1], None)  # halting does not matter here, whatever its defaults
     if not cfg.model.uses_router:  # nor a default changed since: older identities stay
         d["model"]["halting"].update(_FORMER_HALTING)
+    # The parallel layout is how a run is computed, not what is trained: the same run at TP = 2
+    # or with another pipeline split is the same trial (its checkpoints reshard across layouts;
+    # data parallelism was never part of the config). Set to 1 rather than dropped, so that the
+    # identities recorded at TP = PP = 1 stay what they were.
+    for key in LAYOUT_FIELDS:
+        d["model"][key] = 1
     return d
 
 

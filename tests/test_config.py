@@ -167,3 +167,17 @@ def test_warmup_steps_override_the_fraction_and_stay_out_of_older_identities():
     same = load_run_config("configs/train_adaptive.yaml", ["train.warmup_steps=0"])
     other = load_run_config("configs/train_adaptive.yaml", ["train.warmup_steps=50"])
     assert config_hash(base) == config_hash(same) != config_hash(other)
+
+
+def test_the_parallel_layout_is_not_part_of_a_runs_identity():
+    # The same run at TP = 2 or PP = 2 is the same trial (checkpoints reshard across layouts);
+    # identities recorded at TP = PP = 1 stay what they were (the committed study's hashes).
+    from alcot.orchestrator.config import config_hash, load_run_config
+
+    sets = ["model.num_layers=4"]
+    one = load_run_config("configs/train_adaptive.yaml", sets)
+    tp2 = load_run_config("configs/train_adaptive.yaml", [*sets, "model.tensor_parallel_size=2"])
+    pp2 = load_run_config("configs/train_adaptive.yaml", [*sets, "model.pipeline_parallel_size=2"])
+    assert config_hash(one) == config_hash(tp2) == config_hash(pp2)
+    other = load_run_config("configs/train_adaptive.yaml", [*sets, "model.l_max=2"])
+    assert config_hash(other) != config_hash(one)
