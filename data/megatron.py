@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from alcot.model.typed import ConfigError
+from alcot.common.typed import ConfigError
 
 from .config import DataConfig
 from .sources import file_identity

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from alcot.model.typed import ConfigError
+from alcot.common.typed import ConfigError
 
 from . import tokenize_worker
 from .config import DataConfig

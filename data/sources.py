@@ -15,7 +15,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from alcot.model.typed import ConfigError
+from alcot.common.typed import ConfigError
 
 from .config import DataConfig
 from .corpus import builtin_documents

@@ -22,11 +22,12 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
+from alcot.common.typed import ConfigError, build
+
 from . import checkpoints
 from .config import ModelConfig, count_parameters
 from .diagnostics import has_token_depth, write_token_depth
 from .tp_reshard import _layer_offset, global_name, local_name
-from .typed import ConfigError, build
 
 FIND = object()  # train(resume_from=FIND): look for the newest valid checkpoint
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from alcot.common.typed import ConfigError
 from alcot.model import checkpoints
-from alcot.model.typed import ConfigError
 from alcot.orchestrator.config import RunConfig, alcot_home
 from alcot.orchestrator.evaluation.budgets import TestTimeBudget
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from alcot.model.typed import ConfigError
+from alcot.common.typed import ConfigError
 from alcot.orchestrator.evaluation.loading import LoadedRun
 from alcot.orchestrator.evaluation.scoring import Stats, forward_logprobs
 

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from alcot.model.typed import ConfigError
+from alcot.common.typed import ConfigError
 
 # We retry ourselves (in the background); MLflow's own retries would block for minutes.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
