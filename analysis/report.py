@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from alcot.common.files import atomic_write
+
 from . import curves as cv
 from . import depth as dp
 from . import plots
@@ -120,10 +122,7 @@ class _Doc:
 
 
 def _write(path: Path, text: str) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return atomic_write(path, text)
 
 
 def glance(points: pd.DataFrame) -> pd.DataFrame:

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from alcot.common.files import atomic_write_json
 from alcot.common.typed import ConfigError
 
 from . import tokenize_worker
@@ -333,9 +334,7 @@ class _Shards:
         for s, b in self.builders.items():
             b.finalize(str(self.out / f"{self.seg[s]['prefix']}.idx"))
         self.progress["segments"].append(self.seg)
-        tmp = self.out / "progress.json.tmp"
-        tmp.write_text(json.dumps(self.progress))
-        os.replace(tmp, self.out / "progress.json")
+        atomic_write_json(self.out / "progress.json", self.progress)
         self.builders = None
 
 

@@ -11,7 +11,6 @@ newest checkpoint is reported and the previous one is used.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -22,6 +21,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from alcot.common.files import file_sha256, fsync_dir
+
 PREFIX = "step_"
 
 
@@ -30,22 +31,6 @@ class CheckpointInfo:
     path: Path
     step: int
     meta: dict
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _ranks() -> tuple[int, int, int, int, int]:
@@ -93,7 +78,7 @@ def save(ckpt_dir: Path, step: int, payload: dict, meta: dict, keep: int) -> Pat
         if final.exists():  # e.g. a corrupt checkpoint of the same step from an earlier attempt
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(ckpt_dir)
+        fsync_dir(ckpt_dir)
         _prune(ckpt_dir, keep)
     if dist.is_initialized():
         dist.barrier()

@@ -342,6 +342,7 @@ def _diagnose_training(args: argparse.Namespace) -> int:
     """``alcot diagnose --train CONFIG``: the router's training dynamics (gradshare.py)."""
     import json
 
+    from alcot.common.files import atomic_write
     from alcot.common.typed import ConfigError
     from alcot.orchestrator.config import load_run_config
     from alcot.orchestrator.evaluation.gradient_share import training_dynamics
@@ -359,9 +360,7 @@ def _diagnose_training(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for name, items in (("probe.jsonl", rows), ("train.jsonl", history)):
-        tmp = out / (name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in items))
-        tmp.replace(out / name)
+        atomic_write(out / name, "".join(json.dumps(r) + "\n" for r in items))
     keys = ("step", "depth", "ce", "router/share", "router/cosine", "backbone/share")
     print(" ".join(f"{k:>14s}" for k in keys + ("k0/dce_dg", "k0/dadapt_dg", "k0/gate")))
     for r in rows:
