@@ -135,7 +135,7 @@ def latest_valid(ckpt_dir: Path) -> CheckpointInfo | None:
 
 
 def load_payload(info: CheckpointInfo, device: torch.device) -> dict:
-    """This rank's file (the trainer reshards checkpoints of another layout: reshard.py)."""
+    """This rank's file (the trainer reshards checkpoints of another layout: layouts.py)."""
     _, tp_rank, _, pp_rank, pp_size = _ranks()
     name = f"tp{tp_rank}.pt" if pp_size == 1 else f"tp{tp_rank}_pp{pp_rank}.pt"
     return torch.load(info.path / name, map_location=device, weights_only=True)
