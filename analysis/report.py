@@ -47,7 +47,7 @@ def fmt(v) -> str:
     return str(v)
 
 
-class _Doc:
+class Doc:
     """Blocks rendered to both Markdown and HTML."""
 
     def __init__(self):
@@ -166,7 +166,7 @@ def build_report(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cv.flops_column(flops)
-    doc = _Doc()
+    doc = Doc()
     figures: list[Path] = []
     scope = f"sweep {study.sweep_id}" if study.sweep_id else "all sweeps"
     doc.h(1, f"alcot study report: {study.experiment}")

@@ -67,11 +67,11 @@ def export_runs(
 
     from mlflow.artifacts import download_artifacts
 
-    from .load import _client, _training_runs
+    from .load import mlflow_client, training_runs
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    client = _client(uri)
-    runs = _training_runs(client, experiment, None)
+    client = mlflow_client(uri)
+    runs = training_runs(client, experiment, None)
     out_runs = []
     points = 0
     artifacts = 0
@@ -234,9 +234,9 @@ class Claims:
 
 def _sizes(values) -> list[str]:
     """The sizes present, smallest first (the ladder's order; unknown names after)."""
-    from .plots import _sizes as ordered
+    from .plots import size_order
 
-    return ordered(pd.Series(values).dropna().unique())
+    return size_order(pd.Series(values).dropna().unique())
 
 
 def _own_rates(runs: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
@@ -521,11 +521,11 @@ def claims(
         if scaling.power and "vanilla" in scaling.power:  # the level every fit reached
             import dataclasses
 
-            from .scaling import _ratios, fit_points
+            from .scaling import compute_ratios, fit_points
 
             reached = dataclasses.replace(scaling, ratios={}, ratio_note="", target_loss=None)
             pts = fit_points(study, scaling.flops, scaling.points)
-            _ratios(reached, pts, None, "vanilla", level)
+            compute_ratios(reached, pts, None, "vanilla", level)
             out.tables["r5_compute_ratio_reached"] = ratio_table(reached)
         if scaling.ratio_note:
             out.notes.append(scaling.ratio_note)
@@ -583,14 +583,14 @@ def write_claims(c: Claims, out_dir: Path) -> list[Path]:
     significant digits (what the report shows), so a rebuild compares byte for byte: the
     bootstrap's refits on another machine or thread count differ past that (seen in the 5th
     digit of an interval's bound)."""
-    from .report import _Doc
+    from .report import Doc
 
     folder = Path(out_dir) / "tables"
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("*.csv"):
         old.unlink()
     written = []
-    doc = _Doc()
+    doc = Doc()
     doc.h(1, "Claims R1-R5: tables")
     doc.items(c.notes)
     for name, df in c.tables.items():

@@ -290,7 +290,7 @@ def _load_checkpoint(info, model, opt, opt_names, main_names, device) -> dict:
     )
 
 
-def _pipeline_step(model, loader, tcfg: TrainerConfig, device, step: int):
+def pipeline_step(model, loader, tcfg: TrainerConfig, device, step: int):
     """One optimizer step's forward and backward under pipeline parallelism: the step's
     ``grad_accum`` micro-batches go through the stages together (``model/pipeline.py``); the
     last stage's loss sums reach every stage (rank 0, a first stage, logs them)."""
@@ -507,7 +507,7 @@ def train(
             opt.zero_grad(set_to_none=True)
             lr = sched.get_last_lr()[0]
             if pp > 1:
-                sums = _pipeline_step(model, loader, tcfg, device, step)
+                sums = pipeline_step(model, loader, tcfg, device, step)
                 stats.add_sums(sums)
                 stats.check(step, sums[0])
                 main.accumulate()
