@@ -151,9 +151,9 @@ def test_a_tensor_and_pipeline_sharded_checkpoint_is_logged_whole(alcot_home, tm
 
     settings = {"model": {**tiny_config(method="adaptive").to_dict(), "tensor_parallel_size": 2}}
     settings["model"]["pipeline_parallel_size"] = 2
-    uri, _ = default_store(alcot_home)
+    uri, artifacts = default_store(alcot_home)
     client = MlflowClient(uri)
-    run_id = client.create_run(ensure_experiment(client, "tp-model", None)).info.run_id
+    run_id = client.create_run(ensure_experiment(client, "tp-model", artifacts)).info.run_id
     model_uri = log_model(uri, run_id, ckpt, settings)
     mlflow.set_tracking_uri(uri)
     try:
