@@ -50,7 +50,7 @@ class Claims:
 
 def ordered_sizes(values) -> list[str]:
     """The sizes present, smallest first (the ladder's order; unknown names after)."""
-    from .plots import ladder_order as ordered
+    from .plots import size_order as ordered
 
     return ordered(pd.Series(values).dropna().unique())
 
@@ -426,11 +426,11 @@ def r5_fits(s: Scores, study: Study, scaling) -> None:
         if scaling.power and "vanilla" in scaling.power:  # the level every fit reached
             import dataclasses
 
-            from .scaling import _ratios, fit_points
+            from .scaling import compute_ratios, fit_points
 
             reached = dataclasses.replace(scaling, ratios={}, ratio_note="", target_loss=None)
             pts = fit_points(study, scaling.flops, scaling.points)
-            _ratios(reached, pts, None, "vanilla", level)
+            compute_ratios(reached, pts, None, "vanilla", level)
             out.tables["r5_compute_ratio_reached"] = ratio_table(reached)
         if scaling.ratio_note:
             out.notes.append(scaling.ratio_note)

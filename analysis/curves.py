@@ -115,7 +115,7 @@ def envelope(curves: pd.DataFrame, by: str = "method") -> pd.DataFrame:
     return pd.concat(parts) if parts else curves.iloc[:0]
 
 
-def _interp(run: pd.DataFrame, grid: np.ndarray, carry: bool = False) -> np.ndarray:
+def interpolate(run: pd.DataFrame, grid: np.ndarray, carry: bool = False) -> np.ndarray:
     """A run's loss at compute levels ``grid``, linear in log compute between evaluations, NaN
     before its first one. Past its last evaluation: NaN, or with ``carry`` the best loss it
     reached (a budget larger than the run spent could have bought at least that)."""
@@ -149,7 +149,7 @@ def at_matched_flops(
     by = [by] if isinstance(by, str) else list(by)
     rows = {}
     for key, g in curves.groupby(by, sort=True, dropna=False):
-        losses = np.vstack([_interp(r, levels, carry) for _, r in g.groupby("run_id")])
+        losses = np.vstack([interpolate(r, levels, carry) for _, r in g.groupby("run_id")])
         with np.errstate(all="ignore"):
             best = np.where(
                 np.isnan(losses).all(0),

@@ -53,11 +53,11 @@ def export_runs(
 
     from mlflow.artifacts import download_artifacts
 
-    from .load import _client, _training_runs
+    from .load import mlflow_client, training_runs
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    client = _client(uri)
-    runs = _training_runs(client, experiment, None)
+    client = mlflow_client(uri)
+    runs = training_runs(client, experiment, None)
     out_runs = []
     points = 0
     artifacts = 0

@@ -25,7 +25,8 @@ class AnalysisError(ValueError):
     """The runs cannot answer the question asked (no runs, missing metrics, too few points)."""
 
 
-def _client(uri: str | None):
+def mlflow_client(uri: str | None):
+    """A client of the tracking store ``uri`` (default: the one alcot's runs use)."""
     from mlflow.tracking import MlflowClient
 
     if uri is None:
@@ -36,7 +37,9 @@ def _client(uri: str | None):
     return MlflowClient(tracking_uri=uri)
 
 
-def _training_runs(client, experiment: str, sweep_id: str | None):
+def training_runs(client, experiment: str, sweep_id: str | None):
+    """The experiment's training runs (those with a config hash), of one sweep if
+    ``sweep_id``; AnalysisError when there are none."""
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise AnalysisError(f"experiment {experiment!r} does not exist in {client.tracking_uri}")
@@ -62,9 +65,9 @@ def _number(text: str | None):
 
 
 def load_runs(experiment: str, sweep_id: str | None = None, uri: str | None = None) -> pd.DataFrame:
-    client = _client(uri)
+    client = mlflow_client(uri)
     rows = []
-    for r in _training_runs(client, experiment, sweep_id):
+    for r in training_runs(client, experiment, sweep_id):
         p, t = r.data.params, r.data.tags
         row = {
             "run_id": r.info.run_id,
@@ -108,8 +111,8 @@ def _histories(client, run_ids, keys: list[str]) -> pd.DataFrame:
 def load_histories(
     experiment: str, keys: list[str], sweep_id: str | None = None, uri: str | None = None
 ) -> pd.DataFrame:
-    client = _client(uri)
-    ids = [r.info.run_id for r in _training_runs(client, experiment, sweep_id)]
+    client = mlflow_client(uri)
+    ids = [r.info.run_id for r in training_runs(client, experiment, sweep_id)]
     df = _histories(client, ids, keys)
     missing = [k for k in keys if not (df["key"] == k).any()]
     if missing:
@@ -155,7 +158,7 @@ class Study:
 
     @classmethod
     def load(cls, experiment: str, sweep_id: str | None = None, uri: str | None = None) -> Study:
-        client = _client(uri)
+        client = mlflow_client(uri)
         uri = client.tracking_uri
         all_runs = load_runs(experiment, sweep_id, uri)
         runs = all_runs[all_runs["status"] == "FINISHED"].reset_index(drop=True)

@@ -40,7 +40,8 @@ def colour(method: str) -> str:
     return METHOD_COLOURS[method]
 
 
-def ladder_order(values) -> list[str]:
+def size_order(values) -> list[str]:
+    """The distinct sizes in ``values``, smallest first (the ladder's order; unknown after)."""
     known = [s for s in SIZE_ORDER if s in set(values)]
     return known + sorted(set(values) - set(known))
 
@@ -86,7 +87,7 @@ def curves_figure(curves: pd.DataFrame, flops: str, env: pd.DataFrame | None = N
     """Validation perplexity against compute, one line per run (colour: method, line: size),
     with each method's compute-efficient envelope drawn thick."""
     fig, ax = plt.subplots(figsize=(8, 4.8), layout="constrained")
-    sizes = ladder_order(curves["size"])
+    sizes = size_order(curves["size"])
     for _, g in curves.groupby("run_id"):
         g = g.sort_values("flops")
         first = g.iloc[0]
@@ -118,7 +119,7 @@ def pareto_figure(points: pd.DataFrame, fronts: dict[str, pd.DataFrame], flops: 
     """Final perplexity against total compute of every run (marker: size), adaptive runs
     labelled with their lambda, each method's Pareto front as a step line."""
     fig, ax = plt.subplots(figsize=(8, 4.8), layout="constrained")
-    sizes = ladder_order(points["size"])
+    sizes = size_order(points["size"])
     # adaptive runs in order of compute: alternate labels up-left / down-right, so that two
     # runs close together get their labels on opposite sides
     rank = points[points["method"] == "adaptive"]["flops"].rank(method="first")
@@ -221,7 +222,7 @@ def depth_penalty_figure(table: pd.DataFrame):
     fig, axes = plt.subplots(
         1, panels, figsize=(5.2 * panels + 1.5, 4), squeeze=False, layout="constrained"
     )
-    sizes = ladder_order(table["size"])
+    sizes = size_order(table["size"])
     ax = axes[0, 0]
     for (size, beta), g in table.groupby(["size", "beta"], dropna=False):
         g = g.sort_values("lambda")

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from alcot.common.files import atomic_write
+
 from . import curves as cv
 from . import depth as dp
 from . import plots
@@ -45,7 +47,7 @@ def fmt(v) -> str:
     return str(v)
 
 
-class _Doc:
+class Doc:
     """Blocks rendered to both Markdown and HTML."""
 
     def __init__(self):
@@ -120,10 +122,7 @@ class _Doc:
 
 
 def _write(path: Path, text: str) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return atomic_write(path, text)
 
 
 def glance(points: pd.DataFrame) -> pd.DataFrame:
@@ -167,7 +166,7 @@ def build_report(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cv.flops_column(flops)
-    doc = _Doc()
+    doc = Doc()
     figures: list[Path] = []
     scope = f"sweep {study.sweep_id}" if study.sweep_id else "all sweeps"
     doc.h(1, f"alcot study report: {study.experiment}")

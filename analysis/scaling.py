@@ -105,11 +105,13 @@ def fit_study(
                 fits[method] = fit(g, name.format(m=method))
             except FitError as err:
                 res.refused[(law, method)] = str(err)
-    _ratios(res, pts, target_ppl, reference, level)
+    compute_ratios(res, pts, target_ppl, reference, level)
     return res
 
 
-def _ratios(res: ScalingResult, pts: pd.DataFrame, target_ppl, reference: str, level: float):
+def compute_ratios(res: ScalingResult, pts: pd.DataFrame, target_ppl, reference: str, level: float):
+    """Fill ``res.target_loss`` and each fitted method's compute ratio to ``reference`` there
+    (or ``res.ratio_note`` when the reference has no fit)."""
     if reference not in res.power:
         why = "no runs" if reference not in res.data else "its fit refused"
         res.ratio_note = f"no compute ratios: the reference method {reference!r} has {why}"

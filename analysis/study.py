@@ -19,14 +19,14 @@ def write_claims(c: Claims, out_dir: Path) -> list[Path]:
     significant digits (what the report shows), so a rebuild compares byte for byte: the
     bootstrap's refits on another machine or thread count differ past that (seen in the 5th
     digit of an interval's bound)."""
-    from .report import _Doc
+    from .report import Doc
 
     folder = Path(out_dir) / "tables"
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("*.csv"):
         old.unlink()
     written = []
-    doc = _Doc()
+    doc = Doc()
     doc.h(1, "Claims R1-R5: tables")
     doc.items(c.notes)
     for name, df in c.tables.items():

@@ -82,7 +82,7 @@ def generate(folder: Path, gb: float, seed: int = 0) -> int:
 
 def train_tokenizer(folder: Path, out: Path, sample_mb: int = 20) -> Path:
     from alcot.data.config import DataConfig
-    from alcot.data.preparation import _bpe_sample
+    from alcot.data.preparation import bpe_sample
     from alcot.data.tokenizer import train_bpe
 
     cfg = DataConfig(
@@ -92,7 +92,7 @@ def train_tokenizer(folder: Path, out: Path, sample_mb: int = 20) -> Path:
         vocab_size=8192,
         tokenizer_sample=sample_mb * 1_000_000,
     )
-    tok = train_bpe(_bpe_sample(cfg, {}), cfg.vocab_size)
+    tok = train_bpe(bpe_sample(cfg, {}), cfg.vocab_size)
     tok.save(str(out))
     return out
 

@@ -43,7 +43,7 @@ if ! "$py" -c "import alcot.model.config" 2>/dev/null; then
     shim="$out/.shim/alcot"
     mkdir -p "$shim"
     : >"$shim/__init__.py"
-    for part in model data orchestrator analysis; do ln -sfn "$root/$part" "$shim/$part"; done
+    for part in common model data orchestrator analysis; do ln -sfn "$root/$part" "$shim/$part"; done
     export PYTHONPATH="$out/.shim${PYTHONPATH:+:$PYTHONPATH}"
 fi
 if ! "$py" -c "import megatron.core" 2>/dev/null; then

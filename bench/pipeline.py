@@ -74,8 +74,8 @@ def _batches(m: int, b: int, s: int, seed: int):
 def worker(args) -> None:
     """One process: P = 1 (alone) or one of the P = 2 stages."""
     from alcot.model import AlcotModel, init_parallel
+    from alcot.model.layouts import full_state_dict, load_full_state_dict
     from alcot.model.pipeline import Timeline, run_pipeline
-    from alcot.model.tp_reshard import full_state_dict, load_full_state_dict
 
     torch.set_num_threads(1)
     pp = int(os.environ.get("WORLD_SIZE", 1))

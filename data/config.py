@@ -6,7 +6,7 @@ import codecs
 from dataclasses import dataclass
 from typing import Any
 
-from alcot.model.typed import ConfigError, build
+from alcot.common.typed import ConfigError, build
 
 SOURCES = ("builtin", "text", "jsonl", "hf", "megatron")
 DEFAULT_BPE_VOCAB = 2048

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from alcot.model.typed import ConfigError
+from alcot.common.files import atomic_path
+from alcot.common.typed import ConfigError
 
 from .config import DataConfig
 from .sources import file_identity
@@ -247,9 +248,8 @@ def open_megatron(cfg: DataConfig, cache_root) -> MegatronData:
     if cfg.tokenizer:
         tok_file = cache / "tokenizer.json"
         if not tok_file.exists():
-            tmp = cache / f".tokenizer.json.{id(tok)}"
-            tok.save(str(tmp))
-            tmp.replace(tok_file)
+            with atomic_path(tok_file) as tmp:
+                tok.save(str(tmp))
     n_train = n_val = docs_train = docs_val = 0
     for ds in indexed:
         lengths = ds.index.sequence_lengths

@@ -37,7 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from alcot.model.typed import ConfigError
+from alcot.common.files import atomic_write_json
+from alcot.common.typed import ConfigError
 
 from . import tokenize_worker
 from .config import DataConfig
@@ -226,7 +227,7 @@ def _split_flags(cfg: DataConfig, forced: dict[int, bool]) -> Iterator[tuple[int
         yield i, doc, forced.get(i, v)
 
 
-def _bpe_sample(cfg: DataConfig, forced: dict[int, bool]) -> Iterator[str]:
+def bpe_sample(cfg: DataConfig, forced: dict[int, bool]) -> Iterator[str]:
     """Training documents for the BPE: all of them up to ``tokenizer_sample`` characters, or,
     for a larger corpus (text, jsonl: size known from the files), each with probability
     sample / size, so the sample spreads over the whole corpus."""
@@ -333,9 +334,7 @@ class _Shards:
         for s, b in self.builders.items():
             b.finalize(str(self.out / f"{self.seg[s]['prefix']}.idx"))
         self.progress["segments"].append(self.seg)
-        tmp = self.out / "progress.json.tmp"
-        tmp.write_text(json.dumps(self.progress))
-        os.replace(tmp, self.out / "progress.json")
+        atomic_write_json(self.out / "progress.json", self.progress)
         self.builders = None
 
 
@@ -362,7 +361,7 @@ def build(cfg: DataConfig, out: Path, log=print, entry_name: str = "", forced=No
             f"training a byte-level BPE ({cfg.vocab_size}) on up to {cfg.tokenizer_sample:,} "
             f"characters of {_source_name(cfg)}"
         )
-        tok = train_bpe(_bpe_sample(cfg, forced), cfg.vocab_size)
+        tok = train_bpe(bpe_sample(cfg, forced), cfg.vocab_size)
         where = "the trained BPE"
     vocab = tok.get_vocab_size()
     eos = eos_id(tok, where)

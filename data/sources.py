@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import codecs
 import hashlib
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from alcot.model.typed import ConfigError
+from alcot.common.files import JSONLineError, read_jsonl
+from alcot.common.typed import ConfigError
 
 from .config import DataConfig
 from .corpus import builtin_documents
@@ -114,20 +114,19 @@ def iter_documents(cfg: DataConfig) -> Iterator[str]:
                     yield text
     elif cfg.source == "jsonl":
         for f in _files(cfg):
-            for lineno, line in enumerate(iter_lines(f, cfg.encoding), 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ConfigError("data.path", f"{f}:{lineno}: not JSON ({err})") from None
-                if not isinstance(record, dict) or cfg.text_field not in record:
-                    raise ConfigError(
-                        "data.text_field", f"{f}:{lineno} has no field {cfg.text_field!r}"
-                    )
-                text = record[cfg.text_field]
-                if isinstance(text, str) and text.strip():
-                    yield text
+            try:
+                for lineno, record in read_jsonl(iter_lines(f, cfg.encoding)):
+                    if not isinstance(record, dict) or cfg.text_field not in record:
+                        raise ConfigError(
+                            "data.text_field", f"{f}:{lineno} has no field {cfg.text_field!r}"
+                        )
+                    text = record[cfg.text_field]
+                    if isinstance(text, str) and text.strip():
+                        yield text
+            except JSONLineError as err:
+                raise ConfigError(
+                    "data.path", f"{f}:{err.lineno}: not JSON ({err.error})"
+                ) from None
     else:
         yield from _hf_documents(cfg, Path(cfg.path).expanduser())
 

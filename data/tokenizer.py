@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from alcot.model.typed import ConfigError
+from alcot.common.typed import ConfigError
 
 EOS = "<|endoftext|>"
 

@@ -11,7 +11,6 @@ newest checkpoint is reported and the previous one is used.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -22,6 +21,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from alcot.common.files import file_sha256, fsync_dir
+
 PREFIX = "step_"
 
 
@@ -30,22 +31,6 @@ class CheckpointInfo:
     path: Path
     step: int
     meta: dict
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _ranks() -> tuple[int, int, int, int, int]:
@@ -93,7 +78,7 @@ def save(ckpt_dir: Path, step: int, payload: dict, meta: dict, keep: int) -> Pat
         if final.exists():  # e.g. a corrupt checkpoint of the same step from an earlier attempt
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(ckpt_dir)
+        fsync_dir(ckpt_dir)
         _prune(ckpt_dir, keep)
     if dist.is_initialized():
         dist.barrier()
@@ -150,7 +135,7 @@ def latest_valid(ckpt_dir: Path) -> CheckpointInfo | None:
 
 
 def load_payload(info: CheckpointInfo, device: torch.device) -> dict:
-    """This rank's file (the trainer reshards checkpoints of another layout: reshard.py)."""
+    """This rank's file (the trainer reshards checkpoints of another layout: layouts.py)."""
     _, tp_rank, _, pp_rank, pp_size = _ranks()
     name = f"tp{tp_rank}.pt" if pp_size == 1 else f"tp{tp_rank}_pp{pp_rank}.pt"
     return torch.load(info.path / name, map_location=device, weights_only=True)

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .typed import ConfigError, build, to_dict
+from alcot.common.typed import ConfigError, build, to_dict
 
 METHODS = ("adaptive", "vanilla", "looped", "pause", "ponder", "fixed", "mor")
 ROUTERS = ("linear", "per_step", "mlp", "none")

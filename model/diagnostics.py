@@ -10,9 +10,12 @@ them from the run's artifacts and computes the rank correlation.
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
 import torch
+
+from alcot.common.files import atomic_write
 
 COLUMNS = ("step0_loss", "depth")
 
@@ -54,11 +57,8 @@ def write_token_depth(model, batches, path: Path, max_tokens: int = 4096, write:
             break
     if not write:
         return None
-    path = Path(path)
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(COLUMNS)
-        w.writerows((f"{loss:.5f}", d) for loss, d in rows[:max_tokens])
-    tmp.replace(path)
-    return path
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(COLUMNS)
+    w.writerows((f"{loss:.5f}", d) for loss, d in rows[:max_tokens])
+    return atomic_write(path, buf.getvalue())

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .halting import halting_update
 from .mor import recursion_update, select
-from .network import AlcotModel, _log_weight
+from .network import AlcotModel, log_weight
 
 
 @dataclass
@@ -257,7 +257,7 @@ def _mix(model: AlcotModel, mixed: Tensor | None, weight: Tensor, h: Tensor) -> 
     if model.cfg.mix == "state":  # fp32, as in training
         contrib = weight[:, None] * h.float()
         return contrib if mixed is None else mixed + contrib
-    term = _log_weight(weight)[:, None] + model._vocab_log_softmax(model._logits(h))
+    term = log_weight(weight)[:, None] + model._vocab_log_softmax(model._logits(h))
     return term if mixed is None else torch.logaddexp(mixed, term)
 
 

@@ -503,7 +503,7 @@ class AlcotModel(nn.Module):
                 if dist_logits:
                     lp = self._vocab_log_softmax(lg[:, 0])
                     lp = lp.new_zeros(s, b, lp.shape[-1]).index_put((pos, rows), lp)
-                    term = _log_weight(weight).t()[..., None] + lp
+                    term = log_weight(weight).t()[..., None] + lp
                     mixed = term if mixed is None else torch.logaddexp(mixed, term)
             elif want_q and not last:
                 q = torch.ones(b, s, device=dev)  # filled in by the next step, if any
@@ -532,7 +532,7 @@ class AlcotModel(nn.Module):
         else:
             if labels is not None:
                 # -log sum_k w(k) softmax(W h(k))[y] = -logsumexp_k(log w(k) - ce(k))
-                terms = torch.stack([_log_weight(rec.weight) - rec.ce for rec in records], 0)
+                terms = torch.stack([log_weight(rec.weight) - rec.ce for rec in records], 0)
                 ce_tok = -torch.logsumexp(terms, dim=0)
             if return_logits:
                 logits = self._gather_vocab(mixed).transpose(0, 1)
@@ -692,7 +692,7 @@ def _pack(active: Tensor) -> tuple[int, int, Tensor, Tensor]:
     return n, max(counts), idx[:, 0], idx[:, 1]
 
 
-def _log_weight(w: Tensor) -> Tensor:
+def log_weight(w: Tensor) -> Tensor:
     """log w with -inf where w == 0, without NaN gradients."""
     safe = torch.where(w > 0, w, torch.ones_like(w))
     return torch.where(w > 0, safe.log(), torch.full_like(w, float("-inf")))

@@ -22,11 +22,12 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
+from alcot.common.typed import ConfigError, build
+
 from . import checkpoints
 from .config import ModelConfig, count_parameters
 from .diagnostics import has_token_depth, write_token_depth
-from .tp_reshard import _layer_offset, global_name, local_name
-from .typed import ConfigError, build
+from .layouts import global_name, layer_offset, local_name
 
 FIND = object()  # train(resume_from=FIND): look for the newest valid checkpoint
 
@@ -272,16 +273,16 @@ def evaluate(model, data, tcfg: TrainerConfig, seq_len: int, batch: int, device)
 
 def _load_checkpoint(info, model, opt, opt_names, main_names, device) -> dict:
     """This rank's payload of a checkpoint: its own file when the checkpoint was written at the
-    current (tensor, pipeline) layout, else rebuilt from every rank's file (``reshard.py``)."""
+    current (tensor, pipeline) layout, else rebuilt from every rank's file (``layouts.py``)."""
+    from .layouts import load_resharded, rank_file, saved_layout
     from .parallel import pp_rank, pp_world_size, tp_rank, tp_world_size
-    from .reshard import load_resharded, rank_file, saved_layout
 
     tp, pp = tp_world_size(), pp_world_size()
     old_tp, old_pp, _ = saved_layout(info.path)
     if (old_tp, old_pp) == (tp, pp):
         path = info.path / rank_file(tp_rank(), pp_rank(), pp)
         return torch.load(path, map_location=device, weights_only=True)
-    offset = _layer_offset(model)
+    offset = layer_offset(model)
     params = {global_name(n, offset): p for n, p in model.named_parameters()}
     keys = [global_name(n, offset) for n in model.state_dict()]
     return load_resharded(
@@ -289,7 +290,7 @@ def _load_checkpoint(info, model, opt, opt_names, main_names, device) -> dict:
     )
 
 
-def _pipeline_step(model, loader, tcfg: TrainerConfig, device, step: int):
+def pipeline_step(model, loader, tcfg: TrainerConfig, device, step: int):
     """One optimizer step's forward and backward under pipeline parallelism: the step's
     ``grad_accum`` micro-batches go through the stages together (``model/pipeline.py``); the
     last stage's loss sums reach every stage (rank 0, a first stage, logs them)."""
@@ -371,7 +372,7 @@ def train(
     random.seed(seed)
     model = cast_model(AlcotModel(model_cfg), param_dtype(tcfg, device)).to(device)
     main = MainParams(list(model.parameters()))  # fp32 main copies of bf16 parameters
-    offset = _layer_offset(model)
+    offset = layer_offset(model)
     gname = {n: global_name(n, offset) for n, _ in model.named_parameters()}
     decay, no_decay, decay_names, no_decay_names = [], [], [], []
     router_lr = tcfg.lr * (model_cfg.halting.router_lr_scale if model_cfg.uses_router else 1.0)
@@ -443,7 +444,7 @@ def train(
 
     def checkpoint(step: int) -> Path:
         payload = {
-            # global names and named optimizer entries: any layout can resume it (reshard.py)
+            # global names and named optimizer entries: any layout can resume it (layouts.py)
             "model": {global_name(n, offset): t for n, t in model.state_dict().items()},
             "layout": {"tp": model_cfg.tensor_parallel_size, "pp": pp},
             "optimizer": opt.state_dict(),
@@ -506,7 +507,7 @@ def train(
             opt.zero_grad(set_to_none=True)
             lr = sched.get_last_lr()[0]
             if pp > 1:
-                sums = _pipeline_step(model, loader, tcfg, device, step)
+                sums = pipeline_step(model, loader, tcfg, device, step)
                 stats.add_sums(sums)
                 stats.check(step, sums[0])
                 main.accumulate()

@@ -36,7 +36,7 @@ def cmd_smoke(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from alcot.model.typed import ConfigError
+    from alcot.common.typed import ConfigError
     from alcot.orchestrator.config import load_run_config
 
     try:
@@ -74,8 +74,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     """Tokenise a run config's corpus into the token cache (Megatron-Core .bin/.idx shards)."""
+    from alcot.common.typed import ConfigError
     from alcot.data.preparation import check_enough, prepare
-    from alcot.model.typed import ConfigError
     from alcot.orchestrator.config import alcot_home, load_run_config
 
     try:
@@ -179,7 +179,7 @@ def _experiment_views(uri: str) -> list[tuple[str, str, str]]:
 
 
 def cmd_tracking_sync(args: argparse.Namespace) -> int:
-    from alcot.model.typed import ConfigError
+    from alcot.common.typed import ConfigError
     from alcot.orchestrator.tracking.tracker import sync
 
     try:
@@ -191,7 +191,7 @@ def cmd_tracking_sync(args: argparse.Namespace) -> int:
 
 
 def _load_sweep(path: str, overrides: list[str] | None = None):
-    from alcot.model.typed import ConfigError
+    from alcot.common.typed import ConfigError
     from alcot.orchestrator.sweeps.spec import SweepError, load_sweep
 
     try:
@@ -219,7 +219,7 @@ def cmd_sweep_run(args: argparse.Namespace) -> int:
         except SlurmError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-    from alcot.model.typed import ConfigError
+    from alcot.common.typed import ConfigError
 
     if sweep.spec.search is not None:
         from alcot.orchestrator.sweeps.search import run_search as run
@@ -316,7 +316,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
-    from alcot.model.typed import ConfigError
+    from alcot.common.typed import ConfigError
     from alcot.orchestrator.evaluation.gradient_share import gradient_share, record
     from alcot.orchestrator.evaluation.loading import load_run
 
@@ -342,7 +342,8 @@ def _diagnose_training(args: argparse.Namespace) -> int:
     """``alcot diagnose --train CONFIG``: the router's training dynamics (gradshare.py)."""
     import json
 
-    from alcot.model.typed import ConfigError
+    from alcot.common.files import atomic_write
+    from alcot.common.typed import ConfigError
     from alcot.orchestrator.config import load_run_config
     from alcot.orchestrator.evaluation.gradient_share import training_dynamics
 
@@ -359,9 +360,7 @@ def _diagnose_training(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for name, items in (("probe.jsonl", rows), ("train.jsonl", history)):
-        tmp = out / (name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in items))
-        tmp.replace(out / name)
+        atomic_write(out / name, "".join(json.dumps(r) + "\n" for r in items))
     keys = ("step", "depth", "ce", "router/share", "router/cosine", "backbone/share")
     print(" ".join(f"{k:>14s}" for k in keys + ("k0/dce_dg", "k0/dadapt_dg", "k0/gate")))
     for r in rows:
@@ -372,8 +371,8 @@ def _diagnose_training(args: argparse.Namespace) -> int:
 
 
 def cmd_study_export(args: argparse.Namespace) -> int:
-    from alcot.analysis.export import export_runs
     from alcot.analysis.load import AnalysisError
+    from alcot.analysis.export import export_runs
 
     try:
         info = export_runs(args.experiment, args.out, args.tracking_uri)
@@ -591,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import os
 
-    from alcot.model.typed import ConfigError
+    from alcot.common.typed import ConfigError
     from alcot.orchestrator.config import check_uri_credentials
 
     try:  # the URI is recorded (tracking.json, Ray job env): never with a password in it

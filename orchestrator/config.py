@@ -18,10 +18,10 @@ from typing import Any
 
 import yaml
 
+from alcot.common.typed import ConfigError, build, to_dict
 from alcot.data.config import DataConfig
 from alcot.model.config import ModelConfig
 from alcot.model.training import TrainerConfig
-from alcot.model.typed import ConfigError, build, to_dict
 
 
 def alcot_home() -> Path:

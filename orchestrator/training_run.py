@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from alcot.common.files import atomic_write
 from alcot.model import checkpoints
 from alcot.model.config import count_parameters
 from alcot.model.training import TrainResult, train
@@ -285,9 +286,7 @@ def keep_tokenizer(src: Path, out_dir: Path) -> None:
     data = Path(src).read_bytes()
     if dest.exists() and dest.read_bytes() == data:
         return
-    tmp = dest.with_name(f".tokenizer.json.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, dest)
+    atomic_write(dest, data)
 
 
 RECORDS = ("metrics.jsonl", "tracking.json", "artifacts.json", "params.json", "run_status.json")

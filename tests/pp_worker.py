@@ -19,8 +19,8 @@ warnings.filterwarnings("ignore")
 def main(work: str, tp: int, pp: int) -> None:
     from alcot.model import AlcotModel, ModelConfig, init_parallel
     from alcot.model.generate import generate
+    from alcot.model.layouts import full_state_dict, load_full_state_dict
     from alcot.model.pipeline import Timeline, broadcast_outputs, run_pipeline
-    from alcot.model.tp_reshard import full_state_dict, load_full_state_dict
 
     init_parallel(tp, pipeline_parallel_size=pp)
     rank = torch.distributed.get_rank()

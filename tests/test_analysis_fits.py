@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from alcot.analysis.curves import _interp, at_matched_flops, pareto_front
+from alcot.analysis.curves import at_matched_flops, interpolate, pareto_front
 from alcot.analysis.fits import FitError, compute_ratio, fit_chinchilla, fit_power_law
 
 E, A, ALPHA = 2.0, 3.0e3, 0.3
@@ -112,10 +112,10 @@ def test_pareto_front_and_matched_flops_interpolation():
     pts = pd.DataFrame({"flops": [1, 2, 3, 4, 5.0], "val_ppl": [9, 7, 8, 5, 6.0]})
     assert list(pareto_front(pts)["flops"]) == [1, 2, 4]
     run = pd.DataFrame({"run_id": "r", "flops": [10.0, 100.0], "val_loss": [3.0, 2.0]})
-    got = _interp(run, np.array([5.0, 10.0, math.sqrt(1000.0), 100.0, 1000.0]))
+    got = interpolate(run, np.array([5.0, 10.0, math.sqrt(1000.0), 100.0, 1000.0]))
     assert np.isnan(got[0]) and np.isnan(got[4])
     assert got[1:4] == pytest.approx([3.0, 2.5, 2.0])  # linear in log compute
-    assert _interp(run, np.array([1000.0]), carry=True) == pytest.approx([2.0])
+    assert interpolate(run, np.array([1000.0]), carry=True) == pytest.approx([2.0])
     curves = pd.concat(
         [run.assign(label="a"), run.assign(run_id="s", label="b", flops=[20.0, 1000.0])]
     )

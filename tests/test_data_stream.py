@@ -159,7 +159,7 @@ def test_bpe_trains_on_a_bounded_sample(tmp_path):
     )
     prep = importlib.import_module("alcot.data.preparation")
 
-    sample = list(prep._bpe_sample(cfg, {}))
+    sample = list(prep.bpe_sample(cfg, {}))
     assert sum(len(d) for d in sample) <= total // 10 + max(len(d) for d in sample)
     assert len(sample) > 10
     files = {i for i, d in enumerate(prep.iter_documents(cfg)) if d in set(sample)}

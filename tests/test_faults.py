@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import SMALL_RUN, MlflowServer, home_at, small_run
 
-from alcot.model.typed import ConfigError
+from alcot.common.typed import ConfigError
 from alcot.orchestrator.cli import main
 from alcot.orchestrator.tracking.tracker import open_client, read_journal
 

@@ -108,8 +108,8 @@ def test_lambda_warm_up_scales_the_adaptive_loss(build):
     ],
 )
 def test_recipe_options_are_validated(key, value):
+    from alcot.common.typed import ConfigError
     from alcot.model import ModelConfig
-    from alcot.model.typed import ConfigError
 
     with pytest.raises(ConfigError, match=f"model.halting.{key}"):
         ModelConfig.from_dict({"size": "micro", "halting": {key: value}})

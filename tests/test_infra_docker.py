@@ -16,7 +16,7 @@ KNOWN = {
     "FROM", "RUN", "CMD", "LABEL", "EXPOSE", "ENV", "ADD", "COPY", "ENTRYPOINT", "VOLUME",
     "USER", "WORKDIR", "ARG", "ONBUILD", "STOPSIGNAL", "HEALTHCHECK", "SHELL",
 }  # fmt: skip
-SOURCES = ["model", "data", "orchestrator", "analysis"]  # pyproject's package folders
+SOURCES = ["common", "model", "data", "orchestrator", "analysis"]  # pyproject's package folders
 
 
 def parse(text: str) -> list[tuple[str, str, int]]:

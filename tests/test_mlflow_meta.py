@@ -6,7 +6,10 @@ import json
 import os
 
 import numpy as np
-from conftest import small_run
+from conftest import small_run, spread_router, tiny_config
+from mlflow.tracking import MlflowClient
+
+from alcot.orchestrator.tracking.tracker import default_store
 
 
 def _client(home):
@@ -116,3 +119,48 @@ def test_run_names_tell_the_trials_of_a_sweep_apart():
     )
     looped = ModelConfig.from_dict({"method": "looped", "size": "micro", "l_max": 4})
     assert run_name(looped, h) == "looped-micro-L4-012345"
+
+
+def test_a_tensor_and_pipeline_sharded_checkpoint_is_logged_whole(alcot_home, tmp_path, build):
+    """A checkpoint written at tensor x pipeline = 2 x 2 (its rank files made by hand with the
+    layouts module's split) is logged as the full one-process weights, and loads back."""
+    import mlflow
+    import torch
+
+    from alcot.model.layouts import partitions, rank_file, tp_split
+    from alcot.orchestrator.tracking.metadata import log_model
+    from alcot.orchestrator.tracking.tracker import ensure_experiment
+
+    model = build(method="adaptive")
+    spread_router(model)
+    full = {n: t for n, t in model.state_dict().items() if isinstance(t, torch.Tensor)}
+    rules = partitions(model)
+    assert rules and any(stride == 2 for _, stride in rules.values())  # SwiGLU's fc1 too
+    ckpt = tmp_path / "step_00000004"
+    ckpt.mkdir()
+    for p in range(2):  # stage 0: layer 0 and the embedding; stage 1: layer 1, norm, head
+        stage = {
+            n: t
+            for n, t in model.state_dict().items()
+            if (n.startswith("block.layers.1.") or not n.startswith(("block.layers.", "emb")))
+            == (p == 1)
+        }
+        for t in range(2):
+            shard = {n: tp_split(v, *rules[n], t, 2) if n in rules else v for n, v in stage.items()}
+            torch.save({"model": shard}, ckpt / rank_file(t, p, 2))
+
+    settings = {"model": {**tiny_config(method="adaptive").to_dict(), "tensor_parallel_size": 2}}
+    settings["model"]["pipeline_parallel_size"] = 2
+    uri, artifacts = default_store(alcot_home)
+    client = MlflowClient(uri)
+    run_id = client.create_run(ensure_experiment(client, "tp-model", artifacts)).info.run_id
+    model_uri = log_model(uri, run_id, ckpt, settings)
+    mlflow.set_tracking_uri(uri)
+    try:
+        logged = mlflow.pyfunc.load_model(model_uri).unwrap_python_model().model
+    finally:
+        mlflow.set_tracking_uri(None)
+    got = {n: t for n, t in logged.state_dict().items() if isinstance(t, torch.Tensor)}
+    assert sorted(got) == sorted(full)
+    for name, t in full.items():
+        assert torch.equal(got[name], t), name

@@ -157,8 +157,8 @@ def test_mor_trains_and_its_router_learns_to_predict_top_k(build):
 
 
 def test_capacity_must_fit_the_steps():
+    from alcot.common.typed import ConfigError
     from alcot.model import ModelConfig
-    from alcot.model.typed import ConfigError
 
     with pytest.raises(ConfigError, match=r"model\.mor\.capacity"):
         ModelConfig.from_dict({"method": "mor", "l_max": 3, "mor": {"capacity": [0.5, 0.5]}})

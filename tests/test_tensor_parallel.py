@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import spread_router, tiny_config
 
-from alcot.model.tp_reshard import full_state_dict
+from alcot.model.layouts import full_state_dict
 
 CASES = [
     dict(method="adaptive", halting={"tau": 0.3, "lambda": 0.5}),

@@ -15,7 +15,7 @@ warnings.filterwarnings("ignore")
 
 def main(work: str) -> None:
     from alcot.model import AlcotModel, ModelConfig, init_parallel
-    from alcot.model.tp_reshard import full_state_dict, load_full_state_dict
+    from alcot.model.layouts import full_state_dict, load_full_state_dict
 
     init_parallel(2)
     rank = torch.distributed.get_rank()

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from alcot.model.typed import ConfigError
+from alcot.common.typed import ConfigError
 
 if TYPE_CHECKING:  # the run type only for annotations: loading imports this module
     from alcot.orchestrator.evaluation.loading import LoadedRun

@@ -18,7 +18,7 @@ def _ints(text: str) -> list[int]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from alcot.model.typed import ConfigError
+    from alcot.common.typed import ConfigError
     from alcot.orchestrator.evaluation.loading import load_run
     from alcot.orchestrator.evaluation.results import record
     from alcot.orchestrator.evaluation.suite import EvalSpec, check_spec, run_eval, table
@@ -53,7 +53,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from alcot.model.typed import ConfigError
+    from alcot.common.typed import ConfigError
     from alcot.orchestrator.evaluation.budgets import apply_budget, budgets
     from alcot.orchestrator.evaluation.generation_view import (
         ansi,
@@ -110,7 +110,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from alcot.model.typed import ConfigError
+    from alcot.common.typed import ConfigError
     from alcot.orchestrator.evaluation.loading import load_run
 
     try:

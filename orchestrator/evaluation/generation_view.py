@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from alcot.model.typed import ConfigError
+from alcot.common.typed import ConfigError
 
 # background colours (ANSI 256) from light to dark for depth 0 .. l_max
 _ANSI = [255, 153, 117, 75, 33, 27, 21, 19, 17]

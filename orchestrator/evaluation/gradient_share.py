@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from alcot.model.typed import ConfigError
+from alcot.common.typed import ConfigError
 from alcot.orchestrator.evaluation.loading import LoadedRun
 from alcot.orchestrator.evaluation.perplexity import read_documents, token_stream
 

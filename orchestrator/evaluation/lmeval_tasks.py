@@ -15,7 +15,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from alcot.model.typed import ConfigError
+from alcot.common.typed import ConfigError
 
 TEMPLATES = Path(__file__).resolve().parent / "tasks"
 PLACEHOLDER = "__DATA_DIR__"

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from alcot.common.typed import ConfigError
 from alcot.model import checkpoints
-from alcot.model.typed import ConfigError
 from alcot.orchestrator.config import RunConfig, alcot_home
 from alcot.orchestrator.evaluation.budgets import TestTimeBudget
 
@@ -125,7 +125,7 @@ def find_tokenizer(run_dir: Path, cfg: RunConfig) -> Path:
 def _load_weights(info: checkpoints.CheckpointInfo, model) -> dict:
     """The checkpoint's model state with tensor-parallel shards gathered into full tensors and
     pipeline stages joined (one-process names)."""
-    from alcot.model.reshard import full_model_state
+    from alcot.model.layouts import full_model_state
 
     try:
         return full_model_state(info.path, model)
@@ -172,7 +172,7 @@ def load_run(target: str | Path, config: str | Path | None = None, threads: int 
     torch.manual_seed(0)
     model = AlcotModel(cfg.model)
     state = _load_weights(info, model)
-    from alcot.model.reshard import saved_layout
+    from alcot.model.layouts import saved_layout
 
     saved_tp, saved_pp, _ = saved_layout(info.path)
     if (saved_tp, saved_pp) != (trained_tp, trained_pp):

@@ -3,14 +3,14 @@ scored with a sliding window."""
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
 
-from alcot.model.typed import ConfigError
+from alcot.common.files import JSONLineError, read_jsonl
+from alcot.common.typed import ConfigError
 from alcot.orchestrator.evaluation.loading import LoadedRun
 from alcot.orchestrator.evaluation.scoring import Stats, forward_logprobs
 
@@ -37,17 +37,16 @@ def read_documents(path: Path, text_field: str = "text") -> list[str]:
             raise ConfigError("--text", f"{path} is empty")
         return [text]
     docs = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ConfigError("--text", f"{path}:{lineno}: not JSON ({err})") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get(text_field), str):
-            raise ConfigError("--text-field", f"{path}:{lineno} has no text field {text_field!r}")
-        if rec[text_field].strip():
-            docs.append(rec[text_field])
+    try:
+        for lineno, rec in read_jsonl(text.splitlines()):
+            if not isinstance(rec, dict) or not isinstance(rec.get(text_field), str):
+                raise ConfigError(
+                    "--text-field", f"{path}:{lineno} has no text field {text_field!r}"
+                )
+            if rec[text_field].strip():
+                docs.append(rec[text_field])
+    except JSONLineError as err:
+        raise ConfigError("--text", f"{path}:{err.lineno}: not JSON ({err.error})") from None
     if not docs:
         raise ConfigError("--text", f"{path} has no documents")
     return docs

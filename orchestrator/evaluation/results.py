@@ -8,6 +8,7 @@ import json
 import time
 from pathlib import Path
 
+from alcot.common.files import atomic_write_json
 from alcot.model import checkpoints
 from alcot.orchestrator.evaluation.loading import LoadedRun, load_run
 from alcot.orchestrator.evaluation.suite import (
@@ -83,9 +84,7 @@ def keep_result(
     out.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(result["time"]))
     path = out / f"{stamp}-{name}.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(path)
+    atomic_write_json(path, result, indent=1)
     if read_record(loaded.run_dir) is None:
         log(f"{loaded.run_dir} was not tracked in MLflow: results kept in {path}")
         return path

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from alcot.model.typed import ConfigError
+from alcot.common.typed import ConfigError
 from alcot.orchestrator.evaluation.budgets import TestTimeBudget, apply_budget, budgets
 from alcot.orchestrator.evaluation.loading import LoadedRun
 from alcot.orchestrator.evaluation.perplexity import corpus_name, read_documents, text_metrics

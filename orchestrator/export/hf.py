@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from alcot.model.typed import ConfigError
+from alcot.common.typed import ConfigError
 
 REMOTE = Path(__file__).resolve().parent / "hf_remote"
 FILES = ("configuration_alcot.py", "modeling_alcot.py")

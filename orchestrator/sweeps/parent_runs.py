@@ -14,7 +14,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from alcot.model.typed import ConfigError
+from alcot.common.typed import ConfigError
 from alcot.orchestrator.sweeps.spec import Sweep
 from alcot.orchestrator.tracking.lease import Lease, read_holder
 from alcot.orchestrator.tracking.tracker import (

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from alcot.common.typed import ConfigError
 from alcot.model import checkpoints
-from alcot.model.typed import ConfigError
 from alcot.orchestrator.config import alcot_home, run_dir
 from alcot.orchestrator.sweeps.parent_runs import open_parent
 from alcot.orchestrator.sweeps.ray_tune import in_home, init_ray, live_table, tune_run_config

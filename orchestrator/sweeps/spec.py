@@ -61,8 +61,8 @@ from typing import Any
 
 import yaml
 
+from alcot.common.typed import ConfigError, build
 from alcot.model.config import count_parameters
-from alcot.model.typed import ConfigError, build
 from alcot.orchestrator.config import (
     RunConfig,
     apply_overrides,

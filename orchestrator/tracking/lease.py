@@ -43,6 +43,8 @@ from pathlib import Path
 
 import psutil
 
+from alcot.common.files import atomic_write
+
 NAME = "lease.json"
 
 
@@ -155,9 +157,7 @@ class Lease:
 
     def _replace(self) -> None:
         """Write the lease (atomically for readers); the caller holds the flock."""
-        tmp = self.folder / f".{NAME}.{os.getpid()}"
-        tmp.write_text(self._payload())
-        os.replace(tmp, self.path)
+        atomic_write(self.path, self._payload())
         self.beat_at = time.time()
 
     def _mine(self, holder: Holder | None) -> bool:
@@ -182,9 +182,7 @@ class Lease:
             # free, stale or torn: take it, with the next generation
             last = max(_read_generation(self.folder), holder.generation if holder else 0)
             self.generation = last + 1
-            tmp = self.folder / f".{GENERATION}.{os.getpid()}"
-            tmp.write_text(str(self.generation))
-            os.replace(tmp, self.folder / GENERATION)
+            atomic_write(self.folder / GENERATION, str(self.generation))
             self._replace()
         self.held = True
         self.lost = False

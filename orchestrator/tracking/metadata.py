@@ -334,18 +334,16 @@ def on_finished(
 
 
 def model_problem(checkpoint: Path) -> str | None:
-    """Why ``checkpoint`` can never be logged as a model (it does not verify, or holds
-    tensor-parallel shards), or None."""
+    """Why ``checkpoint`` can never be logged as a model (it does not verify, or its rank
+    files do not make a layout), or None."""
     from alcot.model.checkpoints import verify
-    from alcot.model.reshard import saved_layout
+    from alcot.model.layouts import saved_layout
 
     try:
         verify(Path(checkpoint))
-        tp, _, _ = saved_layout(Path(checkpoint))
+        saved_layout(Path(checkpoint))
     except ValueError as err:
         return str(err)
-    if tp != 1:
-        return f"{checkpoint} holds {tp} tensor-parallel shards; only checkpoints without them"
     return None
 
 
@@ -380,7 +378,9 @@ class AlcotLM(mlflow.pyfunc.PythonModel):
 
         settings = json.loads(Path(context.artifacts["config"]).read_text())
         init_parallel(1)
-        self.model = AlcotModel(ModelConfig.from_dict(settings["model"]))
+        # the weights are full (one-process) tensors, whatever layout the run trained at
+        one = {"tensor_parallel_size": 1, "pipeline_parallel_size": 1}
+        self.model = AlcotModel(ModelConfig.from_dict({**settings["model"], **one}))
         state = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
         self.model.load_state_dict(state)
         self.model.eval()
@@ -411,25 +411,20 @@ class AlcotLM(mlflow.pyfunc.PythonModel):
 def log_model(
     tracking_uri: str, run_id: str, checkpoint: Path, settings: dict, name: str = MODEL_NAME
 ) -> str:
-    """Log the weights in ``checkpoint`` (an alcot checkpoint folder without tensor-parallel
-    shards; pipeline stages are joined) with the resolved run ``settings`` as an MLflow pyfunc
-    model on ``run_id``; returns its ``models:/<model id>`` URI (load it with
-    ``mlflow.pyfunc.load_model``, register it with ``mlflow.register_model``)."""
+    """Log the weights in ``checkpoint`` (an alcot checkpoint folder at any tensor x pipeline
+    layout, joined into one-process tensors by ``layouts.full_model_state``) with the resolved
+    run ``settings`` as an MLflow pyfunc model on ``run_id``; returns its
+    ``models:/<model id>`` URI (load it with ``mlflow.pyfunc.load_model``, register it with
+    ``mlflow.register_model``)."""
     import torch
 
-    from alcot.model.reshard import saved_layout
+    from alcot.model.layouts import full_model_state, partitions_of, saved_layout
 
-    tp, pp, files = saved_layout(Path(checkpoint))
-    if tp != 1:
-        raise ValueError(
-            f"{checkpoint} holds {tp} tensor-parallel shards; only checkpoints without "
-            "tensor-parallel shards are logged as MLflow models"
-        )
-    payload = {"model": {}}
-    for p in range(pp):  # pipeline stages hold disjoint entries under one-process names
-        stage = torch.load(files[(0, p)], map_location="cpu", weights_only=True)["model"]
-        for key, t in stage.items():
-            payload["model"].setdefault(key, t)
+    tp, _, _ = saved_layout(Path(checkpoint))
+    # how the sharded weights were split: read off the model the settings describe (built in
+    # a process of its own); a checkpoint without tensor-parallel shards needs no rule
+    rules = partitions_of(settings["model"]) if tp > 1 else {}
+    state = full_model_state(Path(checkpoint), rules)
     reqs = [f"torch=={torch.__version__.split('+')[0]}", "megatron-core", "pyyaml"]
     version = _installed_version()
     if version:
@@ -442,7 +437,7 @@ def log_model(
     previous_env = os.environ.get("MLFLOW_TRACKING_URI")
     with tempfile.TemporaryDirectory(prefix="alcot-model-") as tmp:
         weights, config = Path(tmp) / "weights.pt", Path(tmp) / "config.json"
-        torch.save(payload["model"], weights)
+        torch.save(state, weights)
         config.write_text(json.dumps(settings))
         mlflow.set_tracking_uri(tracking_uri)
         try:

@@ -38,7 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from alcot.model.typed import ConfigError
+from alcot.common.files import atomic_write_json, read_jsonl
+from alcot.common.typed import ConfigError
 
 # We retry ourselves (in the background); MLflow's own retries would block for minutes.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
@@ -170,29 +171,17 @@ def read_record(run_dir: Path) -> dict | None:
     return rec
 
 
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
-
 def read_journal(run_dir: Path) -> list[dict]:
     """The folder's ``metrics.jsonl`` rows (``{"step": ..., "metrics": {...}}``), in order. A
     line torn by a kill mid-write is skipped."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    rows = []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and "step" in row and "metrics" in row:
-            rows.append(row)
-    return rows
+    return [
+        row
+        for _, row in read_jsonl(path, skip_bad=True)
+        if isinstance(row, dict) and "step" in row and "metrics" in row
+    ]
 
 
 def last_metrics(run_dir: Path) -> tuple[dict[str, float], int]:
@@ -296,7 +285,7 @@ class Tracker:
             params = json.loads(params_file.read_text())
         self._params: dict[str, str] = {k: str(v)[:6000] for k, v in (params or {}).items()}
         if params:
-            _write_json(params_file, params)
+            atomic_write_json(params_file, params, indent=1)
         self._params_sent = False
         self._tags: dict[str, str] = {}  # set while running, sent with the next delivery
         self._artifacts: list[dict] = self._read_artifacts()
@@ -332,7 +321,7 @@ class Tracker:
             return []
 
     def _write_record(self) -> None:
-        _write_json(
+        atomic_write_json(
             self.run_dir / "tracking.json",
             {
                 "uri": self.uri,
@@ -343,6 +332,7 @@ class Tracker:
                 "stores": self._stores,
                 "folder_id": self.folder_id,
             },
+            indent=1,
         )
 
     # ------------------------------------------------------------------ delivery
@@ -584,7 +574,7 @@ class Tracker:
 
     def log_params(self, params: dict[str, Any]) -> None:
         self._params.update({k: str(v)[:6000] for k, v in params.items()})
-        _write_json(self.run_dir / "params.json", self._params)
+        atomic_write_json(self.run_dir / "params.json", self._params, indent=1)
         self._params_sent = False
 
     def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
@@ -612,7 +602,7 @@ class Tracker:
         item = {"path": str(stored), "artifact_path": artifact_path}
         if item not in self._artifacts:
             self._artifacts.append(item)
-            _write_json(self.run_dir / "artifacts.json", self._artifacts)
+            atomic_write_json(self.run_dir / "artifacts.json", self._artifacts, indent=1)
 
     def log_model(self, checkpoint: Path) -> None:
         """Record the weights in ``checkpoint`` as the run's MLflow model (an entry of the
@@ -627,7 +617,7 @@ class Tracker:
         item = {"path": str(stored), "artifact_path": None, "kind": "model"}
         if item not in self._artifacts:
             self._artifacts.append(item)
-            _write_json(self.run_dir / "artifacts.json", self._artifacts)
+            atomic_write_json(self.run_dir / "artifacts.json", self._artifacts, indent=1)
 
     def finish(self, status: str | None, timeout: float | None = None) -> bool:
         """Keep ``status`` in the folder, deliver everything (retrying with backoff for up to
@@ -639,7 +629,7 @@ class Tracker:
             self._journal.close()
         self._check_fence()  # a process that lost the folder keeps and sends nothing
         if status is not None:
-            _write_json(self.run_dir / "run_status.json", {"status": status})
+            atomic_write_json(self.run_dir / "run_status.json", {"status": status}, indent=1)
         deadline = time.time() + (patience() if timeout is None else timeout)
         while not self._deliver_once() and time.time() < deadline and self.fenced is None:
             time.sleep(min(self._backoff(), max(0.0, deadline - time.time())))
