@@ -31,7 +31,7 @@ def mlflow_client(uri: str | None):
 
     if uri is None:
         from alcot.orchestrator.config import alcot_home
-        from alcot.orchestrator.tracking.tracker import resolve_uri
+        from alcot.orchestrator.tracking.stores import resolve_uri
 
         uri, _ = resolve_uri(None, alcot_home())
     return MlflowClient(tracking_uri=uri)

@@ -366,7 +366,8 @@ def check(soak: Soak) -> dict:
     from alcot.model import checkpoints
     from alcot.orchestrator.config import run_dir
     from alcot.orchestrator.sweeps.spec import load_sweep
-    from alcot.orchestrator.tracking.tracker import open_client, read_journal, read_status
+    from alcot.orchestrator.tracking.run_folder import read_journal, read_status
+    from alcot.orchestrator.tracking.stores import open_client
 
     client = open_client(soak.server.url)
     out = Counter()

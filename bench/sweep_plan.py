@@ -30,7 +30,7 @@ def main() -> None:
     os.environ["ALCOT_HOME"] = str(home)
     from alcot.orchestrator.sweeps.runner import plan
     from alcot.orchestrator.sweeps.spec import load_sweep
-    from alcot.orchestrator.tracking.tracker import default_store, ensure_experiment, open_client
+    from alcot.orchestrator.tracking.stores import default_store, ensure_experiment, open_client
 
     seeds = 10
     lambdas = ", ".join(f"{0.001 * (i + 1):.4f}" for i in range(args.trials // seeds))

@@ -224,7 +224,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def run_load(n: int, args, pg, server, folder: Path) -> dict:
-    from alcot.orchestrator.tracking.tracker import read_journal
+    from alcot.orchestrator.tracking.run_folder import read_journal
 
     ctx = mp.get_context("spawn")
     log_start = server.log.stat().st_size if server.log.exists() else 0

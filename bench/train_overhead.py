@@ -38,7 +38,8 @@ def run_once(config, overrides, tracked: bool, root: Path, tag: str) -> list[flo
     from alcot.data.preparation import prepare
     from alcot.model.training import train
     from alcot.orchestrator.config import alcot_home, config_hash, flatten, load_run_config
-    from alcot.orchestrator.tracking.tracker import Tracker, resolve_uri
+    from alcot.orchestrator.tracking.stores import resolve_uri
+    from alcot.orchestrator.tracking.tracker import Tracker
     from alcot.orchestrator.training_run import resolve
 
     cfg = load_run_config(config, [*overrides, "train.resume=never"])

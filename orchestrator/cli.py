@@ -104,7 +104,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 def ui_hint(uri: str | None) -> str:
     from alcot.orchestrator.config import alcot_home
-    from alcot.orchestrator.tracking.tracker import default_store
+    from alcot.orchestrator.tracking.stores import default_store
 
     if uri and uri == default_store(alcot_home())[0]:
         return "alcot ui   (then open http://127.0.0.1:5000)"
@@ -116,7 +116,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     import shutil
 
     from alcot.orchestrator.config import alcot_home
-    from alcot.orchestrator.tracking.tracker import default_store
+    from alcot.orchestrator.tracking.stores import default_store
 
     uri, artifacts = default_store(alcot_home())
     uri = args.backend_store_uri or os.environ.get("MLFLOW_TRACKING_URI") or uri

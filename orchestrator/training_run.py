@@ -21,14 +21,9 @@ from alcot.model.config import count_parameters
 from alcot.model.training import TrainResult, train
 from alcot.orchestrator.config import RunConfig, alcot_home, config_hash, flatten, run_dir
 from alcot.orchestrator.tracking.lease import Lease, LeaseLost
-from alcot.orchestrator.tracking.tracker import (
-    Delivery,
-    Tracker,
-    deliver,
-    last_metrics,
-    read_status,
-    resolve_uri,
-)
+from alcot.orchestrator.tracking.run_folder import last_metrics, read_status
+from alcot.orchestrator.tracking.stores import resolve_uri
+from alcot.orchestrator.tracking.tracker import Delivery, Tracker, deliver
 
 
 @dataclass

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     from mlflow.tracking import MlflowClient
 
     from alcot.orchestrator.config import alcot_home
-    from alcot.orchestrator.tracking.tracker import resolve_uri
+    from alcot.orchestrator.tracking.stores import resolve_uri
 
     uri = args.tracking_uri or resolve_uri(None, alcot_home())[0]
     client = MlflowClient(tracking_uri=uri)

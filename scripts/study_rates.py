@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from alcot.orchestrator.config import alcot_home
     from alcot.orchestrator.sweeps.spec import load_sweep
-    from alcot.orchestrator.tracking.tracker import resolve_uri
+    from alcot.orchestrator.tracking.stores import resolve_uri
 
     uri = args.tracking_uri or resolve_uri(None, alcot_home())[0]
     sweep = load_sweep(args.sweep)

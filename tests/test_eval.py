@@ -66,7 +66,7 @@ def trained(alcot_home, tmp_path_factory):
 
 
 def _mlflow_eval_keys(out) -> set[str]:
-    from alcot.orchestrator.tracking.tracker import open_client
+    from alcot.orchestrator.tracking.stores import open_client
 
     run = open_client(out.tracking_uri).get_run(out.run_id)
     return {k for k in run.data.metrics if k.startswith("eval/")}

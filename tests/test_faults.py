@@ -15,7 +15,8 @@ from conftest import SMALL_RUN, MlflowServer, home_at, small_run
 
 from alcot.common.typed import ConfigError
 from alcot.orchestrator.cli import main
-from alcot.orchestrator.tracking.tracker import open_client, read_journal
+from alcot.orchestrator.tracking.run_folder import read_journal
+from alcot.orchestrator.tracking.stores import open_client
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -296,7 +297,7 @@ def test_nested_study_names_stay_under_alcot_home(tmp_path):
 
 
 def test_sqlite_uri_keeps_artifacts_beside_the_store(tmp_path):
-    from alcot.orchestrator.tracking.tracker import resolve_uri
+    from alcot.orchestrator.tracking.stores import resolve_uri
 
     uri, root = resolve_uri(f"sqlite:///{tmp_path / 'db' / 'x.db'}", tmp_path / "home")
     assert root == (tmp_path / "db" / "mlartifacts").as_uri()

@@ -17,7 +17,8 @@ from conftest import SMALL_RUN, MlflowServer, home_at, small_run
 from alcot.model import checkpoints
 from alcot.orchestrator.cli import main
 from alcot.orchestrator.tracking.lease import Lease, LeaseLost, read_holder
-from alcot.orchestrator.tracking.tracker import open_client, read_journal
+from alcot.orchestrator.tracking.run_folder import read_journal
+from alcot.orchestrator.tracking.stores import open_client
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -9,13 +9,13 @@ import numpy as np
 from conftest import small_run, spread_router, tiny_config
 from mlflow.tracking import MlflowClient
 
-from alcot.orchestrator.tracking.tracker import default_store
+from alcot.orchestrator.tracking.stores import default_store
 
 
 def _client(home):
     from mlflow.tracking import MlflowClient
 
-    from alcot.orchestrator.tracking.tracker import default_store
+    from alcot.orchestrator.tracking.stores import default_store
 
     return MlflowClient(default_store(home)[0])
 
@@ -103,7 +103,7 @@ def test_a_finished_run_shows_what_the_ui_needs(alcot_home, tmp_path):
     # a second run of the same data shares the digest; an experiment made before the tags
     # existed gets them when alcot uses it again
     old = client.create_experiment("made-before")
-    from alcot.orchestrator.tracking.tracker import ensure_experiment
+    from alcot.orchestrator.tracking.stores import ensure_experiment
 
     assert ensure_experiment(client, "made-before", None) == old
     assert client.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
@@ -129,7 +129,7 @@ def test_a_tensor_and_pipeline_sharded_checkpoint_is_logged_whole(alcot_home, tm
 
     from alcot.model.layouts import partitions, rank_file, tp_split
     from alcot.orchestrator.tracking.metadata import log_model
-    from alcot.orchestrator.tracking.tracker import ensure_experiment
+    from alcot.orchestrator.tracking.stores import ensure_experiment
 
     model = build(method="adaptive")
     spread_router(model)

@@ -126,7 +126,7 @@ def test_committed_export_rebuilds_the_committed_tables_exactly(tmp_path, capsys
 def test_diagnose_splits_the_gradient_and_logs_it_to_the_run(alcot_home, tmp_path, capsys):
     from conftest import small_run
 
-    from alcot.orchestrator.tracking.tracker import open_client
+    from alcot.orchestrator.tracking.stores import open_client
     from alcot.orchestrator.training_run import run_training
 
     run_dir = tmp_path / "run"

@@ -83,7 +83,7 @@ def test_plan_and_trial_without_ray(tmp_path):
 
 @pytest.mark.slow
 def test_eval_section_runs_once_and_is_skipped_on_resubmission(tmp_path):
-    from alcot.orchestrator.tracking.tracker import open_client
+    from alcot.orchestrator.tracking.stores import open_client
 
     home = tmp_path / "home"
     path = tmp_path / "sweep.yaml"

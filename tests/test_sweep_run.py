@@ -121,7 +121,8 @@ def test_killed_driver_resubmitted_finishes_only_the_rest(tmp_path):
 def assert_complete(home: Path, finished, uri: str | None = None) -> None:
     """Every finished trial's MLflow run has each journalled step exactly once (train and val)
     and the artifacts its folder recorded."""
-    from alcot.orchestrator.tracking.tracker import open_client, read_journal
+    from alcot.orchestrator.tracking.run_folder import read_journal
+    from alcot.orchestrator.tracking.stores import open_client
 
     client = open_client(uri or f"sqlite:///{home / 'mlflow.db'}")
     for r in finished:
@@ -171,7 +172,7 @@ def test_the_same_sweep_launched_twice_at_once_trains_each_trial_once(tmp_path):
     assert all(r.info.status == "FINISHED" for r in kids)
     assert_complete(home, kids)
     for r in kids:  # every step trained once: the journal has no step twice
-        from alcot.orchestrator.tracking.tracker import read_journal
+        from alcot.orchestrator.tracking.run_folder import read_journal
 
         steps = [row["step"] for row in read_journal(Path(r.data.tags["alcot.out_dir"]))]
         assert len(steps) == len(set(steps)), steps
@@ -240,7 +241,7 @@ def test_tracking_outage_mid_sweep_loses_nothing(tmp_path):
 
 
 def runs_at(uri: str, study: str):
-    from alcot.orchestrator.tracking.tracker import open_client
+    from alcot.orchestrator.tracking.stores import open_client
 
     client = open_client(uri)
     exp = client.get_experiment_by_name(study)

@@ -19,7 +19,7 @@ BIN = Path(sys.executable).parent
 
 
 def journal(run_dir: Path) -> dict[int, dict]:
-    from alcot.orchestrator.tracking.tracker import read_journal
+    from alcot.orchestrator.tracking.run_folder import read_journal
 
     rows = {}
     for row in read_journal(run_dir):  # a line torn by a SIGKILL is skipped
@@ -31,7 +31,7 @@ def mlflow_client():
     from mlflow.tracking import MlflowClient
 
     from alcot.orchestrator.config import alcot_home
-    from alcot.orchestrator.tracking.tracker import default_store
+    from alcot.orchestrator.tracking.stores import default_store
 
     return MlflowClient(default_store(alcot_home())[0])
 

@@ -70,7 +70,7 @@ def resolve_target(target: str | Path) -> tuple[Path, checkpoints.CheckpointInfo
 def _run_dir_of_mlflow_run(run_id: str) -> Path:
     import os
 
-    from alcot.orchestrator.tracking.tracker import open_client, resolve_uri
+    from alcot.orchestrator.tracking.stores import open_client, resolve_uri
 
     uri, _ = resolve_uri(os.environ.get("MLFLOW_TRACKING_URI"), alcot_home())
     try:

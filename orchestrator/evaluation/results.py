@@ -32,7 +32,7 @@ def log_artifacts(loaded: LoadedRun, paths: list[Path], artifact_path: str, log=
     import shutil
 
     from alcot.orchestrator.tracking.lease import Lease
-    from alcot.orchestrator.tracking.tracker import read_status
+    from alcot.orchestrator.tracking.run_folder import read_status
 
     dest = loaded.run_dir / artifact_path
     dest.mkdir(exist_ok=True)
@@ -78,7 +78,7 @@ def keep_result(
     through the folder's journal, with the JSON as an artifact under ``<folder>/`` when
     ``artifact``. A folder never tracked keeps the file only. Returns the JSON's path."""
     from alcot.orchestrator.tracking.lease import Lease
-    from alcot.orchestrator.tracking.tracker import read_record, read_status
+    from alcot.orchestrator.tracking.run_folder import read_record, read_status
 
     out = loaded.run_dir / folder
     out.mkdir(exist_ok=True)

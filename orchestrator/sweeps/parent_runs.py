@@ -17,12 +17,7 @@ from typing import Any
 from alcot.common.typed import ConfigError
 from alcot.orchestrator.sweeps.spec import Sweep
 from alcot.orchestrator.tracking.lease import Lease, read_holder
-from alcot.orchestrator.tracking.tracker import (
-    ensure_experiment,
-    open_client,
-    resolve_uri,
-    retrying,
-)
+from alcot.orchestrator.tracking.stores import ensure_experiment, open_client, resolve_uri, retrying
 
 
 class Parent:

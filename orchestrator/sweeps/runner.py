@@ -29,13 +29,9 @@ from alcot.orchestrator.sweeps.ray_tune import in_home, init_ray, live_table, tu
 from alcot.orchestrator.sweeps.spec import Sweep, Trial, describe
 from alcot.orchestrator.sweeps.trial import backoff, error_line, results_from_run_dir, trial_body
 from alcot.orchestrator.tracking.lease import Lease, default_ttl, read_holder
-from alcot.orchestrator.tracking.tracker import (
-    deliver,
-    open_client,
-    read_status,
-    resolve_uri,
-    retrying,
-)
+from alcot.orchestrator.tracking.run_folder import read_status
+from alcot.orchestrator.tracking.stores import open_client, resolve_uri, retrying
+from alcot.orchestrator.tracking.tracker import deliver
 
 
 @dataclass

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from alcot.orchestrator.config import run_dir
-from alcot.orchestrator.tracking.tracker import last_metrics, read_record
+from alcot.orchestrator.tracking.run_folder import last_metrics, read_record
 
 # What a trial reports to Tune: run metric -> result key (also the Optuna objectives' names).
 RESULT_KEYS = {

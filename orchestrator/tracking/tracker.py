@@ -28,7 +28,6 @@ does it for every such trial before training anything).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import threading
@@ -38,168 +37,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from alcot.common.files import atomic_write_json, read_jsonl
+from alcot.common.files import atomic_write_json
 from alcot.common.typed import ConfigError
-
-# We retry ourselves (in the background); MLflow's own retries would block for minutes.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+from alcot.orchestrator.tracking.run_folder import (
+    read_journal,
+    read_record,
+    read_status,
+)
+from alcot.orchestrator.tracking.stores import (
+    MAX_BACKOFF,
+    ensure_experiment,
+    not_found,
+    open_client,
+    patience,
+    resolve_uri,
+)
 
 MODEL_URI_TAG = "alcot.model_uri"  # = mlflow_meta.MODEL_URI_TAG (a logged model's URI)
 FOLDER_TAG = "alcot.folder"  # the run folder's id on each of its runs (idempotent creation)
-MAX_BACKOFF = 30.0  # seconds between delivery attempts at most, while the store is away
-
-
-def patience() -> float:
-    """Seconds a run's end (or the sweep driver) keeps retrying an unreachable store before it
-    leaves the rest to a later delivery (``ALCOT_TRACKING_PATIENCE``, default 30)."""
-    return float(os.environ.get("ALCOT_TRACKING_PATIENCE", "30"))
-
-
-# ------------------------------------------------------------------------------ stores
-def default_store(home: Path) -> tuple[str, str]:
-    """(tracking URI, artifact root) of the embedded store under ``home``: absolute paths."""
-    home.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{home / 'mlflow.db'}", (home / "mlartifacts").as_uri()
-
-
-def _sqlite_path(uri: str) -> Path | None:
-    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
-
-
-def resolve_uri(configured: str | None, home: Path) -> tuple[str, str | None]:
-    """(tracking URI, artifact root for new experiments): config field >
-    ``$MLFLOW_TRACKING_URI`` > the embedded sqlite store.
-
-    Artifacts of a sqlite store go beside its database (``mlartifacts/`` in the same folder),
-    those of another database store under ``$ALCOT_HOME/mlartifacts``; a tracking server
-    (http[s]) decides for itself. Without this, MLflow puts them in ``./mlruns`` of whatever
-    directory the process runs in.
-    """
-    uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        return default_store(home)
-    if uri.startswith(("http://", "https://", "databricks")):
-        return uri, None
-    db = _sqlite_path(uri)
-    if db is not None:
-        return uri, (db.parent / "mlartifacts").as_uri()
-    return uri, (home / "mlartifacts").as_uri()
-
-
-def open_client(uri: str):
-    """An ``MlflowClient`` for ``uri`` whose store is ready. A sqlite store is created (its
-    schema migrated) under a file lock beside it, so that two processes starting on a fresh
-    store do not run the migrations at once. A URI MLflow cannot use is a ConfigError."""
-    from mlflow.tracking import MlflowClient
-
-    db = _sqlite_path(uri)
-    lock = contextlib.nullcontext()
-    if db is not None:
-        db.parent.mkdir(parents=True, exist_ok=True)
-        lock = open(db.parent / f".{db.name}.lock", "w")  # noqa: SIM115 (closed below)
-    with lock:
-        if db is not None:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            client = MlflowClient(tracking_uri=uri)
-            if db is not None:  # the first use creates (migrates) the database
-                client.search_experiments(max_results=1)
-        except Exception as err:
-            raise ConfigError(
-                "tracking.uri", f"cannot use the tracking store {uri}: {err}"
-            ) from err
-    return client
-
-
-def ensure_experiment(client, name: str, artifact_root: str | None) -> str:
-    """The id of experiment ``name``, created (with ``artifact_root``) if it does not exist,
-    with the tags that make the MLflow UI show it as model training (``mlflow_meta``); two
-    processes creating it at once both get the one that exists."""
-    from alcot.orchestrator.tracking.metadata import experiment_tags, mark_experiment
-
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        mark_experiment(client, exp.experiment_id, exp.tags)
-        return exp.experiment_id
-    try:
-        return client.create_experiment(
-            name, artifact_location=artifact_root, tags=experiment_tags()
-        )
-    except Exception:
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
-
-
-def retrying(fn, what: str, log=print, timeout: float | None = None):
-    """``fn()``, retried with backoff for up to ``timeout`` seconds (default: patience()); None
-    (and a warning) if the store never answered. For the sweep driver's own bookkeeping."""
-    deadline = time.time() + (patience() if timeout is None else timeout)
-    delay = 0.5
-    while True:
-        try:
-            return fn()
-        except Exception as err:
-            if time.time() + delay > deadline:
-                log(f"warning: could not {what} ({type(err).__name__}: {str(err)[:200]})")
-                return None
-            time.sleep(delay)
-            delay = min(MAX_BACKOFF, delay * 2)
-
-
-def _not_found(err: Exception) -> bool:
-    code = getattr(err, "error_code", "")
-    return "RESOURCE_DOES_NOT_EXIST" in str(code) or "not found" in str(err).lower()
-
-
-# ------------------------------------------------------------------------------ run folder
-def read_record(run_dir: Path) -> dict | None:
-    """The folder's ``tracking.json``, or None without one. ``stores`` maps each tracking URI
-    the folder was tracked in to its run there; ``uri``/``run_id`` are the latest."""
-    path = Path(run_dir) / "tracking.json"
-    if not path.exists():
-        return None
-    try:
-        rec = json.loads(path.read_text())
-    except ValueError:
-        return None
-    stores = rec.setdefault("stores", {})
-    if rec.get("uri") and rec.get("run_id"):
-        stores.setdefault(rec["uri"], rec["run_id"])
-    return rec
-
-
-def read_journal(run_dir: Path) -> list[dict]:
-    """The folder's ``metrics.jsonl`` rows (``{"step": ..., "metrics": {...}}``), in order. A
-    line torn by a kill mid-write is skipped."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [
-        row
-        for _, row in read_jsonl(path, skip_bad=True)
-        if isinstance(row, dict) and "step" in row and "metrics" in row
-    ]
-
-
-def last_metrics(run_dir: Path) -> tuple[dict[str, float], int]:
-    """(the latest value of every journalled metric, the last step)."""
-    last: dict[str, float] = {}
-    step = 0
-    for row in read_journal(run_dir):
-        last.update(row["metrics"])
-        step = max(step, row["step"])
-    return last, step
-
-
-def read_status(run_dir: Path) -> str | None:
-    """The training's final status (FINISHED / FAILED / KILLED) kept in the folder, if it ended."""
-    try:
-        return json.loads((Path(run_dir) / "run_status.json").read_text())["status"]
-    except (OSError, ValueError, KeyError):
-        return None
 
 
 @dataclass
@@ -347,7 +202,7 @@ class Tracker:
                 try:
                     run = self.client.get_run(known)
                 except Exception as err:
-                    if not _not_found(err):
+                    if not not_found(err):
                         raise
                     self.log(
                         f"{self.run_dir}: run {known} is not in {self.uri}; creating a new run "
