@@ -1,7 +1,7 @@
 """The study's report: the analysis report of ``alcot analyze`` plus the claims
 (:mod:`alcot.analysis.claims`), as CSV tables, ``claims.md`` and figures, in one folder
 (:func:`build`), and the same from a portable export (:func:`rebuild`, through
-:mod:`alcot.analysis.export`).
+:mod:`alcot.analysis.study_export`).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 from .claims import Claims, claims, mark_variants, ordered_sizes, own_rates
-from .export import import_runs
+from .study_export import import_runs
 from .load import Study
 
 

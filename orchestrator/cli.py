@@ -371,7 +371,7 @@ def _diagnose_training(args: argparse.Namespace) -> int:
 
 
 def cmd_study_export(args: argparse.Namespace) -> int:
-    from alcot.analysis.export import export_runs
+    from alcot.analysis.study_export import export_runs
     from alcot.analysis.load import AnalysisError
 
     try:
@@ -576,7 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("run_dir")
     q.set_defaults(func=cmd_tracking_sync)
 
-    from alcot.orchestrator.evaluation.cli import add_parsers as add_eval_parsers
+    from alcot.orchestrator.evaluation.commands import add_parsers as add_eval_parsers
 
     add_eval_parsers(sub)  # eval, generate, export
     return parser

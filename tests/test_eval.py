@@ -227,11 +227,11 @@ def test_rolling_loglikelihood_task(trained, tmp_path):
 def test_generate_until_through_the_cached_decoder(trained):
     from lm_eval.api.instance import Instance
 
-    from alcot.orchestrator.evaluation.lmeval_model import AlcotLM
+    from alcot.orchestrator.evaluation.lmeval_model import AlcotHarnessLM
     from alcot.orchestrator.evaluation.loading import load_run
 
     _, out = trained
-    lm = AlcotLM(loaded=load_run(out.out_dir), batch_size=4)
+    lm = AlcotHarnessLM(loaded=load_run(out.out_dir), batch_size=4)
     reqs = [
         Instance("generate_until", {}, (p, {"until": ["."], "max_gen_toks": 12}), i)
         for i, p in enumerate(["Mia went to", "Leo went to", "one plus two is"])
@@ -341,4 +341,4 @@ def test_harness_registry_knows_alcot_beside_its_own_models():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split() == ["AlcotLM", "DummyLM"]
+    assert proc.stdout.split() == ["AlcotHarnessLM", "DummyLM"]

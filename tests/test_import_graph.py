@@ -189,3 +189,23 @@ def test_every_import_of_the_package_names_something_that_exists():
                     if a.name.startswith("alcot.") and a.name not in mods:
                         bad.append(f"{path.relative_to(ROOT)}:{node.lineno}: no module {a.name}")
     assert not bad, "\n".join(bad)
+
+
+def test_no_two_classes_or_modules_share_a_name():
+    # Two things of one name are read as one: a newcomer follows the wrong one. The standalone
+    # modeling code shipped with Hugging Face exports (export/hf_remote/) re-implements the
+    # model's classes for transformers on purpose and is left out; each package's `config`
+    # module holds that package's section of the config.
+    classes: dict[str, list[str]] = {}
+    stems: dict[str, list[str]] = {}
+    for name, path in modules().items():
+        rel = str(path.relative_to(ROOT))
+        if "hf_remote" in rel:
+            continue
+        if path.name != "__init__.py" and path.stem != "config":
+            stems.setdefault(path.stem, []).append(rel)
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ClassDef):
+                classes.setdefault(node.name, []).append(rel)
+    dup = {k: v for k, v in {**classes, **stems}.items() if len(v) > 1}
+    assert not dup, dup

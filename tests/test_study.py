@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from alcot.analysis.export import export_runs, import_runs, read_export
+from alcot.analysis.study_export import export_runs, import_runs, read_export
 from alcot.analysis.load import AnalysisError
 from alcot.orchestrator.cli import main
 

@@ -27,7 +27,7 @@ from alcot.orchestrator.evaluation.scoring import Stats, score_continuations
 
 
 @register_model("alcot")
-class AlcotLM(TemplateLM):
+class AlcotHarnessLM(TemplateLM):
     backend = "causal"
 
     def __init__(

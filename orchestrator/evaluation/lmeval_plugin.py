@@ -5,7 +5,7 @@ it is unknown to ``lm_eval`` unless its module was imported first. ``scripts/ins
 a one-line ``alcot-lm-eval.pth`` into the environment that calls :func:`install`: it adds an
 import hook that, once ``lm_eval.api.registry`` has been loaded (by lm-eval itself, in any
 process), makes its ``get_model`` know ``alcot`` as a lazy entry
-(``alcot.orchestrator.evaluation.lmeval_model:AlcotLM``) beside the built-in models.
+(``alcot.orchestrator.evaluation.lmeval_model:AlcotHarnessLM``) beside the built-in models.
 Nothing else is imported at interpreter start, and any failure here is silent: it must never
 break Python start-up.
 """
@@ -17,7 +17,7 @@ import importlib.abc
 import sys
 
 TARGET = "lm_eval.api.registry"
-ENTRY = "alcot.orchestrator.evaluation.lmeval_model:AlcotLM"
+ENTRY = "alcot.orchestrator.evaluation.lmeval_model:AlcotHarnessLM"
 
 
 def _register(module) -> None:

@@ -133,7 +133,7 @@ def evaluate_tasks(loaded, spec):
 
     import lm_eval
 
-    from alcot.orchestrator.evaluation.lmeval_model import AlcotLM
+    from alcot.orchestrator.evaluation.lmeval_model import AlcotHarnessLM
 
     # lm-eval bootstraps stderrs (perplexity's) in a fork-based multiprocessing pool: forked
     # from a multi-threaded process (a Ray worker, torch's threads) its workers can hang for
@@ -142,7 +142,7 @@ def evaluate_tasks(loaded, spec):
     os.environ.setdefault("DISABLE_MULTIPROC", "1")
 
     names = check_tasks(spec.tasks, spec.data_dir)
-    lm = AlcotLM(loaded=loaded, batch_size=spec.batch_size)
+    lm = AlcotHarnessLM(loaded=loaded, batch_size=spec.batch_size)
     res = lm_eval.simple_evaluate(
         model=lm,
         tasks=names,
