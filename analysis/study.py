@@ -10,8 +10,8 @@ import tempfile
 from pathlib import Path
 
 from .claims import Claims, claims, mark_variants, ordered_sizes, own_rates
-from .study_export import import_runs
 from .load import Study
+from .study_export import import_runs
 
 
 def write_claims(c: Claims, out_dir: Path) -> list[Path]:

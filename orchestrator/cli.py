@@ -371,8 +371,8 @@ def _diagnose_training(args: argparse.Namespace) -> int:
 
 
 def cmd_study_export(args: argparse.Namespace) -> int:
-    from alcot.analysis.study_export import export_runs
     from alcot.analysis.load import AnalysisError
+    from alcot.analysis.study_export import export_runs
 
     try:
         info = export_runs(args.experiment, args.out, args.tracking_uri)

@@ -198,7 +198,7 @@ def test_no_two_classes_or_modules_share_a_name():
     # module holds that package's section of the config.
     classes: dict[str, list[str]] = {}
     stems: dict[str, list[str]] = {}
-    for name, path in modules().items():
+    for path in modules().values():
         rel = str(path.relative_to(ROOT))
         if "hf_remote" in rel:
             continue

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from alcot.analysis.study_export import export_runs, import_runs, read_export
 from alcot.analysis.load import AnalysisError
+from alcot.analysis.study_export import export_runs, import_runs, read_export
 from alcot.orchestrator.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
