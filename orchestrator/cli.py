@@ -44,7 +44,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from alcot.orchestrator.tracking.tracker.lease import LeaseLost
+    from alcot.orchestrator.tracking.lease import LeaseLost
     from alcot.orchestrator.training_run import run_training
 
     try:
@@ -104,7 +104,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 def ui_hint(uri: str | None) -> str:
     from alcot.orchestrator.config import alcot_home
-    from alcot.orchestrator.tracking.tracker.tracker import default_store
+    from alcot.orchestrator.tracking.tracker import default_store
 
     if uri and uri == default_store(alcot_home())[0]:
         return "alcot ui   (then open http://127.0.0.1:5000)"
@@ -116,7 +116,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     import shutil
 
     from alcot.orchestrator.config import alcot_home
-    from alcot.orchestrator.tracking.tracker.tracker import default_store
+    from alcot.orchestrator.tracking.tracker import default_store
 
     uri, artifacts = default_store(alcot_home())
     uri = args.backend_store_uri or os.environ.get("MLFLOW_TRACKING_URI") or uri
@@ -135,7 +135,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
         "--workers",
         "1",
     ]
-    from alcot.orchestrator.tracking.tracker.metadata import UI_HOME
+    from alcot.orchestrator.tracking.metadata import UI_HOME
 
     base = f"http://{args.host}:{args.port}"
     print(f"MLflow UI for {uri} at {base}{UI_HOME} (Ctrl-C to stop)", flush=True)
@@ -161,7 +161,7 @@ def _experiment_views(uri: str) -> list[tuple[str, str, str]]:
     try:
         from mlflow.tracking import MlflowClient
 
-        from alcot.orchestrator.tracking.tracker.metadata import (
+        from alcot.orchestrator.tracking.metadata import (
             EXPERIMENT_KIND_TAG,
             VIEW_KEY,
             VIEW_TAG_PREFIX,
@@ -180,7 +180,7 @@ def _experiment_views(uri: str) -> list[tuple[str, str, str]]:
 
 def cmd_tracking_sync(args: argparse.Namespace) -> int:
     from alcot.model.typed import ConfigError
-    from alcot.orchestrator.tracking.tracker.tracker import sync
+    from alcot.orchestrator.tracking.tracker import sync
 
     try:
         owed = sync(args.run_dir)
