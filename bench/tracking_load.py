@@ -59,7 +59,7 @@ VAL_EVERY = 50
 
 
 def step_metrics(step: int, trial: int) -> dict[str, float]:
-    """What the trainer logs at ``step`` (model/training.py), with plausible values."""
+    """What the trainer logs at ``step`` (model/trainer.py), with plausible values."""
     loss = 3.0 + 5.0 / math.sqrt(step + 1) + 0.01 * trial
     tokens = float(step * 8192)
     m = {

@@ -36,7 +36,7 @@ class StepTimer:
 
 def run_once(config, overrides, tracked: bool, root: Path, tag: str) -> list[float]:
     from alcot.data.preparation import prepare
-    from alcot.model.training import train
+    from alcot.model.trainer import train
     from alcot.orchestrator.config import alcot_home, config_hash, flatten, load_run_config
     from alcot.orchestrator.tracking.tracker import Tracker, resolve_uri
     from alcot.orchestrator.training_run import resolve

@@ -1,4 +1,4 @@
-"""Training throughput of every method through the real trainer (``model/training.py`` ``train()``)
+"""Training throughput of every method through the real trainer (``model/trainer.py`` ``train()``)
 on real text, with the FLOPs each token really cost.
 
 Each method trains ``--warmup + --steps`` optimizer steps of one size on WikiText-2 (the
@@ -46,7 +46,7 @@ class Marks:
 
 def run(method: str, args, data, root: Path) -> dict[str, float]:
     from alcot.model import ModelConfig
-    from alcot.model.training import TrainerConfig, train
+    from alcot.model.trainer import TrainerConfig, train
 
     shape = {"size": args.size}
     for key, value in (

@@ -20,7 +20,7 @@ import yaml
 
 from alcot.data.config import DataConfig
 from alcot.model.config import ModelConfig
-from alcot.model.training import TrainerConfig
+from alcot.model.trainer import TrainerConfig
 from alcot.model.typed import ConfigError, build, to_dict
 
 

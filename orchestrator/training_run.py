@@ -17,7 +17,7 @@ import yaml
 
 from alcot.model import checkpoints
 from alcot.model.config import count_parameters
-from alcot.model.training import TrainResult, train
+from alcot.model.trainer import TrainResult, train
 from alcot.orchestrator.config import RunConfig, alcot_home, config_hash, flatten, run_dir
 from alcot.orchestrator.tracking.lease import Lease, LeaseLost
 from alcot.orchestrator.tracking.tracker import (

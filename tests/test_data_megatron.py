@@ -34,7 +34,7 @@ def test_writer_output_trains_and_resumes_exactly(tmp_path, alcot_home):
     step-3 checkpoint."""
     from alcot.data.corpus import builtin_documents
     from alcot.data.tokenizer import load_tokenizer
-    from alcot.model.training import train
+    from alcot.model.trainer import train
 
     base = small_run(tmp_path / "x")
     tok_data = prepare(base.data, alcot_home / "cache", log=lambda *_: None)

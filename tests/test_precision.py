@@ -133,7 +133,7 @@ def test_trainer_runs_and_resumes_exactly_in_bf16(tmp_path, alcot_home, method):
     import shutil
 
     from alcot.data import prepare
-    from alcot.model.training import train
+    from alcot.model.trainer import train
 
     def run(out_dir, steps):
         cfg = small_run(

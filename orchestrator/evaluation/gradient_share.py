@@ -207,7 +207,7 @@ def training_dynamics(
     the schedule's length) into ``out_dir``, probing every ``every``-th step (and steps 1-10).
     Returns (probe rows, the trainer's metrics every step); nothing goes to MLflow."""
     from alcot.data.preparation import check_enough, prepare
-    from alcot.model.training import train
+    from alcot.model.trainer import train
     from alcot.orchestrator.config import alcot_home
     from alcot.orchestrator.training_run import resolve
 
