@@ -80,7 +80,9 @@ def step_metrics(step: int, trial: int) -> dict[str, float]:
     if step % VAL_EVERY == 0:
         m.update({"val/loss": loss + 0.1, "val/ppl": math.exp(loss + 0.1), "val/mean_depth": 1.4})
         m.update({f"val/depth_frac_{k}": 0.25 for k in range(4)})
-        m["flops/realised_log10"] = math.log10(m["flops/realised"])  # mlflow_meta.ScalingMetrics
+        m["flops/realised_log10"] = math.log10(
+            m["flops/realised"]
+        )  # tracking.metadata.scaling_metrics
     return m
 
 

@@ -1,8 +1,39 @@
-"""The training loop: config in, metrics out.
+"""The trainer: config in, metrics out.
 
-``train()`` builds the model, runs AdamW with a warm-up + cosine schedule, evaluates
-periodically, writes resumable checkpoints and reports metrics to callbacks. It knows nothing of
-MLflow or Ray: the orchestrator passes a tracking callback.
+``train()`` reads top to bottom, one comment per phase: build the run (:func:`build_state`:
+process groups, seeds, the model, the optimizer's groups, the schedule, the data loader),
+continue it from a checkpoint (:func:`resume`), wrap it for data parallelism
+(:func:`wrap_data_parallel`), then loop: :func:`train_step` takes one optimizer step, and after
+it the loop reads the metrics (:func:`read_metrics`), validates (:func:`validate`) and saves a
+checkpoint (:func:`save_checkpoint`) when each is due. The step is a function of its own so that
+what one step does can be read (and timed) apart from when the loop does the rest.
+
+The trainer knows nothing of MLflow or Ray. What else a run does at these moments (the
+orchestrator's tracking, plots and exports, a diagnosis's probe rows, a test's record) is a
+:class:`Callback` passed to ``train()``: it can be added or removed without touching the loop,
+and the loop stays the same for every caller. The hooks, in the order a run calls them (the base
+class's do nothing; a callback overrides the ones it needs):
+
+* ``on_train_start(state)``: every rank, once the run is built and resumed, before the first
+  step; ``state`` is the :class:`TrainState` (model, data, the step it starts from, rank, ...).
+* ``on_eval(step, metrics)``: rank 0, after each validation (every ``eval_every`` steps and the
+  last): the ``val/`` metrics alone.
+* ``on_step_end(step, metrics)``: rank 0, at each reported step (every ``log_every`` steps,
+  each validation step and the last): the metrics since the previous read, with the ``val/``
+  ones on a validation step, so one call is one row of the run's record.
+* ``on_checkpoint_saved(step, path)``: every rank, once a checkpoint is complete.
+* ``on_train_end(result)``: every rank, with the :class:`TrainResult`: ``finished``, or
+  ``failed`` (a non-finite loss ends a run with a result, not an exception). A hook may complete
+  the result (the orchestrator's token-depth export sets ``result.token_depth``).
+* ``on_error(exc)``: every rank, when an exception escapes a step or a hook after
+  ``on_train_start``; ``train()`` raises it again once every callback has seen it.
+
+The metric hooks run on rank 0 only: the one process that reports. The others run on every rank
+because what they may do can need all of them (a forward of a sharded model is a collective).
+
+Fencing: ``train(fence=...)`` is a callable that raises once this process may no longer write
+(the orchestrator backs it with its lease on the run folder). It is called before the metric
+hooks and before each checkpoint save, so a process that lost its folder writes nothing more.
 
 Exact resume: a checkpoint holds the model, optimizer, scheduler, data position and RNG states,
 and the data order is a pure function of (seed, epoch), so a run killed at any point and resumed
@@ -14,17 +45,17 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from . import checkpoints
 from .config import ModelConfig, count_parameters
-from .diagnostics import has_token_depth, write_token_depth
 from .tp_reshard import _layer_offset, global_name, local_name
 from .typed import ConfigError, build
 
@@ -95,10 +126,6 @@ class TrainerConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any], prefix: str = "train") -> TrainerConfig:
         return build(cls, d, prefix)
-
-
-class Callback(Protocol):
-    def on_metrics(self, step: int, metrics: dict[str, float]) -> None: ...
 
 
 class NonFiniteLoss(RuntimeError):
@@ -245,7 +272,9 @@ def param_dtype(tcfg: TrainerConfig, device: torch.device) -> torch.dtype:
 
 
 @torch.no_grad()
-def evaluate(model, data, tcfg: TrainerConfig, seq_len: int, batch: int, device) -> dict:
+def validate(model, data, tcfg: TrainerConfig, seq_len: int, batch: int, device) -> dict:
+    """The validation loss, perplexity and executed-depth distribution over ``eval_batches``
+    batches of the held-out split (the model's mode is restored after)."""
     was_training = model.training
     model.eval()
     l_max = model.cfg.l_max
@@ -317,34 +346,94 @@ def _pipeline_step(model, loader, tcfg: TrainerConfig, device, step: int):
     return stats
 
 
-def train(
-    model_cfg: ModelConfig,
-    data,
-    tcfg: TrainerConfig,
-    seed: int,
-    out_dir: Path,
-    seq_len: int,
-    callbacks: list[Callback] = (),
-    run_meta: dict | None = None,
-    progress: bool = True,
-    log=print,
-    resume_from: checkpoints.CheckpointInfo | None | object = FIND,
-    probe=None,
-    fence=None,
-) -> TrainResult:
-    """Train (or resume) one run. ``data`` is an :class:`alcot.data.PreparedData`.
+# ------------------------------------------------------------------------------ callbacks
+class Callback:
+    """A run's hooks; each does nothing here. When each is called: the module docstring."""
 
-    With ``train.resume: auto`` the run continues from ``resume_from``, by default the newest
-    valid checkpoint in ``out_dir`` (a caller that already looked passes what it found, or
-    None, so that checkpoints are not read and checksummed twice).
+    def on_train_start(self, state: TrainState) -> None:
+        """Every rank, before the first step (after the setup and any resume)."""
 
-    ``fence``: a callable "may I still write?" that raises to stop the run; called before each
-    metrics emission and each checkpoint save (the orchestrator backs it with its lease on
-    the run folder, so that a process that lost the folder writes nothing more).
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        """Rank 0, after a validation: its ``val/`` metrics."""
 
-    ``probe(step, model, input_ids, labels)``, if given, sees each step's first micro-batch
-    before the step's forward, with the weights the step starts from (one pipeline stage only:
-    ``alcot diagnose --train`` measures the training dynamics with it)."""
+    def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
+        """Rank 0, at a reported step: the step's row of metrics (``val/`` ones included)."""
+
+    def on_checkpoint_saved(self, step: int, path: Path) -> None:
+        """Every rank, after the checkpoint of ``step`` is complete at ``path``."""
+
+    def on_train_end(self, result: TrainResult) -> None:
+        """Every rank, with the run's result (finished or failed)."""
+
+    def on_error(self, exc: BaseException) -> None:
+        """Every rank, with an exception that escaped a step or a hook (raised again after)."""
+
+
+# ------------------------------------------------------------------------------ the run
+class _Window:
+    """Wall time and optimizer steps since the metrics were last read (the throughput's
+    window: validation and checkpoints fall outside it)."""
+
+    def __init__(self):
+        self.restart()
+
+    def restart(self) -> None:
+        self.t0, self.steps = time.perf_counter(), 0
+
+
+@dataclass
+class TrainState:
+    """One run between steps: what :func:`build_state` builds, :func:`resume` restores and
+    :func:`train_step` advances. Callbacks get it at ``on_train_start``."""
+
+    model_cfg: ModelConfig
+    tcfg: TrainerConfig
+    data: Any  # an alcot.data.PreparedData
+    seq_len: int
+    out_dir: Path
+    device: torch.device
+    rank: int  # the global rank (rank 0 reports)
+    dp_world: int  # data-parallel ranks
+    micro: int  # sequences per micro-batch, over all data-parallel ranks
+    model: Any  # the AlcotModel (this rank's shard)
+    main: Any  # precision.MainParams: the fp32 main copies the optimizer steps
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    opt_names: list[str]  # the optimizer's parameter indices, by global name
+    main_names: list[str]  # the parameters with a separate fp32 main copy, by global name
+    offset: int  # this pipeline stage's first layer (local <-> global parameter names)
+    loader: Any  # the data's train loader (its position is checkpointed)
+    stats: StepStats  # the metrics since the last read, on the device
+    counters: dict[str, float]  # cumulative tokens and FLOPs (checkpointed)
+    ddp_model: Any = None  # the model, or its DDP wrapper (wrap_data_parallel)
+    params: list[torch.nn.Parameter] = field(default_factory=list)  # clipped and stepped
+    step: int = 0  # optimizer steps taken
+    resumed_from: int | None = None
+    last_checkpoint: Path | None = None
+    depth_histogram: list[float] = field(default_factory=list)  # at the last validation
+    window: _Window = field(default_factory=_Window)
+
+    @property
+    def pp(self) -> int:
+        return self.model_cfg.pipeline_parallel_size
+
+    @property
+    def manual_dp(self) -> bool:
+        """Gradients averaged over data-parallel ranks by hand, on the main copies: bf16 (the
+        optimizer's parameters are not the model's) or pipeline stages (whose backward is
+        several calls per micro-batch, which DDP's hooks do not follow)."""
+        return self.main.reduced or self.pp > 1
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return Path(self.out_dir) / "checkpoints"
+
+
+def build_state(
+    model_cfg: ModelConfig, data, tcfg: TrainerConfig, seed: int, out_dir: Path, seq_len: int
+) -> TrainState:
+    """The run at step 0: process groups, seeds, the model in its precision, the optimizer
+    (:func:`optimizer`), the warm-up + cosine schedule and the data's loader."""
     from megatron.core import parallel_state as ps
 
     from .network import AlcotModel
@@ -372,37 +461,12 @@ def train(
     model = cast_model(AlcotModel(model_cfg), param_dtype(tcfg, device)).to(device)
     main = MainParams(list(model.parameters()))  # fp32 main copies of bf16 parameters
     offset = _layer_offset(model)
-    gname = {n: global_name(n, offset) for n, _ in model.named_parameters()}
-    decay, no_decay, decay_names, no_decay_names = [], [], [], []
-    router_lr = tcfg.lr * (model_cfg.halting.router_lr_scale if model_cfg.uses_router else 1.0)
-    # the router at its own rate (halting.router_lr_scale): its own groups, after the others
-    routed: dict[bool, tuple[list, list]] = {True: ([], []), False: ([], [])}
-    for n, p in model.named_parameters():  # matrices decay; norms, biases, embeddings do not
-        is_decay = p.dim() >= 2 and "embedding" not in n
-        if router_lr != tcfg.lr and n.startswith("router."):
-            routed[is_decay][0].append(main.main_of(p))
-            routed[is_decay][1].append(gname[n])
-            continue
-        (decay if is_decay else no_decay).append(main.main_of(p))
-        (decay_names if is_decay else no_decay_names).append(gname[n])
-    opt_names = decay_names + no_decay_names  # the optimizer's parameter indices, by name
-    main_names = [gname[n] for n, p in model.named_parameters() if main.main_of(p) is not p]
-    groups = [
-        {"params": decay, "weight_decay": tcfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    if router_lr != tcfg.lr:  # on every stage, empty where no router lives: same group layout
-        for is_decay, (ps_, names) in routed.items():
-            wd = tcfg.weight_decay if is_decay else 0.0
-            groups.append({"params": ps_, "weight_decay": wd, "lr": router_lr})
-            opt_names += names
-    opt = torch.optim.AdamW(groups, lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2))
+    opt, opt_names, main_names = optimizer(model, main, offset, model_cfg, tcfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tcfg))
     # the data's own loader (alcot.data: packed token files, or Megatron-Core's GPTDataset)
     loader = data.train_loader(
         seq_len, micro, seed, dp_rank, dp_world, samples=tcfg.steps * tcfg.batch_size
     )
-    stats = StepStats(device)
     counters = {
         "tokens": 0,
         "flops_nominal": 0.0,
@@ -410,186 +474,355 @@ def train(
         "flops_paper": 0.0,
         "flops_kernel": 0.0,
     }
-    ckpt_dir = Path(out_dir) / "checkpoints"
-    start, resumed_from, last_ckpt_path = 0, None, None
-    if tcfg.resume == "auto":
-        info = checkpoints.latest_valid(ckpt_dir) if resume_from is FIND else resume_from
-        if info is not None:
-            payload = _load_checkpoint(info, model, opt, opt_names, main_names, device)
-            model.load_state_dict({local_name(n, offset): t for n, t in payload["model"].items()})
-            main.load_state_dict(payload.get("main_params"))
-            opt.load_state_dict(payload["optimizer"])
-            sched.load_state_dict(payload["scheduler"])
-            loader.load_state_dict(payload["data"])
-            counters.update(payload["counters"])
-            _set_rng_state(payload["rng"])
-            start = resumed_from = info.step
-            last_ckpt_path = info.path
-            if rank == 0:
-                log(f"resumed from {info.path} (step {info.step})")
+    return TrainState(
+        model_cfg=model_cfg,
+        tcfg=tcfg,
+        data=data,
+        seq_len=seq_len,
+        out_dir=Path(out_dir),
+        device=device,
+        rank=rank,
+        dp_world=dp_world,
+        micro=micro,
+        model=model,
+        main=main,
+        opt=opt,
+        sched=sched,
+        opt_names=opt_names,
+        main_names=main_names,
+        offset=offset,
+        loader=loader,
+        stats=StepStats(device),
+        counters=counters,
+    )
 
-    ddp_model = model
-    pp = model_cfg.pipeline_parallel_size
-    # bf16 or pipeline stages (whose backward is several calls per micro-batch, which DDP's
-    # hooks do not follow): gradients are averaged over data-parallel ranks on the main copies
-    manual_dp = main.reduced or pp > 1
-    if dp_world > 1 and not manual_dp:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model,
+
+def optimizer(
+    model, main, offset: int, model_cfg: ModelConfig, tcfg: TrainerConfig
+) -> tuple[torch.optim.AdamW, list[str], list[str]]:
+    """AdamW over the main parameters, and the global names of its parameter indices and of
+    the parameters with a separate main copy (what a checkpoint needs to be resharded).
+
+    Groups: matrices decay; norms, biases and embeddings do not; with ``halting.router_lr_scale``
+    the router's parameters train at their own rate in groups of their own, after the others,
+    on every pipeline stage (empty where no router lives: every stage has the same layout)."""
+    gname = {n: global_name(n, offset) for n, _ in model.named_parameters()}
+    decay, no_decay, decay_names, no_decay_names = [], [], [], []
+    router_lr = tcfg.lr * (model_cfg.halting.router_lr_scale if model_cfg.uses_router else 1.0)
+    routed: dict[bool, tuple[list, list]] = {True: ([], []), False: ([], [])}
+    for n, p in model.named_parameters():
+        is_decay = p.dim() >= 2 and "embedding" not in n
+        if router_lr != tcfg.lr and n.startswith("router."):
+            routed[is_decay][0].append(main.main_of(p))
+            routed[is_decay][1].append(gname[n])
+            continue
+        (decay if is_decay else no_decay).append(main.main_of(p))
+        (decay_names if is_decay else no_decay_names).append(gname[n])
+    opt_names = decay_names + no_decay_names
+    main_names = [gname[n] for n, p in model.named_parameters() if main.main_of(p) is not p]
+    groups = [
+        {"params": decay, "weight_decay": tcfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if router_lr != tcfg.lr:
+        for is_decay, (params, names) in routed.items():
+            wd = tcfg.weight_decay if is_decay else 0.0
+            groups.append({"params": params, "weight_decay": wd, "lr": router_lr})
+            opt_names += names
+    opt = torch.optim.AdamW(groups, lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2))
+    return opt, opt_names, main_names
+
+
+def resume(state: TrainState, info: checkpoints.CheckpointInfo) -> None:
+    """Continue ``state`` from the checkpoint ``info``, at any (tensor, pipeline) layout: the
+    weights, main copies, optimizer, schedule, data position, counters and RNG states."""
+    s = state
+    payload = _load_checkpoint(info, s.model, s.opt, s.opt_names, s.main_names, s.device)
+    s.model.load_state_dict({local_name(n, s.offset): t for n, t in payload["model"].items()})
+    s.main.load_state_dict(payload.get("main_params"))
+    s.opt.load_state_dict(payload["optimizer"])
+    s.sched.load_state_dict(payload["scheduler"])
+    s.loader.load_state_dict(payload["data"])
+    s.counters.update(payload["counters"])
+    _set_rng_state(payload["rng"])
+    s.step = s.resumed_from = info.step
+    s.last_checkpoint = info.path
+
+
+def wrap_data_parallel(state: TrainState) -> None:
+    """Wrap the model in DDP over the data-parallel ranks, unless their gradients are averaged
+    by hand (:attr:`TrainState.manual_dp`); list the parameters the step clips and updates."""
+    from megatron.core import parallel_state as ps
+
+    s = state
+    s.ddp_model = s.model
+    if s.dp_world > 1 and not s.manual_dp:
+        s.ddp_model = torch.nn.parallel.DistributedDataParallel(
+            s.model,
             process_group=ps.get_data_parallel_group(),
-            find_unused_parameters=model.router is not None or model.mor_router is not None,
+            find_unused_parameters=s.model.router is not None or s.model.mor_router is not None,
         )
-    params = [p for p in main.params() if p.requires_grad]
+    s.params = [p for p in s.main.params() if p.requires_grad]
 
-    def checkpoint(step: int) -> Path:
-        payload = {
-            # global names and named optimizer entries: any layout can resume it (reshard.py)
-            "model": {global_name(n, offset): t for n, t in model.state_dict().items()},
-            "layout": {"tp": model_cfg.tensor_parallel_size, "pp": pp},
-            "optimizer": opt.state_dict(),
-            "opt_names": opt_names,
-            "main_params": main.state_dict() or None,
-            "main_names": main_names,
-            "scheduler": sched.state_dict(),
-            "data": loader.state_dict(),
-            "counters": dict(counters),
-            "rng": _rng_state(),
-        }
-        return checkpoints.save(ckpt_dir, step, payload, run_meta or {}, tcfg.keep_checkpoints)
 
-    bar = None
-    if progress and rank == 0:
-        from tqdm.auto import tqdm
+def save_checkpoint(state: TrainState, step: int, run_meta: dict | None) -> Path:
+    """This rank's part of the checkpoint of ``step`` (``checkpoints.save``: atomic, checksummed,
+    the oldest beyond ``keep_checkpoints`` pruned); returns its folder."""
+    s = state
+    payload = {
+        # global names and named optimizer entries: any layout can resume it (reshard.py)
+        "model": {global_name(n, s.offset): t for n, t in s.model.state_dict().items()},
+        "layout": {"tp": s.model_cfg.tensor_parallel_size, "pp": s.pp},
+        "optimizer": s.opt.state_dict(),
+        "opt_names": s.opt_names,
+        "main_params": s.main.state_dict() or None,
+        "main_names": s.main_names,
+        "scheduler": s.sched.state_dict(),
+        "data": s.loader.state_dict(),
+        "counters": dict(s.counters),
+        "rng": _rng_state(),
+    }
+    return checkpoints.save(s.ckpt_dir, step, payload, run_meta or {}, s.tcfg.keep_checkpoints)
 
-        bar = tqdm(total=tcfg.steps, initial=start, unit="step", dynamic_ncols=True)
-    metrics: dict[str, float] = {}
-    hist: list[float] = []
-    step = start
-    since = {"t": time.perf_counter(), "steps": 0}
 
-    def read_stats(lr: float) -> dict[str, float]:
-        """The metrics since the last read: one host read of the device-side statistics."""
-        sums, grad_norm, bad = stats.read()
-        if bad is not None:
-            raise NonFiniteLoss(f"non-finite loss or gradient norm at step {bad}", bad)
-        tok = sums[4]
-        counters["tokens"] += int(tok)
-        counters["flops_nominal"] += sums[5]
-        counters["flops_realised"] += sums[6]
-        counters["flops_paper"] += sums[7]
-        counters["flops_kernel"] += sums[8]
-        # the steps since the last read, evaluation and checkpoints excluded
-        dt = time.perf_counter() - since["t"]
-        n_steps = max(since["steps"], 1)
-        tok_div = max(tok, 1.0)
-        return {
-            # averaged over the steps since the last log (each step's own when log_every = 1)
-            "train/loss": sums[0] / tok_div,
-            "train/ce": sums[1] / tok_div,
-            "train/adapt": sums[2] / tok_div,
-            "train/mean_depth": sums[3] / tok_div,
-            "train/grad_norm": grad_norm,
-            "lr": lr,
-            "tokens_seen": float(counters["tokens"]),
-            "flops/nominal": counters["flops_nominal"],
-            "flops/realised": counters["flops_realised"],
-            "flops/paper": counters["flops_paper"],
-            # the work the attention kernel executed, masked pairs included (flops.py)
-            "flops/kernel": counters["flops_kernel"],
-            "throughput/tokens_per_s": tok / dt if dt > 0 else 0.0,
-            "time/step_s": dt / n_steps,
-        }
+# ------------------------------------------------------------------------------ one step
+def train_step(state: TrainState, step: int, probe=None) -> float:
+    """Optimizer step ``step``: ``grad_accum`` micro-batches forward and backward (gradients
+    accumulated on the main copies; DDP synchronises on the last one only), the data-parallel
+    mean where DDP does not take it, clipping by the global gradient norm, then AdamW and the
+    schedule. Returns the step's learning rate.
 
+    The step's metrics (loss sums, depth, tokens, FLOPs, gradient norm, a non-finite mark) are
+    added to ``state.stats`` on the device and not read here: a read per step would make the
+    host wait for the device every step. :func:`read_metrics` reads them when they are due."""
+    s, tcfg, stats = state, state.tcfg, state.stats
+    s.model.halting_progress = (step - 1) / tcfg.steps  # the router's warm-ups
+    s.opt.zero_grad(set_to_none=True)
+    lr = s.sched.get_last_lr()[0]
+    if s.pp > 1:
+        sums = _pipeline_step(s.model, s.loader, tcfg, s.device, step)
+        stats.add_sums(sums)
+        stats.check(step, sums[0])
+        s.main.accumulate()
+    for i in range(tcfg.grad_accum if s.pp == 1 else 0):
+        x, y = s.loader.next_batch()
+        x, y = x.to(s.device), y.to(s.device)
+        if probe is not None and i == 0:
+            probe(step, s.model, x, y)
+        last = i == tcfg.grad_accum - 1
+        sync = s.ddp_model.no_sync() if (s.dp_world > 1 and not last) else nullcontext()
+        with sync:
+            out = s.ddp_model(x, y)
+            stats.check(step, out.loss)  # read with the metrics, not here
+            (out.loss / tcfg.grad_accum).backward()
+        s.main.accumulate()
+        stats.add(out.loss, out.ce_loss, out.adapt_loss, out.depth, y.numel(), out.flops)
+    if s.dp_world > 1 and s.manual_dp:
+        from megatron.core import parallel_state as ps
+
+        s.main.all_reduce_mean(ps.get_data_parallel_group(), s.dp_world)
+    grad_norm = clip_grad_norm(s.params, tcfg.grad_clip)
+    stats.check(step, grad_norm)
+    stats.grad_norm = grad_norm.detach().double().to(s.device)
+    s.opt.step()
+    s.main.copy_to_model()
+    s.sched.step()
+    s.step = step
+    return lr
+
+
+def read_metrics(state: TrainState, lr: float) -> dict[str, float]:
+    """The metrics since the last read, in one host read of the device-side sums (summed over
+    data-parallel ranks first: every rank reads at the same steps, the sum is a collective).
+    Raises :class:`NonFiniteLoss` if a step's loss or gradient norm was not finite."""
+    s, stats, counters = state, state.stats, state.counters
+    if s.dp_world > 1:
+        from megatron.core import parallel_state as ps
+
+        dist.all_reduce(stats.sums, group=ps.get_data_parallel_group())
+        bad = stats.bad_step.clone()
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
+        stats.bad_step = bad
+    sums, grad_norm, bad = stats.read()
+    if bad is not None:
+        raise NonFiniteLoss(f"non-finite loss or gradient norm at step {bad}", bad)
+    tok = sums[4]
+    counters["tokens"] += int(tok)
+    counters["flops_nominal"] += sums[5]
+    counters["flops_realised"] += sums[6]
+    counters["flops_paper"] += sums[7]
+    counters["flops_kernel"] += sums[8]
+    # the steps since the last read, evaluation and checkpoints excluded
+    dt = time.perf_counter() - s.window.t0
+    n_steps = max(s.window.steps, 1)
+    tok_div = max(tok, 1.0)
+    return {
+        # averaged over the steps since the last read (each step's own when log_every = 1)
+        "train/loss": sums[0] / tok_div,
+        "train/ce": sums[1] / tok_div,
+        "train/adapt": sums[2] / tok_div,
+        "train/mean_depth": sums[3] / tok_div,
+        "train/grad_norm": grad_norm,
+        "lr": lr,
+        "tokens_seen": float(counters["tokens"]),
+        "flops/nominal": counters["flops_nominal"],
+        "flops/realised": counters["flops_realised"],
+        "flops/paper": counters["flops_paper"],
+        # the work the attention kernel executed, masked pairs included (flops.py)
+        "flops/kernel": counters["flops_kernel"],
+        "throughput/tokens_per_s": tok / dt if dt > 0 else 0.0,
+        "time/step_s": dt / n_steps,
+    }
+
+
+class _Progress:
+    """The progress bar on rank 0 (nothing elsewhere, or with ``progress=False``)."""
+
+    def __init__(self, enabled: bool, total: int, initial: int):
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+    def update(self, metrics: dict[str, float] | None = None) -> None:
+        if self.bar is None:
+            return
+        if metrics is not None:
+            self.bar.set_postfix(
+                loss=f"{metrics['train/loss']:.3f}",
+                tok_s=f"{metrics['throughput/tokens_per_s']:.0f}",
+                depth=f"{metrics['train/mean_depth']:.2f}",
+            )
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ------------------------------------------------------------------------------ the loop
+def train(
+    model_cfg: ModelConfig,
+    data,
+    tcfg: TrainerConfig,
+    seed: int,
+    out_dir: Path,
+    seq_len: int,
+    callbacks: Sequence[Callback] = (),
+    run_meta: dict | None = None,
+    progress: bool = True,
+    log=print,
+    resume_from: checkpoints.CheckpointInfo | None | object = FIND,
+    probe=None,
+    fence=None,
+) -> TrainResult:
+    """Train (or resume) one run. ``data`` is an :class:`alcot.data.PreparedData`.
+
+    With ``train.resume: auto`` the run continues from ``resume_from``, by default the newest
+    valid checkpoint in ``out_dir`` (a caller that already looked passes what it found, or
+    None, so that checkpoints are not read and checksummed twice).
+
+    ``callbacks``: :class:`Callback` objects, called in order at each phase (module docstring).
+    ``fence``: a callable "may I still write?" that raises to stop the run; called before the
+    metric hooks and each checkpoint save (the orchestrator backs it with its lease on the run
+    folder, so that a process that lost the folder writes nothing more).
+
+    ``probe(step, model, input_ids, labels)``, if given, sees each step's first micro-batch
+    before the step's forward, with the weights the step starts from (one pipeline stage only:
+    ``alcot diagnose --train`` measures the training dynamics with it)."""
+    # 1. the run at step 0: process groups, seeds, model, optimizer groups, schedule, data
+    state = build_state(model_cfg, data, tcfg, seed, out_dir, seq_len)
+    # 2. continue from the newest valid checkpoint (train.resume: auto)
+    if tcfg.resume == "auto":
+        info = checkpoints.latest_valid(state.ckpt_dir) if resume_from is FIND else resume_from
+        if info is not None:
+            resume(state, info)
+            if state.rank == 0:
+                log(f"resumed from {info.path} (step {info.step})")
+    # 3. data parallelism: DDP, or gradients averaged by hand (bf16, pipeline stages)
+    wrap_data_parallel(state)
+    bar = _Progress(progress and state.rank == 0, tcfg.steps, state.step)
+    metrics: dict[str, float] = {}  # the last metrics read
     try:
-        for step in range(start + 1, tcfg.steps + 1):
-            model.halting_progress = (step - 1) / tcfg.steps  # the router's warm-ups
-            opt.zero_grad(set_to_none=True)
-            lr = sched.get_last_lr()[0]
-            if pp > 1:
-                sums = _pipeline_step(model, loader, tcfg, device, step)
-                stats.add_sums(sums)
-                stats.check(step, sums[0])
-                main.accumulate()
-            for i in range(tcfg.grad_accum if pp == 1 else 0):
-                x, y = loader.next_batch()
-                x, y = x.to(device), y.to(device)
-                if probe is not None and i == 0:
-                    probe(step, model, x, y)
-                sync = (
-                    ddp_model.no_sync()
-                    if (dp_world > 1 and i < tcfg.grad_accum - 1)
-                    else nullcontext()
-                )
-                with sync:
-                    out = ddp_model(x, y)
-                    stats.check(step, out.loss)  # read with the metrics, not here
-                    (out.loss / tcfg.grad_accum).backward()
-                main.accumulate()
-                stats.add(out.loss, out.ce_loss, out.adapt_loss, out.depth, y.numel(), out.flops)
-            if dp_world > 1 and manual_dp:
-                main.all_reduce_mean(ps.get_data_parallel_group(), dp_world)
-            grad_norm = clip_grad_norm(params, tcfg.grad_clip)
-            stats.check(step, grad_norm)
-            stats.grad_norm = grad_norm.detach().double().to(device)
-            opt.step()
-            main.copy_to_model()
-            sched.step()
-            since["steps"] += 1
-            evaluate_now = step % tcfg.eval_every == 0 or step == tcfg.steps
-            log_now = rank == 0 and (step % tcfg.log_every == 0 or step == tcfg.steps)
-            ckpt_now = step % tcfg.checkpoint_every == 0 or step == tcfg.steps
-            if not (log_now or evaluate_now or ckpt_now or step % tcfg.log_every == 0):
-                if bar is not None:
-                    bar.update(1)
+        for cb in callbacks:
+            cb.on_train_start(state)
+        state.window.restart()
+        for step in range(state.step + 1, tcfg.steps + 1):
+            # 4. one optimizer step; its metrics stay on the device
+            lr = train_step(state, step, probe)
+            state.window.steps += 1
+            last = step == tcfg.steps
+            log_due = step % tcfg.log_every == 0 or last
+            eval_due = step % tcfg.eval_every == 0 or last
+            save_due = step % tcfg.checkpoint_every == 0 or last
+            if not (log_due or eval_due or save_due):
+                bar.update()
                 continue
-            # every rank reads at the same steps (the data-parallel sum is a collective)
-            if dp_world > 1:
-                dist.all_reduce(stats.sums, group=ps.get_data_parallel_group())
-                bad = stats.bad_step.clone()
-                dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
-                stats.bad_step = bad
-            metrics = read_stats(lr)
-            if evaluate_now:
-                ev = evaluate(model, data, tcfg, seq_len, micro, device)
-                metrics.update(ev)
-                hist = [ev[f"val/depth_frac_{k}"] for k in range(model_cfg.l_max + 1)]
-            if rank == 0 and (log_now or "val/loss" in metrics):
+            # 5. read the metrics since the last read (every rank, at the same steps)
+            try:
+                metrics = read_metrics(state, lr)
+            except NonFiniteLoss as err:  # the run stops with a failed result
+                result = _failed(state, err, metrics)
+                break
+            # 6. validate
+            if eval_due:
+                val = validate(state.model, data, tcfg, seq_len, state.micro, state.device)
+                metrics.update(val)
+                state.depth_histogram = [
+                    val[f"val/depth_frac_{k}"] for k in range(model_cfg.l_max + 1)
+                ]
+            # 7. report (rank 0, fenced): the validation, then the step's row
+            if state.rank == 0 and (log_due or eval_due):
                 if fence is not None:
                     fence()
+                for cb in callbacks if eval_due else ():
+                    cb.on_eval(step, val)
                 for cb in callbacks:
-                    cb.on_metrics(step, metrics)
-            if bar is not None:
-                bar.set_postfix(
-                    loss=f"{metrics['train/loss']:.3f}",
-                    tok_s=f"{metrics['throughput/tokens_per_s']:.0f}",
-                    depth=f"{metrics['train/mean_depth']:.2f}",
-                )
-                bar.update(1)
-            if ckpt_now:
+                    cb.on_step_end(step, metrics)
+            bar.update(metrics)
+            # 8. save a checkpoint (fenced)
+            if save_due:
                 if fence is not None:
                     fence()
-                last_ckpt_path = checkpoint(step)
-            since.update(t=time.perf_counter(), steps=0)
-    except NonFiniteLoss as err:
-        if bar is not None:
-            bar.close()
-        step = err.step if err.step is not None else step
-        msg = f"{err}; the run is stopped. Last good checkpoint: {last_ckpt_path or 'none'}"
-        return TrainResult("failed", step, metrics, msg, last_ckpt_path, resumed_from, hist)
-    if bar is not None:
+                state.last_checkpoint = save_checkpoint(state, step, run_meta)
+                for cb in callbacks:
+                    cb.on_checkpoint_saved(step, state.last_checkpoint)
+            state.window.restart()
+        else:
+            result = _finished(state, metrics)
+        # 9. the end: the callbacks see (and may complete) the result
+        for cb in callbacks:
+            cb.on_train_end(result)
+    except BaseException as exc:
+        for cb in callbacks:
+            cb.on_error(exc)
+        raise
+    finally:
         bar.close()
-    model.halting_progress = None
-    counts = count_parameters(model_cfg)
+    return result
+
+
+def _finished(state: TrainState, metrics: dict[str, float]) -> TrainResult:
+    state.model.halting_progress = None
+    counts = count_parameters(state.model_cfg)
     metrics = dict(metrics)
     metrics["params/non_embedding"] = float(counts["non_embedding"])
-    token_depth = None
-    if has_token_depth(model_cfg):  # per-token diagnostics for analysis (METHOD.md claim 4)
-        batches = data.eval_batches(seq_len, micro, tcfg.eval_batches)
-        if fence is not None:
-            fence()
-        token_depth = write_token_depth(
-            model, batches, out_dir / "token_depth.csv", write=rank == 0
-        )
     return TrainResult(
-        "finished", step, metrics, "", last_ckpt_path, resumed_from, hist, token_depth
+        "finished",
+        state.step,
+        metrics,
+        "",
+        state.last_checkpoint,
+        state.resumed_from,
+        state.depth_histogram,
+    )
+
+
+def _failed(state: TrainState, err: NonFiniteLoss, metrics: dict[str, float]) -> TrainResult:
+    step = err.step if err.step is not None else state.step
+    last = state.last_checkpoint
+    msg = f"{err}; the run is stopped. Last good checkpoint: {last or 'none'}"
+    return TrainResult(
+        "failed", step, metrics, msg, last, state.resumed_from, state.depth_histogram
     )
