@@ -26,9 +26,8 @@ def run_once(config, overrides, tracked: bool, root: Path, tag: str) -> list[flo
     from alcot.data.preparation import prepare
     from alcot.model.trainer import Callback, train
     from alcot.orchestrator.config import alcot_home, config_hash, flatten, load_run_config
-    from alcot.orchestrator.tracking.metadata import ScalingMetrics
     from alcot.orchestrator.tracking.tracker import Tracker, resolve_uri
-    from alcot.orchestrator.training_run import resolve
+    from alcot.orchestrator.training_run import TrackMetrics, resolve
 
     class StepTimer(Callback):
         def __init__(self):
@@ -61,7 +60,7 @@ def run_once(config, overrides, tracked: bool, root: Path, tag: str) -> list[flo
             log=lambda *a: None,
         )
         tracker.log_params(flatten(resolved.to_dict()))
-        callbacks = [ScalingMetrics(tracker), timer]  # the tracker as run_training wires it
+        callbacks = [TrackMetrics(tracker), timer]  # the tracker as run_training wires it
     train(
         resolved.model,
         data,
