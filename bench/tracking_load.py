@@ -59,7 +59,7 @@ VAL_EVERY = 50
 
 
 def step_metrics(step: int, trial: int) -> dict[str, float]:
-    """What the trainer logs at ``step`` (model/training.py), with plausible values."""
+    """What the trainer logs at ``step`` (model/trainer.py), with plausible values."""
     loss = 3.0 + 5.0 / math.sqrt(step + 1) + 0.01 * trial
     tokens = float(step * 8192)
     m = {
@@ -80,7 +80,9 @@ def step_metrics(step: int, trial: int) -> dict[str, float]:
     if step % VAL_EVERY == 0:
         m.update({"val/loss": loss + 0.1, "val/ppl": math.exp(loss + 0.1), "val/mean_depth": 1.4})
         m.update({f"val/depth_frac_{k}": 0.25 for k in range(4)})
-        m["flops/realised_log10"] = math.log10(m["flops/realised"])  # mlflow_meta.ScalingMetrics
+        m["flops/realised_log10"] = math.log10(
+            m["flops/realised"]
+        )  # tracking.metadata.scaling_metrics
     return m
 
 

@@ -22,25 +22,24 @@ from pathlib import Path
 warnings.filterwarnings("ignore")
 
 
-class StepTimer:
-    def __init__(self):
-        self.last = None
-        self.intervals: list[float] = []
-
-    def on_metrics(self, step, metrics):
-        now = time.perf_counter()
-        if self.last is not None and "val/loss" not in metrics:
-            self.intervals.append(now - self.last)
-        self.last = now
-
-
 def run_once(config, overrides, tracked: bool, root: Path, tag: str) -> list[float]:
     from alcot.data.preparation import prepare
-    from alcot.model.training import train
+    from alcot.model.trainer import Callback, train
     from alcot.orchestrator.config import alcot_home, config_hash, flatten, load_run_config
     from alcot.orchestrator.tracking.stores import resolve_uri
     from alcot.orchestrator.tracking.tracker import Tracker
-    from alcot.orchestrator.training_run import resolve
+    from alcot.orchestrator.training_run import TrackMetrics, resolve
+
+    class StepTimer(Callback):
+        def __init__(self):
+            self.last = None
+            self.intervals: list[float] = []
+
+        def on_step_end(self, step, metrics):
+            now = time.perf_counter()
+            if self.last is not None and "val/loss" not in metrics:
+                self.intervals.append(now - self.last)
+            self.last = now
 
     cfg = load_run_config(config, [*overrides, "train.resume=never"])
     data = prepare(cfg.data, alcot_home() / "cache", log=lambda *a: None)
@@ -62,7 +61,7 @@ def run_once(config, overrides, tracked: bool, root: Path, tag: str) -> list[flo
             log=lambda *a: None,
         )
         tracker.log_params(flatten(resolved.to_dict()))
-        callbacks = [tracker, timer]
+        callbacks = [TrackMetrics(tracker), timer]  # the tracker as run_training wires it
     train(
         resolved.model,
         data,

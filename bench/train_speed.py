@@ -1,4 +1,4 @@
-"""Training throughput of every method through the real trainer (``model/training.py`` ``train()``)
+"""Training throughput of every method through the real trainer (``model/trainer.py`` ``train()``)
 on real text, with the FLOPs each token really cost.
 
 Each method trains ``--warmup + --steps`` optimizer steps of one size on WikiText-2 (the
@@ -34,19 +34,18 @@ METHODS = ("vanilla", "looped", "pause", "ponder", "fixed", "adaptive", "mor")
 WIKITEXT = "/work/shared/data/wikitext-2/wiki.train.tokens"
 
 
-class Marks:
-    """The trainer's metrics at each log step."""
-
-    def __init__(self):
-        self.at: dict[int, dict[str, float]] = {}
-
-    def on_metrics(self, step, metrics):
-        self.at[step] = dict(metrics)
-
-
 def run(method: str, args, data, root: Path) -> dict[str, float]:
     from alcot.model import ModelConfig
-    from alcot.model.training import TrainerConfig, train
+    from alcot.model.trainer import Callback, TrainerConfig, train
+
+    class Marks(Callback):
+        """The trainer's metrics at each reported step."""
+
+        def __init__(self):
+            self.at: dict[int, dict[str, float]] = {}
+
+        def on_step_end(self, step, metrics):
+            self.at[step] = dict(metrics)
 
     shape = {"size": args.size}
     for key, value in (

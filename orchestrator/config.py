@@ -21,7 +21,7 @@ import yaml
 from alcot.common.typed import ConfigError, build, to_dict
 from alcot.data.config import DataConfig
 from alcot.model.config import ModelConfig
-from alcot.model.training import TrainerConfig
+from alcot.model.trainer import TrainerConfig
 
 
 def alcot_home() -> Path:

@@ -1,6 +1,14 @@
 """One training run from a RunConfig: data preparation, the trainer, and MLflow tracking.
 
 This is the unit a sweep schedules: config in, metrics out (and an MLflow run).
+
+The run's records beyond the trainer's own checkpoints are callbacks passed to ``train()``
+(``alcot.model.trainer.Callback``), not code around it, so that each is written at the phase it
+belongs to and the trainer stays free of MLflow: :class:`TrackMetrics` (each reported step into
+the tracker), :class:`TrackResult` (at the end: the run's tags and model, the plot of the last
+validation's depths, the token-depth samples as an artifact) and :class:`TokenDepthExport` (the
+per-token depth samples, written with or without tracking). The tracker's life (created before
+training, finished or abandoned after it, whatever happened) stays here, in ``_train_claimed``.
 """
 
 from __future__ import annotations
@@ -18,7 +26,8 @@ import yaml
 from alcot.common.files import atomic_write
 from alcot.model import checkpoints
 from alcot.model.config import count_parameters
-from alcot.model.training import TrainResult, train
+from alcot.model.diagnostics import has_token_depth, write_token_depth
+from alcot.model.trainer import Callback, TrainResult, TrainState, train
 from alcot.orchestrator.config import RunConfig, alcot_home, config_hash, flatten, run_dir
 from alcot.orchestrator.tracking.lease import Lease, LeaseLost
 from alcot.orchestrator.tracking.run_folder import last_metrics, read_status
@@ -210,6 +219,13 @@ def _train_claimed(cfg, resolved, data, h, out_dir, is_rank0, progress, log, ext
 
     status = "FAILED"
     result = None
+    # the records of the run, in the order they are made at each phase: the token-depth samples
+    # are written before the tracker's end-of-run records log them
+    callbacks: list[Callback] = [TokenDepthExport(fence)]
+    track = None
+    if tracker is not None:
+        track = TrackResult(tracker, cfg, settings, out_dir, fence)
+        callbacks += [TrackMetrics(tracker), track]
     try:
         if fence is not None:
             fence()
@@ -225,7 +241,7 @@ def _train_claimed(cfg, resolved, data, h, out_dir, is_rank0, progress, log, ext
             cfg.seed,
             out_dir,
             cfg.data.seq_len,
-            callbacks=[metadata.ScalingMetrics(tracker)] if tracker else [],
+            callbacks=callbacks,
             run_meta={"config_hash": h},
             progress=progress,
             log=log,
@@ -233,21 +249,6 @@ def _train_claimed(cfg, resolved, data, h, out_dir, is_rank0, progress, log, ext
             fence=fence,
         )
         status = "FINISHED" if result.status == "finished" else "FAILED"
-        if tracker is not None and result.status != "finished":
-            tracker.set_tag("alcot.error", result.message)
-        elif tracker is not None:
-            metadata.on_finished(tracker, cfg, settings, result, cfg.tracking.log_model)
-        if result.depth_histogram and tracker:
-            if fence is not None:
-                fence()
-            plot = depth_histogram_plot(
-                result.depth_histogram,
-                out_dir / "depth_histogram.png",
-                f"{m.method} {m.size}: executed depth at step {result.step}",
-            )
-            tracker.log_artifact(plot)
-        if result.token_depth and tracker:
-            tracker.log_artifact(result.token_depth, "diagnostics")
     except KeyboardInterrupt:
         status = "KILLED"
         raise
@@ -258,6 +259,8 @@ def _train_claimed(cfg, resolved, data, h, out_dir, is_rank0, progress, log, ext
         log("stopped: this process lost the run folder's lease (see the error)")
         raise
     except Exception as err:
+        if track is not None and track.status is not None:
+            status = track.status  # training ended so; what failed is a record after it
         if tracker is not None:
             tracker.set_tag("alcot.error", f"{type(err).__name__}: {err}")
         raise
@@ -273,6 +276,86 @@ def _train_claimed(cfg, resolved, data, h, out_dir, is_rank0, progress, log, ext
     owed = tracker.owed if tracker else Delivery()
     run_id = tracker.run_id if tracker else None
     return RunOutcome(result, run_id, uri, out_dir, h, owed.complete, owed)
+
+
+class TrackMetrics(Callback):
+    """Each reported step's metrics into the run's tracker (its journal, then MLflow), as one
+    row, with the scaling view's extra metric (``metadata.scaling_metrics``)."""
+
+    def __init__(self, tracker: Tracker):
+        from alcot.orchestrator.tracking.metadata import scaling_metrics
+
+        self.tracker, self.row = tracker, scaling_metrics
+
+    def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
+        self.tracker.on_metrics(step, self.row(metrics))
+
+
+class TrackResult(Callback):
+    """The end of training in the run's tracker: a failed run's error tag, or a finished run's
+    description and model (``metadata.on_finished``); the executed-depth distribution of the
+    last validation as a plot (kept at each ``on_eval``); the token-depth samples, if written.
+
+    ``status`` is what training ended with (FINISHED or FAILED), set before these records are
+    made: a record that then fails adds an error tag but leaves the status training earned."""
+
+    def __init__(self, tracker: Tracker, cfg: RunConfig, settings: dict, out_dir: Path, fence):
+        self.tracker, self.cfg, self.settings = tracker, cfg, settings
+        self.out_dir, self.fence = out_dir, fence
+        self.histogram: list[float] = []
+        self.status: str | None = None
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        depths = range(self.cfg.model.l_max + 1)
+        self.histogram = [metrics[f"val/depth_frac_{k}"] for k in depths]
+
+    def on_train_end(self, result: TrainResult) -> None:
+        from alcot.orchestrator.tracking import metadata
+
+        self.status = "FINISHED" if result.status == "finished" else "FAILED"
+        if result.status != "finished":
+            self.tracker.set_tag("alcot.error", result.message)
+        else:
+            metadata.on_finished(
+                self.tracker, self.cfg, self.settings, result, self.cfg.tracking.log_model
+            )
+        if self.histogram:
+            if self.fence is not None:
+                self.fence()
+            m = self.cfg.model
+            plot = depth_histogram_plot(
+                self.histogram,
+                self.out_dir / "depth_histogram.png",
+                f"{m.method} {m.size}: executed depth at step {result.step}",
+            )
+            self.tracker.log_artifact(plot)
+        if result.token_depth:
+            self.tracker.log_artifact(result.token_depth, "diagnostics")
+
+
+class TokenDepthExport(Callback):
+    """At the end of a finished run of a method whose tokens halt at different depths
+    (adaptive, Mixture-of-Recursions): (step-0 loss, executed depth) for a sample of validation
+    tokens into ``token_depth.csv`` and ``result.token_depth`` (what analysis reads, METHOD.md
+    claim 4). Every rank runs the forward (with a sharded model it is a collective); rank 0
+    writes the file, after the fence."""
+
+    def __init__(self, fence=None):
+        self.fence = fence
+        self.state: TrainState | None = None
+
+    def on_train_start(self, state: TrainState) -> None:
+        self.state = state
+
+    def on_train_end(self, result: TrainResult) -> None:
+        s = self.state
+        if result.status != "finished" or not has_token_depth(s.model_cfg):
+            return
+        batches = s.data.eval_batches(s.seq_len, s.micro, s.tcfg.eval_batches)
+        if self.fence is not None:
+            self.fence()
+        path = s.out_dir / "token_depth.csv"
+        result.token_depth = write_token_depth(s.model, batches, path, write=s.rank == 0)
 
 
 def keep_tokenizer(src: Path, out_dir: Path) -> None:

@@ -38,7 +38,7 @@ FUNCS = (
 
 
 def main(work: str) -> None:
-    from alcot.model import AlcotModel, ModelConfig, init_parallel, pipeline, training
+    from alcot.model import AlcotModel, ModelConfig, init_parallel, pipeline, trainer
     from alcot.model.generate import generate
 
     init_parallel(1, pipeline_parallel_size=2)
@@ -84,7 +84,7 @@ def main(work: str) -> None:
         return wrapped
 
     pipeline.run_pipeline = on_meta(pipeline.run_pipeline)
-    training.pipeline_step = on_meta(training.pipeline_step)
+    trainer.pipeline_step = on_meta(trainer.pipeline_step)
     g = torch.Generator().manual_seed(3)
     batches = [
         (torch.randint(0, 128, (2, 10), generator=g), torch.randint(0, 128, (2, 10), generator=g))
@@ -121,11 +121,11 @@ def main(work: str) -> None:
         expected["device"] = pipeline.comm_device(model)
         outs = pipeline.run_pipeline(model, [(x, y, None) for x, y in batches], True, 0.5)
         pipeline.broadcast_outputs(model, outs, 2)
-        tcfg = training.TrainerConfig(batch_size=4, grad_accum=2)
-        stats = training.pipeline_step(model, Loader(), tcfg, expected["device"], 1)
+        tcfg = trainer.TrainerConfig(batch_size=4, grad_accum=2)
+        stats = trainer.pipeline_step(model, Loader(), tcfg, expected["device"], 1)
         assert stats.device == expected["device"] and stats.shape == (9,)
         params = [p for p in model.parameters() if p.grad is not None]
-        training.clip_grad_norm(params, 1.0)
+        trainer.clip_grad_norm(params, 1.0)
         generate(model, batches[0][0][:, :4], 2)
     if rank == 0:
         with open(f"{work}/devices.json", "w") as f:

@@ -154,7 +154,7 @@ def test_canonical_config_resets_method_specific_sections():
 
 
 def test_warmup_steps_override_the_fraction_and_stay_out_of_older_identities():
-    from alcot.model.training import TrainerConfig, lr_lambda
+    from alcot.model.trainer import TrainerConfig, lr_lambda
     from alcot.orchestrator.config import config_hash, load_run_config
 
     f = lr_lambda(TrainerConfig(steps=1000, warmup_frac=0.02, warmup_steps=50))

@@ -34,7 +34,7 @@ def test_writer_output_trains_and_resumes_exactly(tmp_path, alcot_home):
     step-3 checkpoint."""
     from alcot.data.corpus import builtin_documents
     from alcot.data.tokenizer import load_tokenizer
-    from alcot.model.training import train
+    from alcot.model.trainer import Callback, train
 
     base = small_run(tmp_path / "x")
     tok_data = prepare(base.data, alcot_home / "cache", log=lambda *_: None)
@@ -57,8 +57,8 @@ def test_writer_output_trains_and_resumes_exactly(tmp_path, alcot_home):
         assert data.docs["train"] + data.docs["val"] == 600 and data.vocab_size == 512
         seen = {}
 
-        class Rec:
-            def on_metrics(self, step, metrics):
+        class Rec(Callback):
+            def on_step_end(self, step, metrics):
                 seen[step] = metrics
 
         res = train(

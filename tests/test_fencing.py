@@ -209,9 +209,14 @@ def test_model_and_artifacts_of_a_run_ending_in_an_outage_are_delivered_by_sync(
     )
 
 
-class _Hook:
-    def __init__(self, fn):
-        self.on_metrics = fn
+def _Hook(fn):
+    from alcot.model.trainer import Callback
+
+    class Hook(Callback):
+        def on_step_end(self, step, metrics):
+            fn(step, metrics)
+
+    return Hook()
 
 
 def test_a_model_whose_checkpoint_does_not_verify_is_an_error_tag_not_a_retry(tmp_path):

@@ -29,7 +29,7 @@ def test_the_counter_sees_every_kind_of_read():
 
 def _reads_of_training(home: Path, tmp: Path, method: str, steps: int):
     from alcot.data import prepare
-    from alcot.model.training import train
+    from alcot.model.trainer import train
 
     out = tmp / f"{method}{steps}"
     cfg = small_run(

@@ -133,7 +133,7 @@ def test_trainer_runs_and_resumes_exactly_in_bf16(tmp_path, alcot_home, method):
     import shutil
 
     from alcot.data import prepare
-    from alcot.model.training import train
+    from alcot.model.trainer import Callback, train
 
     def run(out_dir, steps):
         cfg = small_run(
@@ -147,8 +147,8 @@ def test_trainer_runs_and_resumes_exactly_in_bf16(tmp_path, alcot_home, method):
         data = prepare(cfg.data, alcot_home / "cache", log=lambda *_: None)
         seen = {}
 
-        class Rec:
-            def on_metrics(self, step, metrics):
+        class Rec(Callback):
+            def on_step_end(self, step, metrics):
                 seen[step] = metrics
 
         res = train(

@@ -289,6 +289,72 @@ def test_checkpoints_load_with_weights_only(alcot_home, tmp_path):
     assert info.meta["config_hash"]
 
 
+def test_callbacks_see_the_phases_in_order_and_the_error_of_a_step(alcot_home, tmp_path):
+    """A Callback's hooks in the order of the run (fence before each report and save), the
+    validation's metrics apart and in the step's row; a step that raises reaches on_error and
+    leaves train() with its exception, after no end."""
+    from alcot.data import prepare
+    from alcot.model.trainer import Callback, train
+
+    cfg = small_run(
+        tmp_path / "run",
+        "model.method=adaptive",
+        "train.steps=4",
+        "train.eval_every=2",
+        "train.checkpoint_every=2",
+        "train.log_every=1",
+    )
+    data = prepare(cfg.data, alcot_home / "cache", log=lambda *_: None)
+    seen: list[tuple] = []
+
+    class Phases(Callback):
+        def on_train_start(self, state):
+            seen.append(("start", state.step))
+
+        def on_eval(self, step, metrics):
+            assert metrics and all(k.startswith("val/") for k in metrics)
+            seen.append(("eval", step))
+
+        def on_step_end(self, step, metrics):
+            assert "train/loss" in metrics and ("val/loss" in metrics) == (step % 2 == 0)
+            seen.append(("step", step))
+
+        def on_checkpoint_saved(self, step, path):
+            assert checkpoints.latest_valid(path.parent).path == path
+            seen.append(("saved", step))
+
+        def on_train_end(self, result):
+            seen.append(("end", result.status, result.step))
+
+        def on_error(self, exc):
+            seen.append(("error", str(exc)))
+
+    def run(out, **kw):
+        return train(cfg.model, data, cfg.train, cfg.seed, out, cfg.data.seq_len, [Phases()],
+                     progress=False, log=lambda *a: None, fence=lambda: seen.append("fence"),
+                     **kw)  # fmt: skip
+
+    res = run(tmp_path / "run")
+    assert res.status == "finished" and res.checkpoint.name == "step_00000004"
+    assert seen == [
+        ("start", 0),
+        "fence", ("step", 1),
+        "fence", ("eval", 2), ("step", 2), "fence", ("saved", 2),
+        "fence", ("step", 3),
+        "fence", ("eval", 4), ("step", 4), "fence", ("saved", 4),
+        ("end", "finished", 4),
+    ]  # fmt: skip
+
+    def probe(step, model, x, y):  # sees each step's batch before its forward
+        if step == 2:
+            raise RuntimeError("a step failed")
+
+    seen.clear()
+    with pytest.raises(RuntimeError, match="a step failed"):
+        run(tmp_path / "failing", probe=probe)
+    assert seen == [("start", 0), "fence", ("step", 1), ("error", "a step failed")]
+
+
 PARTIAL_IPYTHON = """
 import sys, types
 from pathlib import Path

@@ -207,7 +207,7 @@ def training_dynamics(
     the schedule's length) into ``out_dir``, probing every ``every``-th step (and steps 1-10).
     Returns (probe rows, the trainer's metrics every step); nothing goes to MLflow."""
     from alcot.data.preparation import check_enough, prepare
-    from alcot.model.training import train
+    from alcot.model.trainer import Callback, train
     from alcot.orchestrator.config import alcot_home
     from alcot.orchestrator.training_run import resolve
 
@@ -229,8 +229,8 @@ def training_dynamics(
     class _Stop(Exception):
         pass
 
-    class _Metrics:
-        def on_metrics(self, step, metrics):
+    class _Metrics(Callback):
+        def on_step_end(self, step, metrics):
             history.append({"step": step, **metrics})
             if step >= steps:
                 raise _Stop

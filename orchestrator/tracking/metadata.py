@@ -96,7 +96,7 @@ def view_state() -> dict[str, Any]:
 #
 # Log-scale FLOPs: MLflow 3.17 draws a line chart's x-axis on a log scale only when the x-axis
 # is the step (``xAxisScaleType`` is ignored for a metric x-axis), and its scatter charts have no
-# log axes at all. So each evaluation also logs ``flops/realised_log10`` (:class:`ScalingMetrics`)
+# log axes at all. So each evaluation also logs ``flops/realised_log10`` (:func:`scaling_metrics`)
 # and the two FLOPs charts use it as their x-axis: a linear axis over log10 FLOPs.
 CHART_SECTION = "alcot-scaling"
 FLOPS_METRIC = "flops/realised"
@@ -105,18 +105,16 @@ PPL_METRIC = "val/ppl"
 PARALLEL_PARAMS = ("model.size", "model.method", "model.halting.lambda")
 
 
-class ScalingMetrics:
-    """The training callback in front of a run's tracker: rows with a validation perplexity
-    also get ``flops/realised_log10`` (the x-axis of the saved view's FLOPs charts)."""
-
-    def __init__(self, tracker):
-        self.tracker = tracker
-
-    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        flops = metrics.get(FLOPS_METRIC)
-        if PPL_METRIC in metrics and flops is not None and flops > 0:
-            metrics = {**metrics, FLOPS_LOG_METRIC: math.log10(flops)}
-        self.tracker.on_metrics(step, metrics)
+def scaling_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """A row of training metrics as tracked: with a validation perplexity it also gets
+    ``flops/realised_log10`` (the x-axis of the saved view's FLOPs charts); ``metrics`` itself
+    is left as it is. The training run's tracking callback (``TrackMetrics`` in
+    ``orchestrator/training_run.py``) applies it to every row; it lives here, a plain function,
+    so that this module stays free of the trainer (and of torch, which the CLI need not load)."""
+    flops = metrics.get(FLOPS_METRIC)
+    if PPL_METRIC in metrics and flops is not None and flops > 0:
+        return {**metrics, FLOPS_LOG_METRIC: math.log10(flops)}
+    return metrics
 
 
 def _card(uuid: str, kind: str, **fields) -> dict[str, Any]:
