@@ -128,7 +128,7 @@ def test_a_tensor_and_pipeline_sharded_checkpoint_is_logged_whole(alcot_home, tm
     import torch
 
     from alcot.model.layouts import partitions, rank_file, tp_split
-    from alcot.orchestrator.tracking.metadata import log_model
+    from alcot.orchestrator.export.mlflow_model import log_model
     from alcot.orchestrator.tracking.stores import ensure_experiment
 
     model = build(method="adaptive")

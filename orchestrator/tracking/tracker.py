@@ -355,7 +355,7 @@ class Tracker:
     def _deliver_model(self, rid: str, checkpoint: Path) -> None:
         """Log a manifest's model entry (``mlflow_meta.deliver_model``); a checkpoint that
         does not verify is a warning and the tag ``alcot.model_error``, not a retry."""
-        from alcot.orchestrator.tracking.metadata import deliver_model, model_problem
+        from alcot.orchestrator.export.mlflow_model import deliver_model, model_problem
 
         problem = model_problem(checkpoint)
         if problem is None:
