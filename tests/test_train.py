@@ -38,9 +38,8 @@ def mlflow_client():
 
 def test_loss_falls_and_mlflow_has_everything(alcot_home, tmp_path):
     cfg = small_run(tmp_path / "run", "train.steps=40", "train.eval_every=20")
-    t = time.time()
+    # no wall-clock bound here: speed is bench/'s job, and a shared machine makes it flaky
     out = run_training(cfg, progress=False, log=lambda *a: None)
-    assert time.time() - t < 60
     res = out.result
     assert res.status == "finished" and res.step == 40
     rows = journal(out.out_dir)
