@@ -21,6 +21,25 @@ warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not
 warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (the README's ``-n 2 --dist loadgroup``): the tests that share a
+    module- or class-scoped fixture (a trained run, a sweep's store, a server) go to one worker,
+    which runs them in their order and sets the fixture up once (an ``xdist_group`` named after
+    the module, unless the test names one); and the slow tests are handed out first, so that
+    the long ones do not end the run on one worker while the other waits. A run without ``-n``
+    is left as collected."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    for item in items:
+        if item.get_closest_marker("xdist_group") is not None:
+            continue
+        info = getattr(item, "_fixtureinfo", None)
+        defs = [d[-1] for d in info.name2fixturedefs.values() if d] if info else []
+        if any(d.scope in ("module", "class", "package") for d in defs):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: order kept
+
+
 @pytest.fixture(scope="session")
 def parallel():
     from alcot.model import init_parallel

@@ -76,6 +76,55 @@ def _stop_group(proc: subprocess.Popen, timeout: float = 20) -> None:
         proc.wait(10)
 
 
+def session_pids(sid: int) -> list[int]:
+    """The live processes of session ``sid`` (/proc/PID/stat: the 4th field after the name)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        state, _ppid, _pgrp, session = stat.rsplit(")", 1)[1].split()[:4]
+        if int(session) == sid and state != "Z":  # a zombie is gone, waiting for its parent
+            pids.append(int(entry))
+    return pids
+
+
+def stop_session(sid: int, timeout: float = 30) -> None:
+    """SIGKILL what is left of session ``sid``: a command started with ``start_new_session``
+    and everything it spawned (an embedded Ray's gcs, raylet and workers keep the session of the
+    driver that started them; ``ray start`` daemons that of ``ray start``). Unlike ``ray stop
+    --force`` it leaves every other Ray on the machine alone (another test's, a running sweep)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        left = [pid for pid in session_pids(sid) if pid != os.getpid()]
+        if not left:
+            return
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+    raise TimeoutError(f"session {sid} still has processes: {session_pids(sid)}")
+
+
+def run_in_session(cmd: list[str], sessions: list[int], timeout: float = 600, **kw):
+    """``subprocess.run(cmd, capture_output=True, text=True)`` in a session of its own, whose id
+    is appended to ``sessions`` (for ``stop_session`` afterwards)."""
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        **kw,
+    )  # fmt: skip
+    sessions.append(proc.pid)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop_session(proc.pid)
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 # ------------------------------------------------------------------------------ PostgreSQL
 def postgres_bin() -> Path | None:
     for pattern in ("/usr/lib/postgresql/*/bin/initdb", "/usr/pgsql-*/bin/initdb"):

@@ -26,6 +26,7 @@ def power_law_runs(seed: int, runs: int = 8, per_run: int = 5, scale: float = 1.
     return np.array(c), np.array(loss), np.array(group)
 
 
+@pytest.mark.slow  # bootstrap refits: tens of CPU seconds and more
 def test_power_law_recovers_known_parameters_within_its_intervals():
     c, loss, g = power_law_runs(seed=1)
     fit = fit_power_law(c, loss, g, n_boot=100, seed=0)
@@ -40,6 +41,7 @@ def test_power_law_recovers_known_parameters_within_its_intervals():
     assert np.max(np.abs(np.log(pred / loss))) < 0.06
 
 
+@pytest.mark.slow  # bootstrap refits: tens of CPU seconds and more
 def test_chinchilla_recovers_known_parameters_within_its_intervals():
     e, a_, a, b_, b = 1.8, 400.0, 0.34, 410.0, 0.28
     rng = np.random.default_rng(2)
@@ -59,6 +61,7 @@ def test_chinchilla_recovers_known_parameters_within_its_intervals():
     assert fit.params["b"] == pytest.approx(b, abs=0.05)
 
 
+@pytest.mark.slow  # bootstrap refits: tens of CPU seconds and more
 def test_bootstrap_interval_covers_the_truth_in_most_repetitions():
     """Nominal 90 % intervals of alpha over independent synthetic studies: the cluster
     bootstrap (resampling runs) should cover the true exponent in most of them."""
@@ -73,6 +76,7 @@ def test_bootstrap_interval_covers_the_truth_in_most_repetitions():
     assert 0 < np.median(widths) < 0.2  # informative, not covering by being huge
 
 
+@pytest.mark.slow  # bootstrap refits: tens of CPU seconds and more
 def test_compute_ratio_recovers_a_known_compute_multiplier():
     c0, l0, g0 = power_law_runs(seed=3)
     c1, l1, g1 = power_law_runs(seed=4, scale=0.5)  # reaches any loss with half the compute

@@ -19,6 +19,7 @@ from services import (
     mlflow_server,
     postgres,
     run_record_secrets,
+    stop_session,
 )
 
 BIN = Path(sys.executable).parent
@@ -154,10 +155,10 @@ def test_sweep_on_postgres_server_survives_a_restart_and_reads_back(tmp_path, mo
                 figures["running_at_stop"] = len(at_stop)
                 assert driver.wait(timeout=420) == 0, (tmp_path / "sweep.log").read_text()[-4000:]
             finally:
-                if driver.poll() is None:  # its embedded Ray dies with it; clean up after it
-                    os.killpg(driver.pid, 9)
+                if driver.poll() is None:  # its embedded Ray does not die with it: stop the
+                    os.killpg(driver.pid, 9)  # driver's session (not every Ray on the machine)
                     driver.wait()
-                    subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True)
+                    stop_session(driver.pid)
                 log.close()
 
             # artifacts a trial could not upload while the server was away are kept in its

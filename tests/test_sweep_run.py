@@ -1,7 +1,8 @@
 """Sweeps on real Ray: a driver killed mid-sweep, a real two-process cluster reached through the
 Jobs API, then (in this process, on an embedded Ray) an end-to-end sweep with a failing trial,
-resubmission, and an Optuna search. The order matters: the first two tests stop every Ray
-process on the machine when they clean up, so the embedded Ray is started only after them."""
+resubmission, and an Optuna search. Every command that starts a Ray runs in a session of its own,
+and the test stops what is left of those sessions (not `ray stop --force`, which would stop
+every Ray on the machine: another test's, or a sweep running beside the tests)."""
 
 import os
 import shutil
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import home_at
+from services import run_in_session, stop_session
 
 from alcot.orchestrator.cli import main
 
@@ -53,23 +55,26 @@ def children(home, study, status=None):
     ]
 
 
-def ray_stop():
-    subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, timeout=120)
+@pytest.fixture
+def sessions():
+    """Ids of the sessions the test's commands ran in; what is left of them is stopped after
+    the test (an embedded Ray dies with its driver only when the driver shuts it down)."""
+    started: list[int] = []
+    yield started
+    ray_stop(started)
 
 
-def alcot(*args, env=None, cwd=ROOT, timeout=600):
-    return subprocess.run(
-        [str(BIN / "alcot"), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+def ray_stop(sessions: list[int]) -> None:
+    for sid in sessions:
+        stop_session(sid)
+
+
+def alcot(*args, sessions: list[int], env=None, cwd=ROOT, timeout=600):
+    return run_in_session([str(BIN / "alcot"), *args], sessions, cwd=cwd, env=env, timeout=timeout)
 
 
 @pytest.mark.slow
-def test_killed_driver_resubmitted_finishes_only_the_rest(tmp_path):
+def test_killed_driver_resubmitted_finishes_only_the_rest(tmp_path, sessions):
     home = tmp_path / "home"
     env = dict(os.environ, ALCOT_HOME=str(home))
     path = sweep_file(
@@ -90,6 +95,7 @@ def test_killed_driver_resubmitted_finishes_only_the_rest(tmp_path):
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+    sessions.append(driver.pid)
     try:
         deadline = time.time() + 300
         while time.time() < deadline and not children(home, "killtest", "FINISHED"):
@@ -99,12 +105,12 @@ def test_killed_driver_resubmitted_finishes_only_the_rest(tmp_path):
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
     finally:
-        ray_stop()  # the driver's embedded Ray dies with it
+        ray_stop(sessions)  # the driver's embedded Ray does not die with it
     done_before = {r.data.tags["config_hash"] for r in children(home, "killtest", "FINISHED")}
     assert 1 <= len(done_before) < 4
 
-    again = alcot("sweep", "run", str(path), env=env)
-    ray_stop()
+    again = alcot("sweep", "run", str(path), env=env, sessions=sessions)
+    ray_stop(sessions)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert again.stdout.count("skipped (finished before)") == len(done_before)
     finished = children(home, "killtest", "FINISHED")
@@ -136,7 +142,7 @@ def assert_complete(home: Path, finished, uri: str | None = None) -> None:
 
 
 @pytest.mark.slow
-def test_the_same_sweep_launched_twice_at_once_trains_each_trial_once(tmp_path):
+def test_the_same_sweep_launched_twice_at_once_trains_each_trial_once(tmp_path, sessions):
     """Two drivers of one sweep started 0.5 s apart on a fresh store: the store is created
     once, each trial is trained by one of them, the other waits and follows it."""
     home = tmp_path / "home"
@@ -157,13 +163,19 @@ def test_the_same_sweep_launched_twice_at_once_trains_each_trial_once(tmp_path):
         for _ in range(2):
             procs.append(
                 subprocess.Popen(
-                    cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+                    cmd,
+                    cwd=ROOT,
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
                 )
             )
+            sessions.append(procs[-1].pid)
             time.sleep(0.5)
         logs = [p.communicate(timeout=600)[0].decode() for p in procs]
     finally:
-        ray_stop()
+        ray_stop(sessions)
     assert [p.returncode for p in procs] == [0, 0], "\n".join(logs)[-5000:]
     assert "in use by" in "".join(logs) or "not training again" in "".join(logs), logs
     kids = children(home, "twice")
@@ -179,7 +191,7 @@ def test_the_same_sweep_launched_twice_at_once_trains_each_trial_once(tmp_path):
 
 
 @pytest.mark.slow
-def test_tracking_outage_mid_sweep_loses_nothing(tmp_path):
+def test_tracking_outage_mid_sweep_loses_nothing(tmp_path, sessions):
     """The tracking server goes down mid-sweep and stays down past the end: trials still
     train (one starts during the outage), the driver ends without a traceback saying what is
     owed, and a resubmission delivers everything from the run folders without training."""
@@ -213,19 +225,21 @@ def test_tracking_outage_mid_sweep_loses_nothing(tmp_path):
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
+        sessions.append(driver.pid)
         deadline = time.time() + 300
         while time.time() < deadline and not list(home.glob("runs/outage/*/metrics.jsonl")):
             assert driver.poll() is None, driver.stdout.read().decode()[-3000:]
             time.sleep(0.05)
         server.stop()  # down from the first trial's first steps to after the driver ends
         out = driver.communicate(timeout=600)[0].decode()
-        ray_stop()
+        ray_stop(sessions)
         assert driver.returncode == 1, out[-4000:]
         assert "Traceback" not in out, out[-4000:]
         assert "not yet in MLflow" in out or "MLflow owed" in out, out[-4000:]
         server.start()
-        again = alcot("sweep", "run", str(path), env=env)
+        again = alcot("sweep", "run", str(path), env=env, sessions=sessions)
         assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
         assert "delivering 2 trained trials" in again.stdout, again.stdout[-3000:]
         finished = children_at(server.uri, "outage", "FINISHED")
@@ -237,7 +251,7 @@ def test_tracking_outage_mid_sweep_loses_nothing(tmp_path):
         assert sorted(r.info.status for r in parents) == ["FINISHED", "KILLED"]
     finally:
         server.stop()
-        ray_stop()
+        ray_stop(sessions)
 
 
 def runs_at(uri: str, study: str):
@@ -257,7 +271,7 @@ def children_at(uri: str, study: str, status=None):
 
 
 @pytest.mark.slow
-def test_submit_to_a_real_cluster_through_the_jobs_api(tmp_path):
+def test_submit_to_a_real_cluster_through_the_jobs_api(tmp_path, sessions):
     home = tmp_path / "home"
     work = tmp_path / "work"
     sweep_file(
@@ -279,7 +293,7 @@ def test_submit_to_a_real_cluster_through_the_jobs_api(tmp_path):
     ray = str(BIN / "ray")
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # unix socket paths must stay short
     try:
-        head = subprocess.run(
+        head = run_in_session(
             [
                 ray,
                 "start",
@@ -293,36 +307,41 @@ def test_submit_to_a_real_cluster_through_the_jobs_api(tmp_path):
                 f"--temp-dir={temp}",
                 "--disable-usage-stats",
             ],
+            sessions,
             env=env,
-            capture_output=True,
-            text=True,
             timeout=180,
         )
         assert head.returncode == 0, head.stdout + head.stderr
-        worker = subprocess.run(
+        worker = run_in_session(
             [ray, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1", "--disable-usage-stats"],
+            sessions,
             env=env,
-            capture_output=True,
-            text=True,
             timeout=180,
         )
         assert worker.returncode == 0, worker.stdout + worker.stderr
         address = f"http://127.0.0.1:{dash}"
-        sub = alcot("sweep", "submit", "sweep.yaml", "--address", address, env=env, cwd=work)
+        sub = alcot(
+            "sweep", "submit", "sweep.yaml", "--address", address, env=env, cwd=work,
+            sessions=sessions,
+        )  # fmt: skip
         assert sub.returncode == 0, sub.stdout + sub.stderr
         job_id = sub.stdout.split("submitted job ")[1].split()[0]
         deadline = time.time() + 420
         status = ""
         while time.time() < deadline:
-            status = alcot("sweep", "status", job_id, "--address", address, env=env).stdout.strip()
+            status = alcot(
+                "sweep", "status", job_id, "--address", address, env=env, sessions=sessions
+            ).stdout.strip()
             if status in ("SUCCEEDED", "FAILED", "STOPPED"):
                 break
             time.sleep(3)
-        logs = alcot("sweep", "logs", job_id, "--address", address, env=env).stdout
+        logs = alcot(
+            "sweep", "logs", job_id, "--address", address, env=env, sessions=sessions
+        ).stdout
         assert status == "SUCCEEDED", logs[-4000:]
         assert "all trials finished" in logs
     finally:
-        ray_stop()
+        ray_stop(sessions)
         shutil.rmtree(temp, ignore_errors=True)
     finished = children(home, "clustertest", "FINISHED")
     assert sorted(r.data.tags["method"] for r in finished) == ["adaptive", "vanilla"]
