@@ -9,7 +9,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from .claims import Claims, claims, mark_variants, ordered_sizes, own_rates
+from .claims import Claims, claims, mark_variants, ordered_sizes, own_rates, test_corpus
 from .load import Study
 from .study_export import import_runs
 
@@ -114,7 +114,29 @@ def build(
     report.figures.extend(
         plots.save(training_curves_figure(main, flops), out_dir, "training_curves")
     )
+    report.figures.extend(write_token_multiple(study, out_dir, level))
     return report, c
+
+
+def write_token_multiple(study: Study, out_dir: Path, level: float) -> list[Path]:
+    """``tables/token_multiple.csv`` and its figure, for a study with vanilla at three or more
+    token counts per size (sweeps/study_tokens.yaml; :mod:`alcot.analysis.token_multiple`);
+    nothing for other studies."""
+    from . import plots
+    from .token_multiple import token_multiple_figure, token_multiples
+
+    corpus = test_corpus(study.runs)
+    if corpus is None:
+        return []
+    table = token_multiples(study.runs, f"final/eval/{corpus}/ppl", level)
+    if table.empty:
+        return []
+    folder = out_dir / "tables"
+    folder.mkdir(parents=True, exist_ok=True)
+    table.to_csv(
+        folder / "token_multiple.csv", index=False, float_format="%.4g", lineterminator="\n"
+    )
+    return plots.save(token_multiple_figure(table), out_dir, "token_multiple")
 
 
 def at_method_rates(study: Study) -> Study:
