@@ -37,7 +37,20 @@ def pytest_collection_modifyitems(config, items):
         defs = [d[-1] for d in info.name2fixturedefs.values() if d] if info else []
         if any(d.scope in ("module", "class", "package") for d in defs):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: order kept
+
+    # slow first; a group goes where its slowest test would, its tests in their order (a later
+    # test may read what an earlier one left in the shared fixture)
+    def group(item):
+        mark = item.get_closest_marker("xdist_group")
+        return (mark.args[0] if mark.args else mark.kwargs.get("name")) if mark else None
+
+    slow_groups = {group(i) for i in items if i.get_closest_marker("slow") and group(i)}
+
+    def later(item) -> bool:
+        g = group(item)
+        return g not in slow_groups if g else item.get_closest_marker("slow") is None
+
+    items.sort(key=later)  # stable: the order within each key is kept
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "infra" / "slurm" / "alcot-sweep.sbatch"
+SCRIPT = Path(__file__).resolve().parents[2] / "infra" / "slurm" / "alcot-sweep.sbatch"
 
 
 class SlurmError(Exception):
