@@ -53,6 +53,9 @@ def token_multiples(runs: pd.DataFrame, score: str, level: float = 0.9) -> pd.Da
     counts at that size; empty when the study has no such design. ``score``: the column of the
     test perplexity (``final/eval/<corpus>/ppl``)."""
     r = runs.dropna(subset=[score]).copy()
+    # sizes are (ladder size, layers) here: a vanilla with more layers than its ladder size,
+    # which the claims call vanilla-deep, is this size's vanilla
+    r["method"] = r["method"].replace({"vanilla-deep": "vanilla"})
     r["lambda"] = r["lambda"].where(r["method"] == "adaptive")
     r["tokens"] = r["final/tokens_seen"]
     r["log_score"] = np.log(r[score])

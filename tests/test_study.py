@@ -156,3 +156,21 @@ def test_diagnose_splits_the_gradient_and_logs_it_to_the_run(alcot_home, tmp_pat
     run_training(small_run(van, "model.method=vanilla"), progress=False, log=lambda *a: None)
     assert main(["diagnose", str(van), "--text", str(text), "--no-log"]) == 2
     assert "no router" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_committed_token_study_export_gives_the_committed_token_multiple_table(tmp_path):
+    """docs/study/tokens.md's table: the committed export of the token-multiple study, imported
+    into a fresh store, gives tables/token_multiple.csv byte for byte."""
+    from alcot.analysis.load import Study
+    from alcot.analysis.token_multiple import token_multiples
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    name = import_runs(STUDY / "data" / "study-tokens.json.gz", uri, f"{tmp_path}/mlartifacts")
+    study = Study.load(name, uri=uri)
+    table = token_multiples(study.runs, "final/eval/wiki.test/ppl", 0.9)
+    out = tmp_path / "token_multiple.csv"
+    table.to_csv(out, index=False, float_format="%.4g", lineterminator="\n")
+    committed = STUDY / "tokens" / "tables" / "token_multiple.csv"
+    assert out.read_text() == committed.read_text()
+    assert (table["seeds"] >= 3).all() and len(table.groupby(["size", "layers"])) >= 3

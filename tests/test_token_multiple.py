@@ -65,3 +65,9 @@ def test_a_study_without_vanilla_at_three_token_counts_has_no_table():
     s = study({"a": 1.5, "b": 1.5}, 1.0)
     s = s[~np.isclose(s["final/tokens_seen"] / (1000 * s["layers"] * 5), 2.0)]
     assert token_multiples(s, SCORE).empty
+
+
+def test_a_vanilla_marked_deep_by_the_claims_is_its_sizes_vanilla():
+    s = study({"a": 1.8, "b": 1.2}, r_true=1.5)
+    s.loc[(s["method"] == "vanilla") & (s["layers"] == 4), "method"] = "vanilla-deep"
+    assert token_multiples(s, SCORE)["size"].tolist() == ["a", "b"]
