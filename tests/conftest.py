@@ -21,13 +21,15 @@ warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not
 warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist adds each group to the node ids it schedules by
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (the README's ``-n 2 --dist loadgroup``): the tests that share a
     module- or class-scoped fixture (a trained run, a sweep's store, a server) go to one worker,
     which runs them in their order and sets the fixture up once (an ``xdist_group`` named after
     the module, unless the test names one); and the slow tests are handed out first, so that
     the long ones do not end the run on one worker while the other waits. A run without ``-n``
-    is left as collected."""
+    is left as collected. Checked with ``-n 2 --dist loadgroup``: tests of one such group still
+    ran on both workers, so no test may rely on another having run before it."""
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         return
     for item in items:

@@ -433,6 +433,10 @@ def test_switching_store_brings_the_trials_along(home, tmp_path, capsys, monkeyp
         budget: {tokens: 4096}
     """,
     )
+    # trained in this home's own store first (a no-op after test_resubmission_is_a_no_op; the
+    # test does not rely on running after it, as a parallel worker may not)
+    assert main(["sweep", "run", str(path)]) == 0
+    capsys.readouterr()
     other = f"sqlite:///{tmp_path / 'team' / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", other)
     assert main(["sweep", "run", str(path)]) == 0
