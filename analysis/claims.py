@@ -74,7 +74,7 @@ def _noise(main: pd.DataFrame, col: str, sizes: list[str]):
     sub = main[main["size"].isin(sizes)].dropna(subset=[col])
     keys = ["size", "method", "lambda", "beta", "final/tokens_seen", "layers"]
     ss, df = 0.0, 0
-    for _, g in sub.groupby([sub[k].astype(str) for k in keys]):
+    for _, g in sub.groupby([sub[k].astype(str) for k in keys], dropna=False):
         if g["seed"].nunique() > 1:
             v = g[col].to_numpy(float)
             ss += float(((v - v.mean()) ** 2).sum())
@@ -82,56 +82,78 @@ def _noise(main: pd.DataFrame, col: str, sizes: list[str]):
     return (math.sqrt(ss / df), df) if df else (np.nan, 0)
 
 
-def _compare(a: np.ndarray, b: np.ndarray, sd: float, df: int, level: float):
-    """exp(mean log a - mean log b) with a t interval from the pooled seed noise ``sd`` of
-    log values: (ratio, low, high)."""
+def _compare(a: np.ndarray, b: np.ndarray, sd: float, df: int, level: float) -> dict:
+    """exp(mean log a - mean log b) with a t interval from the seed noise ``sd`` of log values
+    (``df`` degrees of freedom) and the two-sided p-value of "no difference"."""
     d = float(np.mean(np.log(a)) - np.mean(np.log(b)))
+    out = {"ratio": math.exp(d), "ratio low": np.nan, "ratio high": np.nan}
+    out.update({"seed sd": sd, "dof": df, "se": np.nan, "p": np.nan})
     if not df or not np.isfinite(sd):
-        return math.exp(d), np.nan, np.nan
+        return out
     se = sd * math.sqrt(1 / len(a) + 1 / len(b))
     t = stats.t.ppf(0.5 + level / 2, df)
-    return math.exp(d), math.exp(d - t * se), math.exp(d + t * se)
+    out.update({"ratio low": math.exp(d - t * se), "ratio high": math.exp(d + t * se)})
+    out.update({"se": se, "p": float(2 * stats.t.sf(abs(d) / se, df)) if se > 0 else np.nan})
+    return out
 
 
-def _verdict(lo: float, hi: float, lower: str, higher: str) -> str:
-    if not np.isfinite(lo):
+def _verdict(row, lower: str, higher: str, alpha: float) -> str:
+    """The verdict of a comparison from its Holm-corrected p-value."""
+    if not np.isfinite(row["p holm"]):
         return "no seed noise to judge"
-    if hi < 1:
-        return lower
-    if lo > 1:
-        return higher
-    return "within seed noise"
+    if row["p holm"] >= alpha:
+        return "tie: no difference after Holm"
+    return lower if row["ratio"] < 1 else higher
+
+
+def _judge(tables: list[pd.DataFrame], alpha: float) -> None:
+    """Holm's correction over every comparison of ``tables`` together (one family: the R1 and
+    R2 verdicts), in place: ``p holm`` and ``verdict`` (rows with a ``verdict`` already set,
+    such as a comparator whose rate was not searched, stay out of the family)."""
+    from .token_multiple import holm
+
+    family = [
+        (t, i)
+        for t in tables
+        for i in t.index
+        if np.isfinite(t.at[i, "p"]) and not t.at[i, "verdict"]
+    ]
+    adjusted = holm([t.at[i, "p"] for t, i in family]) if family else []
+    for t in tables:
+        if not t.empty:
+            t["p holm"] = np.nan
+    for (t, i), q in zip(family, adjusted, strict=True):
+        t.at[i, "p holm"] = q
+    for t in tables:
+        for i in t.index:
+            if not t.at[i, "verdict"]:
+                versus = t.at[i, "versus"] if "versus" in t else "vanilla"
+                t.at[i, "verdict"] = _verdict(t.loc[i], "adaptive lower", f"{versus} lower", alpha)
 
 
 @dataclass
 class Scores:
     """What every claim reads: the runs with their scores (``r``: ``score`` is the test
     perplexity, validation where a run was not evaluated), the comparison runs at each method's
-    own learning rate (``main``), adaptive's (at the default penalty: ``default``), the sizes
-    (``seeded``: those with several seeds), and the seed noise (``sd`` of log perplexity, with
-    ``dof`` degrees of freedom)."""
+    own learning rate (``main``), adaptive's (at the default penalty: ``default``), the sizes,
+    and each size's own seed noise (``noise``: size -> (sd of log perplexity, degrees of
+    freedom), pooled over that size's groups of runs that differ only in their seed)."""
 
     r: pd.DataFrame
     corpus: str | None
     out: Claims
     main: pd.DataFrame
     sizes: list[str]
-    seeded: list[str]
-    sd: float
-    dof: int
+    noise: dict[str, tuple[float, int]]
     adaptive: pd.DataFrame
     default: pd.DataFrame
     lrs: pd.Series
-    at_lr: pd.Series
+    searched: set[str]
     level: float
     default_lambda: float
     default_beta: float
     n_boot: int
     seed: int
-
-
-def fmt_runs(g):
-    return len(g)
 
 
 def claims(
@@ -144,9 +166,10 @@ def claims(
     seed: int = 0,
 ) -> Claims:
     """The R1-R5 tables. Comparisons use the WikiText-2 test perplexity of ``alcot eval``
-    (validation perplexity where a run was not evaluated); intervals come from the seeds:
-    the pooled standard deviation of log perplexity over runs that differ only in their seed,
-    at the sizes that have them, applied to every size's differences (a t interval)."""
+    (validation perplexity where a run was not evaluated); each size's comparisons have that
+    size's own seed noise (the pooled standard deviation of log perplexity over its runs that
+    differ only in their seed: a t interval and p-value), and the R1 and R2 verdicts are
+    Holm-corrected together."""
     r = study.runs.copy()
     corpus = test_corpus(r)
     out = Claims(corpus)
@@ -163,6 +186,7 @@ def claims(
     # each method's comparison runs are at its own learning rate: the one most of its runs use
     # (a learning-rate search adds single runs at the other rates)
     lrs, at_lr = own_rates(r)
+    searched = {m for m, n in r.groupby("method")["lr"].nunique().items() if n > 1}
     main = r[at_lr & r["score"].notna()]
     shown = sorted({f"{v:g}" for v in lrs.dropna()})
     lr_note = (
@@ -171,12 +195,14 @@ def claims(
         else "per method: " + ", ".join(f"{m} {v:g}" for m, v in lrs.dropna().items())
     )
     sizes = ordered_sizes(r["size"])
-    seeded = [s for s in sizes if not np.isnan(_noise(main, "log_score", [s])[0])]
-    sd, dof = _noise(main, "log_score", seeded) if seeded else (np.nan, 0)
+    noise = {size: _noise(main, "log_score", [size]) for size in sizes}
+    shown_noise = "; ".join(f"{size} {sd:.3g} ({df} dof)" for size, (sd, df) in noise.items() if df)
     out.notes.append(
         f"learning rate of the comparisons: {lr_note}; scores: {'test' if corpus else 'validation'}"
-        f" perplexity{f' ({corpus})' if corpus else ''}; seed noise (sd of log perplexity, "
-        f"pooled at {', '.join(seeded) if seeded else '-'}): {sd:.4g} with {dof} degrees of freedom"
+        f" perplexity{f' ({corpus})' if corpus else ''}; seed noise per size (sd of log "
+        f"perplexity pooled over that size's groups with several seeds, also assumed for its "
+        f"single-seed comparators, whose own noise is unknown): {shown_noise or '-'}; R1 and R2 "
+        f"verdicts are Holm-corrected together at the {1 - level:g} level"
     )
     adaptive = main[main["method"] == "adaptive"]
     default = adaptive[
@@ -188,142 +214,167 @@ def claims(
         out,
         main,
         sizes,
-        seeded,
-        sd,
-        dof,
+        noise,
         adaptive,
         default,
         lrs,
-        at_lr,
+        searched,
         level,
         default_lambda,
         default_beta,
         n_boot,
         seed,
     )
-    r1_adaptive_vs_vanilla(s)
-    r2_isoflop(s)
+    r1 = r1_adaptive_vs_vanilla(s)
+    r2 = r2_isoflop(s)
+    _judge([r1, r2], 1 - level)
+    for name, table in (("r1_equal_tokens", r1), ("r2_matched_compute", r2)):
+        if not table.empty:
+            table = table[[c for c in table.columns if c != "verdict"] + ["verdict"]]
+        out.tables[name] = table
+    r1_trend(s, r1)
     r3_penalty(s)
     r4_depth_difficulty(s, study)
     r5_fits(s, study, scaling)
+    cells(s)
     diagnostics(s)
     return out
 
 
-def r1_adaptive_vs_vanilla(s: Scores) -> None:
+def _row(s: Scores, size: str, a: pd.DataFrame, g: pd.DataFrame) -> dict:
+    """The comparison columns of adaptive's runs ``a`` against ``g`` at ``size``: runs and
+    geometric-mean perplexities of each, the ratio with its interval and p-value at the size's
+    seed noise, and the realised and nominal FLOPs ratios."""
+    sd, dof = s.noise.get(size, (np.nan, 0))
+    return {
+        "adaptive runs": len(a),
+        "adaptive ppl": math.exp(a["log_score"].mean()),
+        "versus runs": len(g),
+        "versus ppl": math.exp(g["log_score"].mean()),
+        **_compare(a["score"].to_numpy(), g["score"].to_numpy(), sd, dof, s.level),
+        "realised FLOPs ratio": a["final/flops/realised"].mean() / g["final/flops/realised"].mean(),
+        "nominal FLOPs ratio": a["final/flops/nominal"].mean() / g["final/flops/nominal"].mean(),
+        "verdict": "",
+    }
+
+
+def r1_adaptive_vs_vanilla(s: Scores) -> pd.DataFrame:
     """R1: adaptive against vanilla at equal parameters and tokens."""
-    out = s.out
-    main = s.main
-    sizes = s.sizes
-    sd = s.sd
-    dof = s.dof
-    default = s.default
-    level = s.level
     rows = []
-    for size in sizes:
-        a = default[default["size"] == size]
-        van = main[(main["method"] == "vanilla") & (main["size"] == size)]
+    for size in s.sizes:
+        a = s.default[s.default["size"] == size]
+        van = s.main[(s.main["method"] == "vanilla") & (s.main["size"] == size)]
         if a.empty or van.empty:
             continue
         tokens = a["final/tokens_seen"].median()
         eq = van[np.isclose(van["final/tokens_seen"], tokens, rtol=0.05)]
         if eq.empty:
             continue
-        ratio, lo, hi = _compare(a["score"].to_numpy(), eq["score"].to_numpy(), sd, dof, level)
-        rows.append(
-            {
-                "size": size,
-                "tokens": tokens,
-                "adaptive runs": fmt_runs(a),
-                "adaptive ppl": math.exp(a["log_score"].mean()),
-                "vanilla runs": fmt_runs(eq),
-                "vanilla ppl": math.exp(eq["log_score"].mean()),
-                "ratio": ratio,
-                "ratio low": lo,
-                "ratio high": hi,
-                "realised FLOPs ratio": a["final/flops/realised"].mean()
-                / eq["final/flops/realised"].mean(),
-                "verdict": _verdict(lo, hi, "adaptive lower", "vanilla lower"),
-            }
-        )
-    out.tables["r1_equal_tokens"] = pd.DataFrame(rows)
+        rows.append({"size": size, "versus": "vanilla", "tokens": tokens, **_row(s, size, a, eq)})
+    return pd.DataFrame(rows)
 
 
-def r2_isoflop(s: Scores) -> None:
-    """R2: adaptive against every other method at the size's budget (isoFLOP)."""
-    out = s.out
-    main = s.main
-    sizes = s.sizes
-    sd = s.sd
-    dof = s.dof
-    default = s.default
-    level = s.level
+def r1_trend(s: Scores, r1: pd.DataFrame) -> None:
+    """Does R1's ratio move between the smallest and the largest size? (A t test of the
+    difference of the two log ratios, each at its own size's noise.)"""
+    ok = r1[np.isfinite(r1["se"])] if not r1.empty else r1
+    if len(ok) < 2:
+        return
+    first, last = ok.iloc[0], ok.iloc[-1]
+    d = math.log(first["ratio"]) - math.log(last["ratio"])
+    se = math.hypot(first["se"], last["se"])
+    dof = int(first["dof"] + last["dof"])
+    t = d / se
+    p = float(2 * stats.t.sf(abs(t), dof))
+    s.out.notes.append(
+        f"R1's ratio from {first['size']} to {last['size']}: {first['ratio']:.4g} -> "
+        f"{last['ratio']:.4g}, t = {t:.3g} with {dof} dof, p = {p:.2g} (two-sided, uncorrected)"
+    )
+
+
+def r2_isoflop(s: Scores) -> pd.DataFrame:
+    """R2: adaptive against every other method at the size's budget (isoFLOP). Where the study
+    searched learning rates, a comparator whose rate was not searched (it has runs at one rate
+    only) is shown but not judged."""
     rows = []
-    for size in sizes:
-        a = default[default["size"] == size]
+    for size in s.sizes:
+        a = s.default[s.default["size"] == size]
         if a.empty:
             continue
         budget_tokens = a["final/tokens_seen"].median()
-        van_all = main[(main["method"] == "vanilla") & (main["size"] == size)]
+        van_all = s.main[(s.main["method"] == "vanilla") & (s.main["size"] == size)]
         for method in OTHERS:
-            g = main[(main["method"] == method) & (main["size"] == size)]
+            g = s.main[(s.main["method"] == method) & (s.main["size"] == size)]
             if method == "vanilla":  # the isoFLOP vanilla: the most tokens of its size
                 g = g[np.isclose(g["final/tokens_seen"], van_all["final/tokens_seen"].max())]
             if g.empty:
                 continue
-            ratio, lo, hi = _compare(a["score"].to_numpy(), g["score"].to_numpy(), sd, dof, level)
-            fr = a["final/flops/realised"].mean() / g["final/flops/realised"].mean()
-            fn = a["final/flops/nominal"].mean() / g["final/flops/nominal"].mean()
-            verdict = _verdict(lo, hi, "adaptive lower", f"{method} lower")
-            rows.append(
-                {
-                    "size": size,
-                    "versus": method,
-                    "adaptive tokens": budget_tokens,
-                    "versus tokens": g["final/tokens_seen"].median(),
-                    "adaptive ppl": math.exp(a["log_score"].mean()),
-                    "versus ppl": math.exp(g["log_score"].mean()),
-                    "ratio": ratio,
-                    "ratio low": lo,
-                    "ratio high": hi,
-                    "realised FLOPs ratio": fr,
-                    "nominal FLOPs ratio": fn,
-                    "verdict": verdict,
-                }
-            )
-    out.tables["r2_matched_compute"] = pd.DataFrame(rows)
+            row = {
+                "size": size,
+                "versus": method,
+                "adaptive tokens": budget_tokens,
+                "versus tokens": g["final/tokens_seen"].median(),
+                "versus rate searched": method in s.searched,
+                **_row(s, size, a, g),
+            }
+            if s.searched and method not in s.searched:  # others had a search, it had none
+                row["verdict"] = "not judged: its learning rate was not searched"
+            rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def r3_penalty(s: Scores) -> None:
-    """R3: the halting penalty and beta against depth and cross-entropy."""
+    """R3: the halting penalty and beta against depth and cross-entropy. The directions are
+    read at matched seeds (the smallest seed every setting has), and each change is also
+    given in units of adaptive's own seed noise (groups of adaptive runs that differ only in
+    their seed, at every size that has them)."""
     out = s.out
-    main = s.main
-    seeded = s.seeded
     adaptive = s.adaptive
-    pen = adaptive.groupby(["size", "beta", "lambda"], as_index=False).agg(
+    sizes = [z for z in s.sizes if _noise(adaptive, "log_score", [z])[1]]
+    depth_sd, depth_df = _noise(adaptive.assign(d=adaptive["final/val/mean_depth"]), "d", sizes)
+    ce_sd, _ = _noise(adaptive.assign(c=adaptive["final/val/loss"]), "c", sizes)
+    keys = ["size", "beta", "lambda"]
+    pen = adaptive.groupby(keys, as_index=False).agg(
         runs=("run_id", "size"),
         mean_depth=("final/val/mean_depth", "mean"),
         val_ce=("final/val/loss", "mean"),
         test_ppl=("log_score", lambda v: math.exp(v.mean())),
     )
-    pen = pen.sort_values(["size", "beta", "lambda"], ignore_index=True)
+    # the matched seed: the smallest seed that every setting of the size has
+    matched = {}
+    for size, g in adaptive.groupby("size"):
+        per = [set(x["seed"]) for _, x in g.groupby(["beta", "lambda"])]
+        both = set.intersection(*per) if per else set()
+        if both:
+            matched[size] = min(both)
+    at_seed = adaptive[adaptive["size"].map(matched) == adaptive["seed"]]
+    first = at_seed.groupby(keys, as_index=False).agg(
+        matched_seed=("seed", "first"),
+        depth_at_seed=("final/val/mean_depth", "mean"),
+        ce_at_seed=("final/val/loss", "mean"),
+    )
+    pen = pen.merge(first, on=keys, how="left")
+    pen = pen.sort_values(keys, ignore_index=True)
     out.tables["r3_penalties"] = pen
     rows = []
     for (size, beta), g in pen.groupby(["size", "beta"]):
         if g["lambda"].nunique() < 3:
             continue
-        rd = stats.spearmanr(g["lambda"], g["mean_depth"]).statistic
-        rc = stats.spearmanr(g["lambda"], g["val_ce"]).statistic
+        depth, ce = g["depth_at_seed"], g["ce_at_seed"]
         rows.append(
             {
                 "size": size,
                 "effect of": "lambda",
                 "at": f"beta={beta:g}",
+                "seed": g["matched_seed"].iloc[0],
                 "settings": len(g),
-                "depth change": g["mean_depth"].iloc[-1] - g["mean_depth"].iloc[0],
-                "CE change": g["val_ce"].iloc[-1] - g["val_ce"].iloc[0],
-                "spearman depth": rd,
-                "spearman CE": rc,
+                "depth change": depth.iloc[-1] - depth.iloc[0],
+                "depth change / seed sd": (depth.iloc[-1] - depth.iloc[0]) / depth_sd,
+                "CE change": ce.iloc[-1] - ce.iloc[0],
+                "CE change / seed sd": (ce.iloc[-1] - ce.iloc[0]) / ce_sd,
+                "spearman depth": stats.spearmanr(g["lambda"], depth).statistic,
+                "spearman CE": stats.spearmanr(g["lambda"], ce).statistic,
+                "lambdas with more depth": np.nan,
             }
         )
     for size, g in pen.groupby("size"):
@@ -331,43 +382,45 @@ def r3_penalty(s: Scores) -> None:
         if len(betas) < 2:
             continue
         lo_b, hi_b = betas[0], betas[-1]
-        both = g.pivot_table(index="lambda", columns="beta", values=["mean_depth", "val_ce"])
+        both = g.pivot_table(index="lambda", columns="beta", values=["depth_at_seed", "ce_at_seed"])
         both = both.dropna()
         if both.empty:
             continue
-        dd = both[("mean_depth", hi_b)] - both[("mean_depth", lo_b)]
-        dc = both[("val_ce", hi_b)] - both[("val_ce", lo_b)]
+        dd = both[("depth_at_seed", hi_b)] - both[("depth_at_seed", lo_b)]
+        dc = both[("ce_at_seed", hi_b)] - both[("ce_at_seed", lo_b)]
         rows.append(
             {
                 "size": size,
                 "effect of": "beta",
                 "at": f"beta {lo_b:g} -> {hi_b:g}, {len(both)} lambdas",
+                "seed": g["matched_seed"].iloc[0],
                 "settings": len(both),
                 "depth change": float(dd.mean()),
+                "depth change / seed sd": float(dd.mean()) / depth_sd,
                 "CE change": float(dc.mean()),
-                "spearman depth": float((dd > 0).mean()),
-                "spearman CE": float((dc < 0).mean()),
+                "CE change / seed sd": float(dc.mean()) / ce_sd,
+                "spearman depth": np.nan,
+                "spearman CE": np.nan,
+                "lambdas with more depth": int((dd > 0).sum()),
             }
         )
     out.tables["r3_directions"] = pd.DataFrame(rows)
-    depth_sd, depth_df = (
-        _noise(main.assign(d=main["final/val/mean_depth"]), "d", seeded) if seeded else (np.nan, 0)
-    )
-    ce_sd, _ = _noise(main.assign(c=main["final/val/loss"]), "c", seeded) if seeded else (np.nan, 0)
     out.notes.append(
-        f"seed noise of an adaptive setting: sd of mean depth {depth_sd:.3g}, sd of validation "
-        f"CE {ce_sd:.3g} ({depth_df} degrees of freedom)"
+        f"seed noise of an adaptive setting (adaptive runs only, at {', '.join(sizes) or '-'}): "
+        f"sd of mean depth {depth_sd:.3g}, sd of validation CE {ce_sd:.3g} ({depth_df} degrees "
+        "of freedom); R3's directions are read at the matched seed"
     )
 
 
 def r4_depth_difficulty(s: Scores, study: Study) -> None:
-    """R4: depth against token difficulty, per adaptive run."""
+    """R4: depth against token difficulty, per adaptive run, and per Mixture-of-Recursions run
+    (whose router also chooses a depth per token) for comparison."""
     r = s.r
     out = s.out
     level = s.level
     n_boot = s.n_boot
     seed = s.seed
-    td = study.token_depth()
+    td = study.token_depth(("adaptive", "mor"))
     rng = np.random.default_rng(seed)
     rows = []
     meta = r.set_index("run_id")
@@ -391,8 +444,9 @@ def r4_depth_difficulty(s: Scores, study: Study) -> None:
         rows.append(
             {
                 "size": m["size"],
-                "lambda": m["lambda"],
-                "beta": m["beta"],
+                "method": m["method"],
+                "lambda": m["lambda"] if m["method"] == "adaptive" else np.nan,
+                "beta": m["beta"] if m["method"] == "adaptive" else np.nan,
                 "seed": m["seed"],
                 "lr": m["lr"],
                 "tokens": len(g),
@@ -409,7 +463,7 @@ def r4_depth_difficulty(s: Scores, study: Study) -> None:
         )
     r4 = pd.DataFrame(rows)
     if not r4.empty:
-        r4 = r4.sort_values(["size", "beta", "lambda", "lr", "seed"], ignore_index=True)
+        r4 = r4.sort_values(["size", "method", "beta", "lambda", "lr", "seed"], ignore_index=True)
     out.tables["r4_depth_difficulty"] = r4
 
 
@@ -436,6 +490,68 @@ def r5_fits(s: Scores, study: Study, scaling) -> None:
             out.notes.append(scaling.ratio_note)
         for (law, method), why in sorted(scaling.refused.items()):
             out.notes.append(f"{law} not fitted for {method}: {why}")
+
+
+def cells(s: Scores) -> None:
+    """What a reader needs beside the verdicts, per cell (size, method, layers, penalty,
+    tokens, learning rate): the runs and seeds behind it, optimizer and warm-up steps, the
+    validation set's size, validation and test perplexity and their ratio, whether the seeds
+    rank the same on both, and, for adaptive, how the seeds' depth goes with their score."""
+    r = s.r.copy()
+    r.loc[r["method"] != "adaptive", ["lambda", "beta"]] = np.nan  # no halting penalty there
+    warm = np.where(
+        r["warmup_steps"].fillna(0) > 0,
+        np.minimum(r["warmup_steps"].fillna(0), r["steps"]),
+        np.maximum(1, np.round(r["warmup_frac"].fillna(0) * r["steps"])),
+    )
+    r["warmup"] = np.where(r["warmup_frac"].fillna(0) > 0, warm, r["warmup_steps"].fillna(0))
+    r["val_tokens"] = r["eval_batches"] * r["batch_size"] * r["seq_len"]
+    r["log_val"] = np.log(r["ppl"])
+    keys = ["size", "method", "layers", "lambda", "beta", "final/tokens_seen", "lr"]
+    rows = []
+    for _, g in r.groupby([r[k].astype(str) for k in keys], sort=False, dropna=False):
+        g = g.sort_values("seed")
+        row = {k: g[k].iloc[0] for k in keys}
+        tested = bool(g["test_ppl"].notna().all())
+        method = g["method"].iloc[0]
+        row.update(
+            {
+                "own rate": bool(np.isclose(g["lr"].iloc[0], s.lrs.get(method, np.nan))),
+                "runs": len(g),
+                "seeds": " ".join(f"{v:g}" for v in g["seed"]),
+                "steps": g["steps"].iloc[0],
+                "warm-up steps": g["warmup"].iloc[0],
+                "validation tokens": g["val_tokens"].iloc[0],
+                "val ppl": math.exp(g["log_val"].mean()),
+                "test ppl": math.exp(g["log_score"].mean()) if tested else np.nan,
+                "test / val": math.exp(g["log_score"].mean() - g["log_val"].mean())
+                if tested
+                else np.nan,
+                "mean depth": g["final/val/mean_depth"].mean(),
+                "realised FLOPs per token": (
+                    g["final/flops/realised"] / g["final/tokens_seen"]
+                ).mean(),
+                "same seed order on val and test": (
+                    bool((g["log_val"].rank() == g["log_score"].rank()).all())
+                    if len(g) > 1 and tested
+                    else None
+                ),
+                "spearman seed depth vs test ppl": (
+                    stats.spearmanr(g["final/val/mean_depth"], g["log_score"]).statistic
+                    if len(g) > 2 and g["final/val/mean_depth"].nunique() > 1
+                    else np.nan
+                ),
+            }
+        )
+        rows.append(row)
+    table = pd.DataFrame(rows).rename(columns={"final/tokens_seen": "tokens"})
+    order = {z: i for i, z in enumerate(s.sizes)}
+    table = table.sort_values(
+        ["size", "method", "layers", "lambda", "beta", "tokens", "lr"],
+        key=lambda c: c.map(order) if c.name == "size" else c,
+        ignore_index=True,
+    )
+    s.out.tables["cells"] = table
 
 
 def diagnostics(s: Scores) -> None:

@@ -85,6 +85,14 @@ def load_runs(experiment: str, sweep_id: str | None = None, uri: str | None = No
             "seed": _number(p.get("seed")),
             "layers": _number(p.get("model.num_layers")),
             "lr": _number(p.get("train.lr")),
+            # what a reader needs to judge a comparison: optimizer steps, warm-up, the
+            # validation set's size
+            "steps": _number(p.get("train.steps")),
+            "warmup_frac": _number(p.get("train.warmup_frac")),
+            "warmup_steps": _number(p.get("train.warmup_steps")),
+            "batch_size": _number(p.get("train.batch_size")),
+            "seq_len": _number(p.get("data.seq_len")),
+            "eval_batches": _number(p.get("train.eval_batches")),
         }
         row.update({f"final/{k}": v for k, v in r.data.metrics.items()})
         rows.append(row)
@@ -154,7 +162,7 @@ class Study:
     all_runs: pd.DataFrame  # including failed and running ones
     curves: pd.DataFrame  # one row per evaluation of a finished run (see _curves)
     notes: list[str] = field(default_factory=list)
-    _token_depth: pd.DataFrame | None = None
+    _token_depth: dict = field(default_factory=dict)  # methods -> samples (token_depth)
 
     @classmethod
     def load(cls, experiment: str, sweep_id: str | None = None, uri: str | None = None) -> Study:
@@ -179,11 +187,13 @@ class Study:
         curves = _curves(_histories(client, runs["run_id"], CURVE_KEYS))
         return cls(experiment, sweep_id, uri, runs, all_runs, curves, notes)
 
-    def token_depth(self) -> pd.DataFrame:
-        """Per-token samples (run_id, step0_loss, depth) from the adaptive runs' artifacts
-        ``diagnostics/token_depth.csv``; runs without the artifact are noted and skipped."""
-        if self._token_depth is not None:
-            return self._token_depth
+    def token_depth(self, methods: tuple[str, ...] = ("adaptive",)) -> pd.DataFrame:
+        """Per-token samples (run_id, step0_loss, depth) from the artifacts
+        ``diagnostics/token_depth.csv`` of the runs of ``methods`` (adaptive's by default;
+        Mixture-of-Recursions writes them too); runs without the artifact are noted and
+        skipped."""
+        if methods in self._token_depth:
+            return self._token_depth[methods]
         import os
         import tempfile
 
@@ -192,7 +202,7 @@ class Study:
         frames = []
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         with tempfile.TemporaryDirectory() as tmp:
-            for i, run_id in enumerate(self.runs.loc[self.runs["method"] == "adaptive", "run_id"]):
+            for i, run_id in enumerate(self.runs.loc[self.runs["method"].isin(methods), "run_id"]):
                 try:
                     path = download_artifacts(
                         run_id=run_id,
@@ -207,7 +217,7 @@ class Study:
                 frame.insert(0, "run_id", run_id)
                 frames.append(frame)
         cols = ["run_id", "step0_loss", "depth"]
-        self._token_depth = (
+        self._token_depth[methods] = (
             pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)
         )
-        return self._token_depth
+        return self._token_depth[methods]

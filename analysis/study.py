@@ -161,7 +161,7 @@ def at_method_rates(study: Study) -> Study:
             f"{dropped} run(s) of the learning-rate search at other rates than their method's "
             "are left out of this report (they are in the claims' diag_learning_rate table)",
         ],
-        _token_depth=None,
+        _token_depth={},
     )
 
 

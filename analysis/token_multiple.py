@@ -38,7 +38,8 @@ def _arm_rates(runs: pd.DataFrame) -> pd.DataFrame:
     return runs.merge(best, on=[*key, "lr"])
 
 
-def _holm(p: list[float]) -> list[float]:
+def holm(p: list[float]) -> list[float]:
+    """Holm-adjusted p-values (step-down, monotone), in the order given."""
     order = np.argsort(p)
     out = [math.nan] * len(p)
     running = 0.0
@@ -123,7 +124,7 @@ def token_multiples(runs: pd.DataFrame, score: str, level: float = 0.9) -> pd.Da
         ps = out.loc[idx, "p"].tolist()
         ok = [i for i, v in zip(idx, ps, strict=True) if not math.isnan(v)]
         if ok:
-            out.loc[ok, "p_holm"] = _holm([out.loc[i, "p"] for i in ok])
+            out.loc[ok, "p_holm"] = holm([out.loc[i, "p"] for i in ok])
     alpha = 1 - level
 
     def verdict(row) -> str:
