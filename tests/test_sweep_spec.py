@@ -392,3 +392,32 @@ def test_every_shipped_sweep_is_valid(path, monkeypatch, tmp_path):
     assert trials and len({t.hash for t in trials}) == len(trials)
     # every trial evaluates more than once, so analysis has curves to compare at matched compute
     assert all(t.config.train.steps >= 2 * t.config.train.eval_every for t in trials)
+
+
+def test_a_submission_waits_for_the_job_agent_of_a_fresh_cluster_and_no_longer(monkeypatch):
+    """A head started seconds ago answers "No available agent to submit job" until its job
+    agent registers: the submission retries that, and only that, for a bounded time."""
+    from alcot.orchestrator.sweeps import sweep_commands
+
+    monkeypatch.setattr("time.sleep", lambda s: None)
+
+    class Cluster:
+        def __init__(self, refusals, error="No available agent to submit job, please try again"):
+            self.refusals, self.error, self.calls = refusals, error, 0
+
+        def submit_job(self, **job):
+            self.calls += 1
+            if self.calls <= self.refusals:
+                raise RuntimeError(f"Request failed with status code 500: {self.error}")
+            return f"raysubmit_{job['entrypoint']}"
+
+    fresh = Cluster(refusals=3)
+    assert sweep_commands._submit(fresh, entrypoint="x") == "raysubmit_x" and fresh.calls == 4
+    other = Cluster(refusals=1, error="runtime_env upload failed")
+    with pytest.raises(RuntimeError, match="upload failed"):
+        sweep_commands._submit(other, entrypoint="x")
+    assert other.calls == 1  # any other error is the user's to see at once
+    never = Cluster(refusals=10**6)
+    with pytest.raises(RuntimeError, match="No available agent"):
+        sweep_commands._submit(never, wait_s=0.0, entrypoint="x")
+    assert never.calls == 1

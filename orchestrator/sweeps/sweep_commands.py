@@ -54,6 +54,28 @@ def _jobs_client(address: str):
     return JobSubmissionClient(address)
 
 
+AGENT_WAIT_S = 60.0  # how long a submission waits for a freshly started cluster's job agent
+
+
+def _submit(client, wait_s: float = AGENT_WAIT_S, **job) -> str:
+    """``client.submit_job(**job)``, retried while the cluster answers that no job agent is
+    available yet (a head node started seconds ago: its dashboard answers before the agent
+    that runs jobs has registered), for at most ``wait_s`` seconds."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    delay = 0.5
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as err:
+            if "No available agent" not in str(err) or time.monotonic() + delay > deadline:
+                raise
+            print(f"the cluster has no job agent yet; retrying in {delay:g} s", file=sys.stderr)
+            time.sleep(delay)
+            delay = min(2 * delay, 5.0)
+
+
 def cmd_sweep_submit(args: argparse.Namespace) -> int:
     import os
 
@@ -68,7 +90,8 @@ def cmd_sweep_submit(args: argparse.Namespace) -> int:
         )
         return 2
     env = {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", "ALCOT_HOME") if k in os.environ}
-    job_id = _jobs_client(args.address).submit_job(
+    job_id = _submit(
+        _jobs_client(args.address),
         entrypoint=f"alcot sweep run {rel} --address auto",
         runtime_env={
             "working_dir": ".",
