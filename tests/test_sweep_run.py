@@ -283,10 +283,15 @@ def test_submit_to_a_real_cluster_through_the_jobs_api(tmp_path, sessions):
         budget: {tokens: 4096}
     """,
     )
-    with socket.socket() as s1, socket.socket() as s2:
-        s1.bind(("127.0.0.1", 0))
-        s2.bind(("127.0.0.1", 0))
+    with socket.socket() as s1, socket.socket() as s2, socket.socket() as s3, socket.socket() as s4:
+        for s in (s1, s2, s3, s4):
+            s.bind(("127.0.0.1", 0))
         port, dash = s1.getsockname()[1], s2.getsockname()[1]
+        # each node's dashboard agent (which runs submitted jobs) on a port of its own: Ray's
+        # fixed default (52365) is taken by whichever Ray on this machine started first (another
+        # test's, or the other node), and a head whose agent cannot listen answers every
+        # submission with "No available agent to submit job"
+        agent_head, agent_worker = s3.getsockname()[1], s4.getsockname()[1]
     env = dict(
         os.environ, ALCOT_HOME=str(home), PATH=f"{BIN}:{os.environ['PATH']}", RAY_AUTH_MODE="token"
     )  # Ray 2.59+ clusters require a token by default
@@ -303,6 +308,7 @@ def test_submit_to_a_real_cluster_through_the_jobs_api(tmp_path, sessions):
                 "--dashboard-host=127.0.0.1",
                 f"--dashboard-port={dash}",
                 "--include-dashboard=true",
+                f"--dashboard-agent-listen-port={agent_head}",
                 "--num-cpus=2",
                 f"--temp-dir={temp}",
                 "--disable-usage-stats",
@@ -313,7 +319,14 @@ def test_submit_to_a_real_cluster_through_the_jobs_api(tmp_path, sessions):
         )
         assert head.returncode == 0, head.stdout + head.stderr
         worker = run_in_session(
-            [ray, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1", "--disable-usage-stats"],
+            [
+                ray,
+                "start",
+                f"--address=127.0.0.1:{port}",
+                "--num-cpus=1",
+                "--disable-usage-stats",
+                f"--dashboard-agent-listen-port={agent_worker}",
+            ],
             sessions,
             env=env,
             timeout=180,

@@ -418,6 +418,6 @@ def test_a_submission_waits_for_the_job_agent_of_a_fresh_cluster_and_no_longer(m
         sweep_commands._submit(other, entrypoint="x")
     assert other.calls == 1  # any other error is the user's to see at once
     never = Cluster(refusals=10**6)
-    with pytest.raises(RuntimeError, match="No available agent"):
+    with pytest.raises(sweep_commands.NoJobAgent, match="dashboard-agent-listen-port"):
         sweep_commands._submit(never, wait_s=0.0, entrypoint="x")
     assert never.calls == 1

@@ -302,6 +302,8 @@ def test_a_submitted_sweep_ships_no_credentials_to_the_ray_job(tmp_path):
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
          f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
          "--include-dashboard=true", "--num-cpus=1", f"--temp-dir={temp}",
+         # the job agent on a port of its own (Ray's default, 52365, may be another Ray's)
+         f"--dashboard-agent-listen-port={free_port()}",
          "--disable-usage-stats"],
         env=env, stdout=open(tmp_path / "ray.log", "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
         start_new_session=True,

@@ -54,13 +54,17 @@ def _jobs_client(address: str):
     return JobSubmissionClient(address)
 
 
-AGENT_WAIT_S = 60.0  # how long a submission waits for a freshly started cluster's job agent
+AGENT_WAIT_S = 30.0  # how long a submission waits for a freshly started cluster's job agent
+
+
+class NoJobAgent(RuntimeError):
+    """The cluster's head has no dashboard agent to run jobs."""
 
 
 def _submit(client, wait_s: float = AGENT_WAIT_S, **job) -> str:
     """``client.submit_job(**job)``, retried while the cluster answers that no job agent is
-    available yet (a head node started seconds ago: its dashboard answers before the agent
-    that runs jobs has registered), for at most ``wait_s`` seconds."""
+    available (a head started seconds ago answers before its agent has registered), for at
+    most ``wait_s`` seconds; then :class:`NoJobAgent` with the likely cause."""
     import time
 
     deadline = time.monotonic() + wait_s
@@ -69,8 +73,16 @@ def _submit(client, wait_s: float = AGENT_WAIT_S, **job) -> str:
         try:
             return client.submit_job(**job)
         except RuntimeError as err:
-            if "No available agent" not in str(err) or time.monotonic() + delay > deadline:
+            if "No available agent" not in str(err):
                 raise
+            if time.monotonic() + delay > deadline:
+                raise NoJobAgent(
+                    "the cluster has no job agent to run the sweep (Ray: 'No available agent "
+                    "to submit job'). The head's dashboard agent listens on one port, "
+                    "--dashboard-agent-listen-port (52365 unless set), and does not run when "
+                    "another Ray on that machine holds it: start the head with a free port "
+                    "there, or stop the other Ray"
+                ) from err
             print(f"the cluster has no job agent yet; retrying in {delay:g} s", file=sys.stderr)
             time.sleep(delay)
             delay = min(2 * delay, 5.0)
@@ -90,15 +102,19 @@ def cmd_sweep_submit(args: argparse.Namespace) -> int:
         )
         return 2
     env = {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", "ALCOT_HOME") if k in os.environ}
-    job_id = _submit(
-        _jobs_client(args.address),
-        entrypoint=f"alcot sweep run {rel} --address auto",
-        runtime_env={
-            "working_dir": ".",
-            "excludes": [".venv", ".git", ".alcot", "__pycache__", "*.pyc"],
-            "env_vars": env,
-        },
-    )
+    try:
+        job_id = _submit(
+            _jobs_client(args.address),
+            entrypoint=f"alcot sweep run {rel} --address auto",
+            runtime_env={
+                "working_dir": ".",
+                "excludes": [".venv", ".git", ".alcot", "__pycache__", "*.pyc"],
+                "env_vars": env,
+            },
+        )
+    except NoJobAgent as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     print(f"submitted job {job_id}")
     print(f"follow it with: alcot sweep status {job_id} --address {args.address}")
     print(f"             or: alcot sweep logs {job_id} --address {args.address} --follow")
