@@ -28,8 +28,9 @@ def pytest_collection_modifyitems(config, items):
     which runs them in their order and sets the fixture up once (an ``xdist_group`` named after
     the module, unless the test names one); and the slow tests are handed out first, so that
     the long ones do not end the run on one worker while the other waits. A run without ``-n``
-    is left as collected. Checked with ``-n 2 --dist loadgroup``: tests of one such group still
-    ran on both workers, so no test may rely on another having run before it."""
+    is left as collected. The grouping needs pytest below 9.2 with pytest-xdist 3.8 (see
+    constraints.txt; tests/test_xdist_groups.py checks it). Still, no test may rely on another
+    having run before it: ``-k`` or a single file runs it alone."""
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         return
     for item in items:
@@ -53,6 +54,37 @@ def pytest_collection_modifyitems(config, items):
         return g not in slow_groups if g else item.get_closest_marker("slow") is None
 
     items.sort(key=later)  # stable: the order within each key is kept
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """With ``ALCOT_TEST_CPU=FILE``: each test's CPU seconds (this process and the children it
+    reaped: subprocesses, an embedded Ray once shut down) and wall seconds, one JSON line per
+    test in FILE, to find what makes the suite slow. Off by default."""
+    path = os.environ.get("ALCOT_TEST_CPU")
+    if not path:
+        return (yield)
+    import json
+    import resource
+
+    def cpu() -> float:
+        a, b = (
+            resource.getrusage(resource.RUSAGE_SELF),
+            resource.getrusage(resource.RUSAGE_CHILDREN),
+        )
+        return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+
+    c0, t0 = cpu(), time.time()
+    try:
+        return (yield)
+    finally:
+        line = {
+            "test": item.nodeid,
+            "cpu": round(cpu() - c0, 2),
+            "wall": round(time.time() - t0, 2),
+        }
+        with open(path, "a") as f:
+            f.write(json.dumps(line) + "\n")
 
 
 @pytest.fixture(scope="session")
