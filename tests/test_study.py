@@ -109,6 +109,7 @@ def test_bad_exports_are_refused_with_the_file_named(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow  # a minute or more on two cores: out of the inner loop, in CI
 def test_committed_export_rebuilds_the_committed_tables_exactly(tmp_path, capsys):
     """The command docs/study/README.md gives, into a temporary folder."""
     out = tmp_path / "study"

@@ -77,6 +77,7 @@ def test_loss_falls_and_mlflow_has_everything(alcot_home, tmp_path):
     assert {"config.yaml", "depth_histogram.png"} <= artifacts
 
 
+@pytest.mark.slow  # a minute or more on two cores: out of the inner loop, in CI
 def test_exact_resume_after_sigkill(alcot_home, tmp_path):
     sets = [a for s in SMALL_RUN for a in ("--set", s)]
     steps = ["--set", "train.steps=60", "--set", "train.checkpoint_every=10"]
