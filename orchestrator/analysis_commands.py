@@ -76,6 +76,20 @@ def cmd_study_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_fit_options(p: argparse.ArgumentParser, points_help: str) -> None:
+    """The options ``alcot analyze`` and ``alcot study report`` share: which points the fits
+    see, their bootstrap, the intervals' level, the seed, and the MLflow store."""
+    p.add_argument(
+        "--points", choices=["envelope", "final", "all"], default="envelope", help=points_help
+    )
+    p.add_argument(
+        "--bootstrap", type=int, default=200, help="bootstrap replicates of the fits (0: none)"
+    )
+    p.add_argument("--level", type=float, default=0.9, help="confidence level of intervals")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tracking-uri", default=None, help="MLflow store (default: ALCOT_HOME's)")
+
+
 def add_parsers(sub) -> None:
     """Add this room's subcommands to the ``alcot`` parser."""
     p = sub.add_parser("analyze", help="plots, fits and a report for a study's MLflow runs")
@@ -89,17 +103,8 @@ def add_parsers(sub) -> None:
         help="compute axis: realised (executed work), nominal (6 x non-embedding params x "
         "passes), paper (6 x all params x passes, the paper's table)",
     )
-    p.add_argument(
-        "--points",
-        choices=["envelope", "final", "all"],
-        default="envelope",
-        help="which evaluations L(C) is fitted to (default: each method's envelope)",
-    )
-    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap replicates (0: none)")
-    p.add_argument("--level", type=float, default=0.9, help="confidence level of intervals")
+    add_fit_options(p, "which evaluations L(C) is fitted to (default: each method's envelope)")
     p.add_argument("--target-ppl", type=float, default=None, help="target for compute ratios")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tracking-uri", default=None, help="MLflow store (default: ALCOT_HOME's)")
     p.add_argument("--no-log", action="store_true", help="do not log the report to MLflow")
     p.set_defaults(func=cmd_analyze)
 
@@ -119,14 +124,5 @@ def add_parsers(sub) -> None:
         "--from", dest="from_export", help="rebuild from an export (a fresh temporary store)"
     )
     q.add_argument("--out", required=True, help="folder for the report, tables and plots")
-    q.add_argument(
-        "--points",
-        choices=["envelope", "final", "all"],
-        default="envelope",
-        help="which evaluations L(C) is fitted to (as alcot analyze)",
-    )
-    q.add_argument("--bootstrap", type=int, default=200, help="bootstrap replicates of fits")
-    q.add_argument("--level", type=float, default=0.9, help="confidence level of intervals")
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--tracking-uri", default=None, help="MLflow store (default: ALCOT_HOME's)")
+    add_fit_options(q, "which evaluations L(C) is fitted to (as alcot analyze)")
     q.set_defaults(func=cmd_study_report)
