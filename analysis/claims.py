@@ -127,7 +127,7 @@ def _judge(tables: list[pd.DataFrame], alpha: float) -> None:
     for t in tables:
         for i in t.index:
             if not t.at[i, "verdict"]:
-                versus = t.at[i, "versus"] if "versus" in t else "vanilla"
+                versus = t.at[i, "versus"]
                 t.at[i, "verdict"] = _verdict(t.loc[i], "adaptive lower", f"{versus} lower", alpha)
 
 
@@ -499,12 +499,11 @@ def cells(s: Scores) -> None:
     rank the same on both, and, for adaptive, how the seeds' depth goes with their score."""
     r = s.r.copy()
     r.loc[r["method"] != "adaptive", ["lambda", "beta"]] = np.nan  # no halting penalty there
-    warm = np.where(
-        r["warmup_steps"].fillna(0) > 0,
-        np.minimum(r["warmup_steps"].fillna(0), r["steps"]),
-        np.maximum(1, np.round(r["warmup_frac"].fillna(0) * r["steps"])),
-    )
-    r["warmup"] = np.where(r["warmup_frac"].fillna(0) > 0, warm, r["warmup_steps"].fillna(0))
+    # the trainer's rule (model/trainer.py warmup_count): warmup_steps when set, else
+    # warmup_frac x steps rounded (at least one), none when both are 0
+    fixed, frac = r["warmup_steps"].fillna(0), r["warmup_frac"].fillna(0)
+    by_frac = np.where(frac > 0, np.maximum(1, np.round(frac * r["steps"])), 0)
+    r["warmup"] = np.where(fixed > 0, np.minimum(fixed, r["steps"]), by_frac)
     r["val_tokens"] = r["eval_batches"] * r["batch_size"] * r["seq_len"]
     r["log_val"] = np.log(r["ppl"])
     keys = ["size", "method", "layers", "lambda", "beta", "final/tokens_seen", "lr"]

@@ -199,11 +199,16 @@ class TrainResult:
     token_depth: Path | None = None  # CSV of (step-0 loss, executed depth) per sampled token
 
 
-def lr_lambda(tcfg: TrainerConfig):
+def warmup_count(tcfg: TrainerConfig) -> int:
+    """Warm-up optimizer steps: ``warmup_steps`` when set (at most ``steps``), else
+    ``warmup_frac`` x ``steps`` rounded (at least one), none when both are 0."""
     if tcfg.warmup_steps > 0:
-        warmup = min(tcfg.warmup_steps, tcfg.steps)
-    else:
-        warmup = max(1, round(tcfg.warmup_frac * tcfg.steps)) if tcfg.warmup_frac > 0 else 0
+        return min(tcfg.warmup_steps, tcfg.steps)
+    return max(1, round(tcfg.warmup_frac * tcfg.steps)) if tcfg.warmup_frac > 0 else 0
+
+
+def lr_lambda(tcfg: TrainerConfig):
+    warmup = warmup_count(tcfg)
 
     def f(step: int) -> float:  # step = optimizer steps taken so far
         if step < warmup:

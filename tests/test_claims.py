@@ -143,3 +143,22 @@ def test_cells_state_steps_warm_up_validation_tokens_and_seed_orderings():
     assert cells.loc[cells["method"] != "adaptive", "lambda"].isna().all()
     val = math.exp(np.log([110.0, 120.0, 130.0]).mean())
     assert row["test / val"] == pytest.approx(math.exp(np.log(runs.loc[ada, TEST]).mean()) / val)
+
+
+def test_cells_warm_up_follows_the_trainers_rule():
+    """The cells' warm-up steps are what the trainer takes (model/trainer.py warmup_count):
+    warmup_steps when set, at most the run's steps; else warmup_frac x steps; else none."""
+    from alcot.model.trainer import TrainerConfig, warmup_count
+
+    runs = made_up({"a": 0.05})
+    cases = {"vanilla": (0.0, 25.0), "looped": (0.0, 0.0), "vanilla-deep": (0.02, 2.0)}
+    for method, (frac, fixed) in cases.items():
+        runs.loc[runs["method"] == method, ["warmup_frac", "warmup_steps", "steps"]] = (
+            frac, fixed, 10
+        )  # fmt: skip
+    cells = tables(runs).tables["cells"]
+    for method, (frac, fixed) in cases.items():
+        got = cells.loc[cells["method"] == method, "warm-up steps"].unique().tolist()
+        want = warmup_count(TrainerConfig(steps=10, warmup_frac=frac, warmup_steps=int(fixed)))
+        assert got == [want], (method, got, want)
+    assert sorted(cells.loc[cells["method"].isin(cases), "warm-up steps"].unique()) == [0, 2, 10]

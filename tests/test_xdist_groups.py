@@ -4,6 +4,7 @@ fixture up once. pytest 9.2 made that grouping a silent no-op under pytest-xdist
 went to any worker and the fixture was built on both); this runs a small suite the way the
 README does, with this suite's conftest, and checks that a group stays on one worker."""
 
+import os
 import re
 import shutil
 import subprocess
@@ -43,7 +44,7 @@ def test_tests_sharing_a_module_fixture_run_on_one_worker_which_builds_it_once(t
         [sys.executable, "-m", "pytest", "-n", "2", "--dist", "loadgroup", "-v", "-p",
          "no:cacheprovider", "tests/test_grouped.py"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
-        env={**__import__("os").environ, "BUILT_LOG": str(log)},
+        env={**os.environ, "BUILT_LOG": str(log)},
     )  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     ran = re.findall(r"\[(gw\d)\] .*PASSED .*::(test_\w+)\[(\d)\](@\S+)?", res.stdout)
