@@ -4,6 +4,10 @@
 Names are imported on first use, so that the tokenizer worker processes
 (``alcot.data.tokenize_worker``) start without torch."""
 
+from alcot.common import megatron_cpu
+
+megatron_cpu.install()  # Megatron's datasets import all of megatron.core (see that module)
+
 __all__ = ["DataConfig", "PackedLoader", "PreparedData", "prepare"]
 
 

@@ -10,7 +10,10 @@ warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
 warnings.filterwarnings("ignore", message=".*tp_group is None.*", category=DeprecationWarning)
 warnings.filterwarnings("ignore", message=".*MLP requires ffn_hidden_size.*")
 
+from alcot.common import megatron_cpu  # noqa: E402
 from alcot.common.typed import ConfigError  # noqa: E402
+
+megatron_cpu.install()  # on a host without CUDA, Megatron's unused fusions are not compiled
 
 from .config import LADDER, HaltingConfig, ModelConfig, count_parameters  # noqa: E402
 from .parallel import init_parallel  # noqa: E402
