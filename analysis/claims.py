@@ -412,6 +412,15 @@ def r3_penalty(s: Scores) -> None:
     )
 
 
+def spearman_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Spearman's rho of each row of ``x`` with the same row of ``y`` (average ranks for ties,
+    as ``scipy.stats.spearmanr``): one call for a whole bootstrap instead of one per replicate."""
+    rx, ry = stats.rankdata(x, axis=1), stats.rankdata(y, axis=1)
+    rx -= rx.mean(axis=1, keepdims=True)
+    ry -= ry.mean(axis=1, keepdims=True)
+    return (rx * ry).sum(axis=1) / np.sqrt((rx * rx).sum(axis=1) * (ry * ry).sum(axis=1))
+
+
 def r4_depth_difficulty(s: Scores, study: Study) -> None:
     """R4: depth against token difficulty, per adaptive run, and per Mixture-of-Recursions run
     (whose router also chooses a depth per token) for comparison."""
@@ -430,14 +439,17 @@ def r4_depth_difficulty(s: Scores, study: Study) -> None:
         m = meta.loc[run_id]
         x, y = g["step0_loss"].to_numpy(float), g["depth"].to_numpy(float)
         rho = stats.spearmanr(x, y).statistic if len(np.unique(y)) > 1 else np.nan
-        boots = []
-        if np.isfinite(rho):
-            for _ in range(n_boot):
-                i = rng.integers(0, len(x), len(x))
-                if len(np.unique(y[i])) > 1:
-                    boots.append(stats.spearmanr(x[i], y[i]).statistic)
+        boots = np.empty(0)
+        if np.isfinite(rho) and n_boot:
+            # the replicates drawn one by one, as before; scored together (a row each)
+            i = np.stack([rng.integers(0, len(x), len(x)) for _ in range(n_boot)])
+            xs, ys = x[i], y[i]
+            varied = ys.max(axis=1) > ys.min(axis=1)  # a constant depth has no rank order
+            boots = spearman_rows(xs[varied], ys[varied])
         lo, hi = (
-            np.quantile(boots, [0.5 - level / 2, 0.5 + level / 2]) if boots else (np.nan, np.nan)
+            np.quantile(boots, [0.5 - level / 2, 0.5 + level / 2])
+            if len(boots)
+            else (np.nan, np.nan)
         )
         q1, q3 = np.quantile(x, [0.25, 0.75])
         l_max = int(m["l_max"]) if pd.notna(m["l_max"]) else None
