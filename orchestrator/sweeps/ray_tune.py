@@ -49,6 +49,11 @@ def init_ray(address: str | None, home: Path, log) -> None:
     if address:
         kwargs["address"] = address
     else:
+        # Ray prestarts a worker per CPU for the first driver, without a runtime env; every
+        # task of a sweep carries one (the variables above), so those workers are never used,
+        # and each costs about a CPU-second to start and more while it idles. The raylet this
+        # call starts reads the setting from the environment it inherits.
+        os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
         kwargs.update(
             include_dashboard=False, _temp_dir=str(Path("/tmp") / f"ray-alcot-{os.getuid()}")
         )
