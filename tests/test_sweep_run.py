@@ -339,18 +339,14 @@ def test_submit_to_a_real_cluster_through_the_jobs_api(tmp_path, sessions):
         )  # fmt: skip
         assert sub.returncode == 0, sub.stdout + sub.stderr
         job_id = sub.stdout.split("submitted job ")[1].split()[0]
-        deadline = time.time() + 420
-        status = ""
-        while time.time() < deadline:
-            status = alcot(
-                "sweep", "status", job_id, "--address", address, env=env, sessions=sessions
-            ).stdout.strip()
-            if status in ("SUCCEEDED", "FAILED", "STOPPED"):
-                break
-            time.sleep(3)
+        # what the submission tells its user to run: the logs, followed until the job ends
         logs = alcot(
-            "sweep", "logs", job_id, "--address", address, env=env, sessions=sessions
-        ).stdout
+            "sweep", "logs", job_id, "--address", address, "--follow", env=env,
+            sessions=sessions, timeout=420,
+        ).stdout  # fmt: skip
+        status = alcot(
+            "sweep", "status", job_id, "--address", address, env=env, sessions=sessions
+        ).stdout.strip()
         assert status == "SUCCEEDED", logs[-4000:]
         assert "all trials finished" in logs
     finally:
