@@ -9,7 +9,6 @@ not in the process list.
 The sweep test in ``test_infra_mlflow.py`` checks the rest on a real sweep: no credential in its
 logs, run folders, run params and tags, the sweep's recorded copy, or the server's log."""
 
-import contextlib
 import json
 import os
 import shutil
@@ -285,7 +284,7 @@ def test_a_submitted_sweep_ships_no_credentials_to_the_ray_job(tmp_path):
     single-node Ray cluster (head with the job server), stopped by its own process group."""
     import tempfile
 
-    from services import free_port, wait_for
+    from services import free_port, stop_session, wait_for
 
     secret = "tracking-pw-in-the-shell-0123"
     work = tmp_path / "work"
@@ -318,7 +317,8 @@ def test_a_submitted_sweep_ships_no_credentials_to_the_ray_job(tmp_path):
 
     try:
         wait_for(up, 240, "ray head", head, tmp_path / "ray.log")
-        shell = dict(env, MLFLOW_TRACKING_URI="http://127.0.0.1:9",
+        # the server is unreachable: the trial waits ALCOT_TRACKING_PATIENCE for it at its end
+        shell = dict(env, MLFLOW_TRACKING_URI="http://127.0.0.1:9", ALCOT_TRACKING_PATIENCE="3",
                      MLFLOW_TRACKING_USERNAME="alice", MLFLOW_TRACKING_PASSWORD=secret)  # fmt: skip
         sub = subprocess.run(
             [str(BIN / "alcot"), "sweep", "submit", "sweep.yaml", "--address", address],
@@ -338,15 +338,9 @@ def test_a_submitted_sweep_ships_no_credentials_to_the_ray_job(tmp_path):
         assert secret not in recorded and "MLFLOW_TRACKING_PASSWORD" not in recorded, recorded
         assert secret not in job["logs"]  # (empty if the job was stopped before it printed)
     finally:
-        import signal
-
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait(10)
+        # every process of the head's session (SIGTERM makes `ray start --block` wait ~30 s)
+        stop_session(head.pid)
+        head.wait(10)
         shutil.rmtree(temp, ignore_errors=True)
 
 
