@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import SMALL_RUN
 
+from alcot.orchestrator.cli import main
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -24,15 +26,8 @@ def losses(run_dir: Path) -> dict[int, float]:
 def test_ddp_two_ranks_match_one_process(alcot_home, tmp_path, precision):
     sets = [a for s in SMALL_RUN for a in ("--set", s)]
     sets += ["--set", "train.steps=6", "--set", f"train.precision={precision}", "--no-progress"]
-    cmd = ["train", "configs/train_adaptive.yaml", *sets]
-    one = subprocess.run(
-        [str(BIN / "alcot"), *cmd, "--set", f"out_dir={tmp_path / 'one'}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert one.returncode == 0, one.stdout + one.stderr
+    cmd = ["train", str(ROOT / "configs/train_adaptive.yaml"), *sets]
+    assert main([*cmd, "--set", f"out_dir={tmp_path / 'one'}"]) == 0  # one process: this one
     two = subprocess.run(
         [
             str(BIN / "torchrun"),

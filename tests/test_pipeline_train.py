@@ -12,6 +12,8 @@ import pytest
 import torch
 from conftest import SMALL_RUN
 
+from alcot.orchestrator.cli import main
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -27,13 +29,13 @@ def _train(out: Path, tp: int, pp: int, dp: int = 1, *more: str) -> None:
     sets += ["--set", "train.grad_accum=2", "--set", "train.eval_every=100", "--no-progress"]
     sets += ["--set", "tracking.log_model=false", "--set", f"model.tensor_parallel_size={tp}"]
     sets += ["--set", f"model.pipeline_parallel_size={pp}", "--set", f"out_dir={out}"]
-    cmd = ["train", "configs/train_adaptive.yaml", *sets]
+    cmd = ["train", str(ROOT / "configs/train_adaptive.yaml"), *sets]
     world = tp * pp * dp
-    if world == 1:
-        argv = [str(BIN / "alcot"), *cmd]
-    else:
-        argv = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={world}"]
-        argv += ["-m", "alcot.orchestrator.cli", *cmd]
+    if world == 1:  # in this process: `alcot train` as the command line runs it
+        assert main(cmd) == 0
+        return
+    argv = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={world}"]
+    argv += ["-m", "alcot.orchestrator.cli", *cmd]
     done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
