@@ -83,7 +83,7 @@ def test_killed_driver_resubmitted_finishes_only_the_rest(tmp_path, sessions):
         study: killtest
         grid:
           model.halting.lambda: [0.01, 0.03, 0.1, 0.3]
-        budget: {tokens: 24576}
+        budget: {tokens: 12288}
         max_concurrent: 1
     """,
     )
