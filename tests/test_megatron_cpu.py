@@ -35,6 +35,29 @@ def test_with_cuda_megatron_keeps_torch_compile():
     assert probe("torch.cuda.is_available = lambda: True") == ["False", "True", "True", "True"]
 
 
-def test_installing_after_megatron_was_imported_changes_nothing():
-    before = "import megatron.core.jit"
-    assert probe(before) == ["False", "True", "True", "True"]
+def test_installing_after_megatron_was_imported_changes_nothing(monkeypatch):
+    """(In this process: a hook installed now would come too late, so none is added.)"""
+    import types
+
+    from alcot.common import megatron_cpu
+
+    monkeypatch.setitem(sys.modules, megatron_cpu.MODULE, types.ModuleType(megatron_cpu.MODULE))
+    monkeypatch.setattr(sys, "meta_path", [f for f in sys.meta_path if not _is_hook(f)])
+    megatron_cpu.install()
+    assert not any(_is_hook(f) for f in sys.meta_path)
+
+
+def test_installing_twice_adds_one_hook(monkeypatch):
+    from alcot.common import megatron_cpu
+
+    monkeypatch.delitem(sys.modules, megatron_cpu.MODULE, raising=False)
+    monkeypatch.setattr(sys, "meta_path", [f for f in sys.meta_path if not _is_hook(f)])
+    megatron_cpu.install()
+    megatron_cpu.install()
+    assert sum(_is_hook(f) for f in sys.meta_path) == 1
+
+
+def _is_hook(finder) -> bool:
+    from alcot.common import megatron_cpu
+
+    return isinstance(finder, megatron_cpu._JitOffFinder)
