@@ -70,12 +70,28 @@ def test_checkpoint_resumes_at_another_layout(alcot_home, tmp_path, written, res
     assert out1.depth.shape == (1, 8)
 
 
+@pytest.fixture(scope="module")
+def trained(alcot_home, tmp_path_factory):
+    """``trained(tp, pp, dp, *sets)``: the per-step losses of that run, trained once for the
+    module (the PP 2 run in fp32 is the reference of two tests)."""
+    done: dict[tuple, dict[int, float]] = {}
+
+    def get(tp: int, pp: int, dp: int, *more: str) -> dict[int, float]:
+        key = (tp, pp, dp, *more)
+        if key not in done:
+            out = tmp_path_factory.mktemp("run")
+            _train(out, tp, pp, dp, *more)
+            done[key] = dict(losses(out))
+        return done[key]
+
+    return get
+
+
 @pytest.mark.slow
-def test_pipeline_with_data_parallel_matches_one_replica(alcot_home, tmp_path):
+def test_pipeline_with_data_parallel_matches_one_replica(trained):
     """PP 2 x DP 2 (gradients averaged on the main copies) trains like PP 2 alone."""
-    _train(tmp_path / "one", 1, 2)
-    _train(tmp_path / "two", 1, 2, dp=2)
-    a, b = dict(losses(tmp_path / "one")), dict(losses(tmp_path / "two"))
+    a = trained(1, 2, 1, "train.precision=fp32")
+    b = trained(1, 2, 2, "train.precision=fp32")
     assert set(a) == set(b) == set(range(1, 6))
     for step in a:
         assert abs(a[step] - b[step]) < 1e-4, (step, a[step], b[step])
@@ -83,15 +99,14 @@ def test_pipeline_with_data_parallel_matches_one_replica(alcot_home, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("precision, rel", [("fp32", 1e-5), ("bf16", 5e-3)])
-def test_pipeline_trains_like_one_process_from_the_seed(alcot_home, tmp_path, precision, rel):
+def test_pipeline_trains_like_one_process_from_the_seed(trained, precision, rel):
     """PP 2 and PP 1 started from the same seed build the same initial weights (each layer,
     the embeddings, head and router seed their own draws) and train alike: five steps of two
     micro-batches, losses equal to fp32 reduction order, or within bf16's rounding in bf16
     (where each latent step and micro-batch is a separate backward call on each stage, every one
     accumulated into the fp32 main gradients)."""
-    _train(tmp_path / "one", 1, 1, 1, f"train.precision={precision}")
-    _train(tmp_path / "two", 1, 2, 1, f"train.precision={precision}")
-    a, b = dict(losses(tmp_path / "one")), dict(losses(tmp_path / "two"))
+    a = trained(1, 1, 1, f"train.precision={precision}")
+    b = trained(1, 2, 1, f"train.precision={precision}")
     assert set(a) == set(b) == set(range(1, 6))
     for step in a:
         assert abs(a[step] - b[step]) <= rel * abs(a[step]), (step, a[step], b[step])
