@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 # One intra-op thread per process, set before torch is imported here or in any process a test
-# starts (they inherit it): the README runs two workers on two cores, each starting trainers,
-# Ray trials and torchrun ranks, and torch's default of a thread per core would put twice as
-# many busy OpenMP threads on the machine as it has cores (about 20 % more CPU for the same
-# training, measured). torchrun and Ray already give their processes one thread. A value the
+# starts (they inherit it): the README runs three workers on two cores, each starting trainers,
+# Ray trials and torchrun ranks, and torch's default of a thread per core would put more busy
+# OpenMP threads on the machine than it has cores (about 20 % more CPU for the same training,
+# measured). torchrun and Ray already give their processes one thread. A value the
 # caller set is kept.
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
@@ -33,7 +33,7 @@ warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
 
 @pytest.hookimpl(tryfirst=True)  # before xdist adds each group to the node ids it schedules by
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (the README's ``-n 2 --dist loadgroup``): the tests that share a
+    """Under pytest-xdist (the README's ``-n 3 --dist loadgroup``): the tests that share a
     module- or class-scoped fixture (a trained run, a sweep's store, a server) go to one worker,
     which runs them in their order and sets the fixture up once (an ``xdist_group`` named after
     the module, unless the test names one); and the slow tests are handed out first, so that
