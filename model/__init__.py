@@ -16,7 +16,6 @@ from alcot.common.typed import ConfigError  # noqa: E402
 megatron_cpu.install()  # on a host without CUDA, Megatron's unused fusions are not compiled
 
 from .config import LADDER, HaltingConfig, ModelConfig, count_parameters  # noqa: E402
-from .parallel import init_parallel  # noqa: E402
 
 __all__ = [
     "LADDER",
@@ -31,10 +30,15 @@ __all__ = [
 
 
 def __getattr__(name):
-    # The network imports Megatron-Core (13-16 s); load it only when a model is actually needed,
-    # so config validation and the CLI stay fast.
+    # The network imports Megatron-Core, and the process groups torch: load them only when a
+    # model is actually needed, so that config validation, the CLI, a sweep's driver and the
+    # analysis (which read the configs and the LADDER) start without torch.
     if name in ("AlcotModel", "ModelOutput"):
         from . import network
 
         return getattr(network, name)
+    if name == "init_parallel":
+        from .parallel import init_parallel
+
+        return init_parallel
     raise AttributeError(name)

@@ -17,11 +17,15 @@ import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-import torch.distributed as dist
+from typing import TYPE_CHECKING
 
 from alcot.common.files import file_sha256, fsync_dir
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where a checkpoint is written or loaded: finding and verifying checkpoints
+# (meta.json and checksums) is what a sweep's driver does, and it runs without torch.
 
 PREFIX = "step_"
 
@@ -35,6 +39,7 @@ class CheckpointInfo:
 
 def _ranks() -> tuple[int, int, int, int, int]:
     """(global rank, tensor-parallel rank, data-parallel rank, pipeline rank, pipeline size)."""
+    import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     if not dist.is_initialized():
@@ -50,6 +55,9 @@ def _ranks() -> tuple[int, int, int, int, int]:
 
 def save(ckpt_dir: Path, step: int, payload: dict, meta: dict, keep: int) -> Path:
     """Write this rank's ``payload``; data-parallel replicas other than rank 0 write nothing."""
+    import torch
+    import torch.distributed as dist
+
     rank, tp_rank, dp_rank, pp_rank, pp_size = _ranks()
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     name = f"{PREFIX}{step:08d}"
@@ -136,6 +144,8 @@ def latest_valid(ckpt_dir: Path) -> CheckpointInfo | None:
 
 def load_payload(info: CheckpointInfo, device: torch.device) -> dict:
     """This rank's file (the trainer reshards checkpoints of another layout: layouts.py)."""
+    import torch
+
     _, tp_rank, _, pp_rank, pp_size = _ranks()
     name = f"tp{tp_rank}.pt" if pp_size == 1 else f"tp{tp_rank}_pp{pp_rank}.pt"
     return torch.load(info.path / name, map_location=device, weights_only=True)

@@ -54,79 +54,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from alcot.common.typed import ConfigError, build
+from alcot.common.typed import ConfigError
 
 from . import checkpoints
-from .config import ModelConfig, count_parameters
+from .config import ModelConfig, TrainerConfig, count_parameters
 from .layouts import global_name, layer_offset, local_name
 
 FIND = object()  # train(resume_from=FIND): look for the newest valid checkpoint
-
-
-@dataclass
-class TrainerConfig:
-    """The ``train:`` section. ``batch_size`` is sequences per optimizer step (all ranks)."""
-
-    steps: int = 200
-    batch_size: int = 16
-    grad_accum: int = 1
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1  # cosine decays to this fraction of lr
-    warmup_frac: float = 0.02
-    # A warm-up of this many optimizer steps instead of warmup_frac x steps (0: use the
-    # fraction). A study whose arms train for different lengths warms each up alike.
-    warmup_steps: int = 0
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    eval_every: int = 50
-    eval_batches: int = 4
-    log_every: int = 1
-    checkpoint_every: int = 50
-    keep_checkpoints: int = 3
-    # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16: bf16 parameters and activations with fp32
-    # main weights, gradient accumulation and optimizer (model/precision.py)
-    precision: str = "auto"
-    resume: str = "auto"  # auto: continue from the newest valid checkpoint in out_dir | never
-    threads: int = 0  # torch CPU threads; 0 = torch's default
-
-    def __post_init__(self):
-        for name in (
-            "steps",
-            "batch_size",
-            "grad_accum",
-            "eval_every",
-            "eval_batches",
-            "log_every",
-            "checkpoint_every",
-            "keep_checkpoints",
-        ):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name}", f"must be >= 1, got {getattr(self, name)}")
-        if self.batch_size % self.grad_accum:
-            raise ConfigError(
-                "train.grad_accum",
-                f"{self.grad_accum} does not divide batch_size {self.batch_size}",
-            )
-        if self.lr <= 0:
-            raise ConfigError("train.lr", f"must be > 0, got {self.lr}")
-        if not (0.0 <= self.min_lr_ratio <= 1.0):
-            raise ConfigError("train.min_lr_ratio", "must be in [0, 1]")
-        if not (0.0 <= self.warmup_frac < 1.0):
-            raise ConfigError("train.warmup_frac", "must be in [0, 1)")
-        if self.warmup_steps < 0:
-            raise ConfigError("train.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ConfigError("train.precision", "must be auto, fp32 or bf16")
-        if self.resume not in ("auto", "never"):
-            raise ConfigError("train.resume", "must be auto or never")
-        if self.grad_clip < 0:
-            raise ConfigError("train.grad_clip", "must be >= 0 (0 disables clipping)")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], prefix: str = "train") -> TrainerConfig:
-        return build(cls, d, prefix)
 
 
 class NonFiniteLoss(RuntimeError):

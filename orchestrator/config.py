@@ -20,8 +20,7 @@ import yaml
 
 from alcot.common.typed import ConfigError, build, to_dict
 from alcot.data.config import DataConfig
-from alcot.model.config import ModelConfig
-from alcot.model.trainer import TrainerConfig
+from alcot.model.config import ModelConfig, TrainerConfig
 
 
 def alcot_home() -> Path:
