@@ -73,6 +73,10 @@ def tune_run_config(kind: str, sweep, parent_id: str, home: Path, callbacks=()):
     ``$ALCOT_HOME/ray_results``, the sweep's retry budget, no Tune console tables."""
     from ray import tune
 
+    # No CSV, JSON or TensorBoard result files of Tune's own: each trial's metrics are in its
+    # run folder's journal and in MLflow, and the TensorBoard logger alone imported torch into
+    # the driver (about a CPU-second per sweep invocation).
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     return tune.RunConfig(
         name=f"{kind}-{sweep.sweep_id}-{parent_id[:8]}",
         storage_path=str(home / "ray_results"),
