@@ -317,8 +317,7 @@ def test_a_submitted_sweep_ships_no_credentials_to_the_ray_job(tmp_path):
 
     try:
         wait_for(up, 240, "ray head", head, tmp_path / "ray.log")
-        # the server is unreachable: the trial waits ALCOT_TRACKING_PATIENCE for it at its end
-        shell = dict(env, MLFLOW_TRACKING_URI="http://127.0.0.1:9", ALCOT_TRACKING_PATIENCE="3",
+        shell = dict(env, MLFLOW_TRACKING_URI="http://127.0.0.1:9",
                      MLFLOW_TRACKING_USERNAME="alice", MLFLOW_TRACKING_PASSWORD=secret)  # fmt: skip
         sub = subprocess.run(
             [str(BIN / "alcot"), "sweep", "submit", "sweep.yaml", "--address", address],
